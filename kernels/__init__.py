@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers, shipped as ``txl_fast.kernels``. Importing this needs triton."""

@@ -1,0 +1,72 @@
+"""Which implementation the ops run: ``naive``, ``torch``, ``triton`` or ``auto``.
+
+The choice is a context variable, so ``use_backend`` nests and is safe across threads.
+``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports, ``torch`` otherwise.
+
+Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported); without it an explicit ``triton`` choice on CPU tensors is an error,
+raised here, before any launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("naive", "torch", "triton", "auto")
+
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("txl_fast_backend", default="auto")
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for this thread/context: one of ``naive``, ``torch``, ``triton``, ``auto``."""
+    _backend.set(_check_name(name))
+
+
+def get_backend() -> str:
+    return _backend.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("naive"): ...`` runs the block on that backend and restores the previous one."""
+    token = _backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(tensor: torch.Tensor) -> str:
+    """The concrete backend (``naive``, ``torch`` or ``triton``) for an op whose inputs live like ``tensor``."""
+    name = _backend.get()
+    if name == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was requested but triton is not installed")
+        if not tensor.is_cuda and not triton_interpreter():
+            raise ValueError(
+                f"backend 'triton' needs CUDA tensors (got {tensor.device}); on the CPU set "
+                "TRITON_INTERPRET=1 before importing triton, or use the 'torch' backend"
+            )
+    return name

@@ -1,0 +1,117 @@
+"""The paper's formulas, written literally: the validator every fast path is tested against.
+
+Nothing here is meant to be fast. Every function runs in float64 (it keeps its inputs'
+dtype) and spells out the maths of Dai et al. 2019, "Transformer-XL", section 3.3, and of
+the projected adaptive softmax (Grave et al. 2017, as used by Transformer-XL):
+
+Relative attention, for query i (0 <= i < qlen) and key j (0 <= j < klen = mlen + qlen):
+
+    d(i, j)      = i + mlen - j                     relative distance, >= 0 when visible
+    r_d          = r[klen - 1 - d]                  r holds one row per distance, row p for d = klen-1-p
+                                                    (that is HF's pos_seq = [klen-1, ..., 0]; clamp_len
+                                                    is applied when r is built, see model.py)
+    score(i, j)  = scale * ( (q_i + u) . k_j   +   (q_i + v) . r_d(i,j) )
+                           ^ content term (a)+(c)    ^ position term (b)+(d)
+    visible(i,j) = d >= 0  and  (window is None or d < window)
+    p(i, .)      = softmax over j of score, with invisible scores set to the dtype's most
+                   negative finite value (HF's masked_fill); a row with no visible key is
+                   therefore uniform over all keys, exactly as in HF
+    out_i        = sum_j p(i, j) v_j
+
+Adaptive softmax, clusters c = 0..C (cluster 0 is the head/shortlist):
+
+    h_c          = hidden @ proj_c            (proj_c may be None: identity)
+    head logits  = [h_0 @ W_0^T + b_0,  h_0 @ cluster_weight^T + cluster_bias]
+    log p(w)     = head_logprob[w]                                         w in cluster 0
+                 = head_logprob[V_0 + c - 1] + log_softmax(h_c @ W_c^T + b_c)[w - start_c]   w in cluster c >= 1
+
+(cluster c's probability sits in head column V_0 + c - 1, the order HF's forward uses.)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def rel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    r_w_bias: torch.Tensor,
+    r_r_bias: torch.Tensor,
+    scale: float,
+    window: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative-position attention, literally.
+
+    q:  (B, Lq, H, D)   queries of the current segment
+    k:  (B, Lk, H, D)   keys of memory + segment, Lk = mlen + Lq
+    v:  (B, Lk, H, D)   values
+    r:  (Lk, H, D)      projected position embeddings, row p for distance Lk - 1 - p
+    r_w_bias, r_r_bias: (H, D)   u and v of the paper
+    window: a key is visible only if its distance is < window (HF's same_length mask)
+    returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    mlen = Lk - Lq
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    distance = i + mlen - j                                           # (Lq, Lk)
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    r_ij = r[(Lk - 1 - distance).clamp(0, Lk - 1)]                    # (Lq, Lk, H, D), one row per (i, j)
+
+    content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
+    position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)
+    score = (content + position) * scale
+    score = score.masked_fill(~visible, torch.finfo(score.dtype).min)
+    prob = torch.softmax(score, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", prob, v)                    # (B, Lq, H, D)
+    return out, prob
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, proj: Optional[torch.Tensor]):
+    if proj is not None:
+        hidden = hidden @ proj                                        # (N, d_proj) @ (d_proj, d_c)
+    return hidden @ weight.t() + bias
+
+
+def adaptive_log_softmax(
+    hidden: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    projs: Sequence[Optional[torch.Tensor]],
+    cluster_weight: Optional[torch.Tensor],
+    cluster_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """log p(w | hidden) over the whole vocabulary: (N, d_proj) -> (N, V), V = sum of weights[c].shape[0].
+
+    weights[c]: (V_c, d_c), biases[c]: (V_c,), projs[c]: (d_proj, d_c) or None,
+    cluster_weight: (C, d_0), cluster_bias: (C,), both None when there is one cluster only.
+    """
+    head = _logits(hidden, weights[0], biases[0], projs[0])
+    if len(weights) == 1:
+        return torch.log_softmax(head, dim=-1)
+    cluster = _logits(hidden, cluster_weight, cluster_bias, projs[0])
+    head_logprob = torch.log_softmax(torch.cat([head, cluster], dim=-1), dim=-1)   # (N, V_0 + C)
+    shortlist = weights[0].shape[0]
+    parts = [head_logprob[:, :shortlist]]
+    for c in range(1, len(weights)):
+        tail_logprob = torch.log_softmax(_logits(hidden, weights[c], biases[c], projs[c]), dim=-1)
+        parts.append(head_logprob[:, shortlist + c - 1, None] + tail_logprob)
+    return torch.cat(parts, dim=-1)
+
+
+def adaptive_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias) -> torch.Tensor:
+    """-log p(target | hidden) per row, from the full distribution; 0 where target == -100.
+
+    hidden: (N, d_proj), target: (N,) -> (N,)
+    """
+    logprob = adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    ignored = target == -100
+    picked = logprob.gather(1, target.masked_fill(ignored, 0)[:, None]).squeeze(1)
+    return (-picked).masked_fill(ignored, 0.0)

@@ -1,0 +1,170 @@
+"""Projected adaptive log-softmax (Transformer-XL's output layer), batch of rows.
+
+Clusters c = 0..C, cluster 0 the head (shortlist), each given by
+    weights[c]: (V_c, d_c)   biases[c]: (V_c,)   projs[c]: (d_proj, d_c) or None (identity)
+and, when C >= 1, cluster_weight: (C, d_0), cluster_bias: (C,) (the head's cluster logits).
+Cluster c covers token ids [V_0 + ... + V_{c-1}, ... + V_c); its probability is the head's
+column V_0 + c - 1. ``txl_fast.naive`` states the maths literally.
+
+    adaptive_log_softmax(hidden (N, d_proj), ...) -> log-probs (N, V)
+    adaptive_nll(hidden (N, d_proj), target (N,), ...) -> NLL (N,), in row order, 0 where target == -100
+
+Weights are passed per cluster so that HF's div_val == 1 layout (one big matrix) is handed
+over as row slices: views, no copies.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from txl_fast import backend, naive
+
+IGNORE_INDEX = -100
+
+
+def cluster_bounds(weights: Sequence[torch.Tensor]) -> list[int]:
+    """[0, V_0, V_0 + V_1, ..., V]: token id boundaries of the clusters."""
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
+    return bounds
+
+
+def check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster_bias) -> None:
+    """Raise a ValueError naming the problem; nothing has run yet when this raises."""
+    if not (len(weights) == len(biases) == len(projs)) or len(weights) == 0:
+        raise ValueError(
+            f"adaptive softmax: need one weight, bias and proj per cluster, got {len(weights)}, {len(biases)}, {len(projs)}"
+        )
+    if hidden.dim() != 2:
+        raise ValueError(f"adaptive softmax: hidden must be (N, d_proj), got shape {tuple(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"adaptive softmax: hidden must be floating point, got {hidden.dtype}")
+    d_proj = hidden.shape[1]
+    params = []
+    for c, (w, b, p) in enumerate(zip(weights, biases, projs)):
+        d_c = w.shape[1]
+        if p is not None:
+            if p.shape != (d_proj, d_c):
+                raise ValueError(
+                    f"adaptive softmax: cluster {c} projection must be (d_proj={d_proj}, {d_c}), got {tuple(p.shape)}"
+                )
+            params.append((f"projs[{c}]", p))
+        elif d_c != d_proj:
+            raise ValueError(f"adaptive softmax: hidden size {d_proj} does not match cluster {c}'s weight width {d_c}")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"adaptive softmax: cluster {c} bias must be ({w.shape[0]},), got {tuple(b.shape)}")
+        params += [(f"weights[{c}]", w), (f"biases[{c}]", b)]
+    n_clusters = len(weights) - 1
+    if n_clusters:
+        if cluster_weight is None or cluster_bias is None:
+            raise ValueError("adaptive softmax: several clusters need cluster_weight and cluster_bias")
+        if cluster_weight.shape != (n_clusters, weights[0].shape[1]) or cluster_bias.shape != (n_clusters,):
+            raise ValueError(
+                f"adaptive softmax: cluster_weight/bias must be ({n_clusters}, {weights[0].shape[1]})/({n_clusters},), "
+                f"got {tuple(cluster_weight.shape)}/{tuple(cluster_bias.shape)}"
+            )
+        params += [("cluster_weight", cluster_weight), ("cluster_bias", cluster_bias)]
+    for name, t in params:
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"adaptive softmax: {name} has dtype {t.dtype} but hidden has {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"adaptive softmax: {name} is on {t.device} but hidden is on {hidden.device}")
+    if target is not None:
+        if target.shape != (hidden.shape[0],):
+            raise ValueError(f"adaptive softmax: target must be ({hidden.shape[0]},), got {tuple(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"adaptive softmax: target must be int64 or int32, got {target.dtype}")
+        if target.device != hidden.device:
+            raise ValueError(f"adaptive softmax: target is on {target.device} but hidden is on {hidden.device}")
+        vocab = cluster_bounds(weights)[-1]
+        bad = ((target < 0) | (target >= vocab)) & (target != IGNORE_INDEX)
+        if target.numel() and bool(bad.any()):
+            raise ValueError(
+                f"adaptive softmax: target ids must be in [0, {vocab}) or {IGNORE_INDEX}, "
+                f"got {target[bad][0].item()} (of {int(bad.sum())} bad)"
+            )
+
+
+def _logits(hidden, weight, bias, proj):
+    if proj is not None:
+        hidden = hidden @ proj                                          # (N, d_proj) -> (N, d_c)
+    return torch.nn.functional.linear(hidden, weight, bias)             # (N, V_c)
+
+
+def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
+    """(N, V_0 + C) log-probs of the shortlist words and of the tail clusters."""
+    if cluster_weight is None:
+        return torch.log_softmax(_logits(hidden, weights[0], biases[0], projs[0]), dim=-1)
+    head_weight = torch.cat([weights[0], cluster_weight])
+    head_bias = torch.cat([biases[0], cluster_bias])
+    return torch.log_softmax(_logits(hidden, head_weight, head_bias, projs[0]), dim=-1)
+
+
+def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):
+    bounds = cluster_bounds(weights)
+    head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    if len(weights) == 1:
+        return head
+    out = hidden.new_empty(hidden.shape[0], bounds[-1])                 # (N, V), written cluster by cluster
+    out[:, : bounds[1]] = head[:, : bounds[1]]
+    for c in range(1, len(weights)):
+        tail = torch.log_softmax(_logits(hidden, weights[c], biases[c], projs[c]), dim=-1)
+        out[:, bounds[c] : bounds[c + 1]] = tail + head[:, bounds[1] + c - 1, None]
+    return out
+
+
+def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias):
+    bounds = cluster_bounds(weights)
+    head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)   # (N, V_0 + C)
+    cluster_of = torch.bucketize(target, torch.tensor(bounds[1:], device=target.device), right=True)  # (N,)
+    ignored = target == IGNORE_INDEX
+    # head column of each row: the word itself (cluster 0) or its cluster's column
+    head_col = torch.where(cluster_of == 0, target, bounds[1] + cluster_of - 1).masked_fill(ignored, 0)
+    logprob = head.gather(1, head_col[:, None]).squeeze(1)
+    for c in range(1, len(weights)):
+        rows = (cluster_of == c).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        tail = torch.log_softmax(_logits(hidden[rows], weights[c], biases[c], projs[c]), dim=-1)
+        tail_pick = tail.gather(1, (target[rows] - bounds[c])[:, None]).squeeze(1)
+        logprob = logprob.index_add(0, rows, tail_pick)
+    return (-logprob).masked_fill(ignored, 0.0)
+
+
+def adaptive_log_softmax(
+    hidden: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    projs: Sequence[Optional[torch.Tensor]],
+    cluster_weight: Optional[torch.Tensor] = None,
+    cluster_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Log-probabilities over the whole vocabulary: (N, d_proj) -> (N, V)."""
+    check_inputs(hidden, None, weights, biases, projs, cluster_weight, cluster_bias)
+    name = backend.resolve(hidden)
+    if name == "naive":
+        return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    if name == "triton":
+        raise NotImplementedError("the triton adaptive softmax is not built yet; use backend 'torch'")
+    return _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+
+
+def adaptive_nll(
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    projs: Sequence[Optional[torch.Tensor]],
+    cluster_weight: Optional[torch.Tensor] = None,
+    cluster_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Negative log-likelihood of ``target`` per row, in row order: (N, d_proj), (N,) -> (N,)."""
+    check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+    name = backend.resolve(hidden)
+    if name == "naive":
+        return naive.adaptive_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+    if name == "triton":
+        raise NotImplementedError("the triton adaptive softmax is not built yet; use backend 'torch'")
+    return _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
