@@ -1,5 +1,31 @@
-"""txl_fast: a custom-kernel accelerated runtime for Transformer-XL."""
+"""txl_fast: a custom-kernel accelerated runtime for Transformer-XL (HF TransfoXL compatible)."""
 from txl_fast.backend import get_backend, set_backend, use_backend
+from txl_fast.config import TransfoXLConfig
+from txl_fast.model import (
+    TransfoXLForSequenceClassification,
+    TransfoXLLMHeadModel,
+    TransfoXLModel,
+)
+from txl_fast.modules import (
+    AdaptiveEmbedding,
+    PositionwiseFF,
+    ProjectedAdaptiveLogSoftmax,
+    RelPartialLearnableDecoderLayer,
+    RelPartialLearnableMultiHeadAttn,
+)
 
-__all__ = ["get_backend", "set_backend", "use_backend"]
+__all__ = [
+    "AdaptiveEmbedding",
+    "PositionwiseFF",
+    "ProjectedAdaptiveLogSoftmax",
+    "RelPartialLearnableDecoderLayer",
+    "RelPartialLearnableMultiHeadAttn",
+    "TransfoXLConfig",
+    "TransfoXLForSequenceClassification",
+    "TransfoXLLMHeadModel",
+    "TransfoXLModel",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
 __version__ = "0.1.0"

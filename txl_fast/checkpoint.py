@@ -1,0 +1,132 @@
+"""Checkpoints in HF's directory layout, read without executing pickles.
+
+    config.json                       TransfoXLConfig
+    model.safetensors                 preferred; tied tensors stored once
+    model.safetensors.index.json      sharded safetensors
+    pytorch_model.bin                 legacy torch.save file: read with torch.load(weights_only=True) only
+
+Loading checks every key and shape against the model before copying anything: missing keys
+(other than tied copies), unexpected keys and shape mismatches are a ValueError naming them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from txl_fast.config import TransfoXLConfig
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+CONFIG = "config.json"
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def _read_torch_bin(path: Path) -> dict:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and was refused (weights_only load): {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory, safetensors first, never through an unrestricted unpickler."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    if (d / SAFETENSORS).is_file():
+        return _read_safetensors(d / SAFETENSORS)
+    if (d / SAFETENSORS_INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((d / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{d / SAFETENSORS_INDEX} is not a valid safetensors index: {e}") from None
+        state = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise ValueError(f"{d / SAFETENSORS_INDEX} names a shard outside the directory: {shard!r}")
+            if not (d / shard).is_file():
+                raise FileNotFoundError(f"shard {shard} listed in {SAFETENSORS_INDEX} is missing from {d}")
+            state.update(_read_safetensors(d / shard))
+        return state
+    if (d / TORCH_BIN).is_file():
+        return _read_torch_bin(d / TORCH_BIN)
+    raise FileNotFoundError(f"no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN} in {d}")
+
+
+def _match_prefix(state: dict, model) -> dict:
+    """Add or strip HF's base-model prefix ("transformer.") so a base checkpoint loads into a head model and back."""
+    prefix = model.base_model_prefix + "."
+    ours = model.state_dict().keys()
+    wants_prefix = any(k.startswith(prefix) for k in ours)
+    has_prefix = any(k.startswith(prefix) for k in state)
+    if wants_prefix and not has_prefix:
+        return {prefix + k: v for k, v in state.items()}
+    if has_prefix and not wants_prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model`` after checking every key and shape; tied copies may be absent."""
+    state = _match_prefix(state, model)
+    expected = model.state_dict()
+    tied = model.tied_parameter_names()
+    missing = sorted(k for k in expected if k not in state and k not in tied)
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state if k in expected and state[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"mis-shaped keys: {'; '.join(wrong)}")
+    if problems:
+        raise ValueError("checkpoint does not match the model: " + " | ".join(problems))
+    model.load_state_dict(state, strict=False)      # strictness checked above (tied copies may be absent)
+
+
+def load_pretrained(cls, directory, *, dtype: Optional[torch.dtype] = None, device=None):
+    d = Path(directory)
+    if not (d / CONFIG).is_file():
+        raise FileNotFoundError(f"no {CONFIG} in {d}" if d.is_dir() else f"checkpoint directory {d} does not exist")
+    config = TransfoXLConfig.from_json_file(d / CONFIG)
+    state = read_state_dict(d)
+    model = cls(config)
+    load_state_dict_into(model, state)
+    model.tie_weights()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def save_pretrained(model, directory) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(d / CONFIG)
+    tied = model.tied_parameter_names()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(d / SAFETENSORS), metadata={"format": "pt"})
