@@ -40,7 +40,12 @@ def _read_torch_bin(path: Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds objects other than tensors and was refused (weights_only load): {e}") from None
+        # torch's message suggests weights_only=False, which would run the file's code: keep only the cause
+        cause = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise ValueError(
+            f"{path} was refused: not a tensors-only PyTorch checkpoint (corrupt, or it holds objects that "
+            f"would run code when unpickled): {cause}"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
