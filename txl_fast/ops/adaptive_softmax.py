@@ -133,6 +133,57 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     return (-logprob).masked_fill(ignored, 0.0)
 
 
+def _split_params(n: int, params: tuple):
+    return list(params[:n]), list(params[n: 2 * n]), list(params[2 * n: 3 * n])
+
+
+class _TritonNLL(torch.autograd.Function):
+    """NLL per row with the fused kernels of ``txl_fast.kernels.adaptive_softmax``; backward
+    recomputes the logits tile by tile from the saved per-row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, hidden, target, n, cluster_weight, cluster_bias, *params):
+        from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415 (needs triton)
+
+        weights, biases, projs = _split_params(n, params)
+        nll, state = kernels.nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+        ctx.n = n
+        ctx.state = state                    # fresh intermediates (projections, lse, row lists)
+        ctx.save_for_backward(hidden, cluster_weight, cluster_bias, *params)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415
+
+        n = ctx.n
+        hidden, cluster_weight, cluster_bias, *params = ctx.saved_tensors
+        weights, biases, projs = _split_params(n, tuple(params))
+        need = ctx.needs_input_grad
+        needs = dict(hidden=need[0], cluster=need[3] or need[4], weights=list(need[5: 5 + n]),
+                     biases=list(need[5 + n: 5 + 2 * n]),
+                     projs=[need[5 + 2 * n + c] and projs[c] is not None for c in range(n)])
+        dhidden, dw, db, dp, dcw, dcb = kernels.nll_backward(
+            grad, hidden, weights, biases, projs, cluster_weight, cluster_bias, ctx.state, needs)
+        return (dhidden, None, None, dcw if need[3] else None, dcb if need[4] else None, *dw, *db, *dp)
+
+
+class _TritonLogSoftmax(torch.autograd.Function):
+    """Full log-probabilities with the fused kernels; forward only (evaluation / generation)."""
+
+    @staticmethod
+    def forward(ctx, hidden, n, cluster_weight, cluster_bias, *params):
+        from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415
+
+        weights, biases, projs = _split_params(n, params)
+        return kernels.log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(
+            "the triton adaptive_log_softmax has no backward; train with adaptive_nll, or use backend 'torch'")
+
+
 def adaptive_log_softmax(
     hidden: torch.Tensor,
     weights: Sequence[torch.Tensor],
@@ -147,7 +198,7 @@ def adaptive_log_softmax(
     if name == "naive":
         return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
     if name == "triton":
-        raise NotImplementedError("the triton adaptive softmax is not built yet; use backend 'torch'")
+        return _TritonLogSoftmax.apply(hidden, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
     return _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
 
 
@@ -166,5 +217,5 @@ def adaptive_nll(
     if name == "naive":
         return naive.adaptive_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
     if name == "triton":
-        raise NotImplementedError("the triton adaptive softmax is not built yet; use backend 'torch'")
+        return _TritonNLL.apply(hidden, target, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
     return _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)

@@ -1,0 +1,603 @@
+"""Projected adaptive softmax (Transformer-XL's output layer), forward and backward, in Triton.
+
+Maths, shapes and argument conventions: ``txl_fast.ops.adaptive_softmax`` (hidden (N, d_proj);
+per cluster c = 0..C weights[c] (V_c, d_c), biases[c] (V_c,), projs[c] (d_proj, d_c) or None;
+cluster_weight (C, d_0), cluster_bias (C,)). ``txl_fast.naive`` is the literal validator.
+
+Cost model for the wt103 output layer at N = 128 * bsz rows (bsz 1..32)
+------------------------------------------------------------------------
+A *prediction*, not a measurement: no GPU was available while this was written. H100 SXM roofline
+~3.0 TB/s HBM and ~800 TFLOP/s dense bf16; bf16 weights and activations. Vocabulary 267,735 =
+head 20,000 words + 3 cluster logits (d 1024), tails 20,000 (d 256), 160,000 (d 64), 67,735 (d 16);
+d_proj 1024; weights + projections + biases 38.6 M parameters = 77.2 MB bf16. Token share per
+cluster assumed 90 / 5 / 4 / 1 % (not measured). Full table: ``benchmarks/adaptive_softmax_analysis.md``.
+
+* Loss forward: 44.4 MFLOP a row (head logits 41.0 M dominate); minimum bytes = weights once +
+  hidden: 77 MB at bsz 1, 86 MB at bsz 32. Predicted 26 us (bsz 1, memory bound) to 0.23 ms
+  (bsz 32, compute bound). HF (fp32, materialises the head logits and log-softmax, the tails'
+  rows' logits, and a torch.cat copy of the head weight per call): 0.36 GB at bsz 1, 1.7 GB at
+  bsz 32 -> 0.12 / 0.57 ms of traffic alone.
+* Loss backward as built: ~750 MFLOP a row (the head's logits are recomputed once per 128-wide
+  slice of d in each of the dh and dW kernels, 8x; ideal ~131 M) -> predicted ~3.9 ms at bsz 32.
+  The known weak spot of this design; see "Kernel design".
+* Log-probs (labels=None): ~150 MFLOP a row (logits computed twice), minimum bytes = the (N,
+  267,735) output (bf16: 2.2 GB at bsz 32) + weights: predicted 49 us (bsz 1) to 0.77 ms
+  (bsz 32). HF (fp32: 5 passes over the head's columns, 7 over each tail's): 1.3 GB at bsz 1,
+  30 GB at bsz 32 -> 0.42 / 10 ms.
+
+Kernel design
+-------------
+* Grouping (loss path): ``cluster_of = bucketize(target, bounds)`` on the device, ignored rows
+  (-100) put in an extra last bucket, a stable ``argsort`` and a ``bincount`` -> one small copy
+  of the C+2 counts to the host (the only sync; ``check_inputs`` has one already), then each
+  tail's rows are a slice of the sorted order. Tail rows are gathered (hidden[rows] @ proj_c,
+  a small (n_c x d_c) torch matmul); every kernel then works on compact per-cluster rows, and
+  per-row results go back to row order with index ops on (n_c,) vectors.
+* One streaming kernel, ``_lse_fwd_kernel``: grid (row tiles of BLOCK_M, vocabulary splits);
+  each program streams its split in BLOCK_N tiles, a logits tile is an fp32 K-loop of tl.dot over
+  d_c in BLOCK_K chunks plus the bias, and an online max / sum gives the split's log-sum-exp; the
+  target logit is picked in the same pass. The head's vocabulary is weights[0] followed by
+  cluster_weight, read through two masked pointers (no concatenation copy). Per-split lse go to a
+  (splits, n) buffer combined by ``logsumexp`` on the host (n * splits floats). The number of
+  splits aims at ~2 programs per SM. Nothing of size rows x V_c exists anywhere.
+* NLL = (lse_head - z_head[col]) + (lse_c - z_c[t - start_c]) for tail rows, col = the word in the
+  head or its cluster's column V_0 + c - 1; 0 for ignored rows. lse per row is saved for backward.
+* Backward: dz = g * (softmax - onehot), recomputed tile by tile from the saved lse.
+  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO) streams the whole cluster
+  vocabulary and accumulates dh_c = dz @ W_c; ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
+  chunks) streams the cluster's rows and accumulates dW_c = dz^T @ h_c and db_c = sum dz. Every
+  output element has exactly one writer: no atomics, deterministic. The logits are recomputed
+  once per d_c chunk: 1x for tails with d_c <= BLOCK_DO (128; 64 in fp32), 2x for d 256, 8x for
+  the wt103 head (d 1024) - the known cost of this design (the head backward is then ~18x the
+  head's forward FLOPs instead of ~3x; a chunked dz buffer + cuBLAS for the head alone would
+  avoid it). dproj_c = x_c^T @ dh_c
+  and dhidden (+)= dh_c @ proj_c^T are small torch matmuls; gradients of a tensor passed twice
+  (tied projections, div_val 1 slices of one matrix) add up in autograd.
+* Log-probs (labels=None): per cluster the lse kernel over all N rows, then ``_logprob_kernel``
+  (grid: row tiles x vocabulary tiles) recomputes each logits tile and writes logit + (shift - lse)
+  straight into the (N, V) output (or a strided view the caller passes), shift = the head's cluster
+  log-prob. Temporaries: (N, d_c) projections, (splits, N) lse partials, (N, C).
+* Layout: weights/biases/hidden/output through their strides (div_val 1 row slices are views);
+  row and vocabulary offsets are widened to int64 before they multiply a stride.
+* dtypes: fp32 (tl.dot with input_precision="ieee"), fp16, bf16 products with fp32 accumulation;
+  fp64 under the interpreter only (validation). Tiles are fixed per kernel and d_c (``configs``),
+  not autotuned; every configuration a GPU run can pick is in ``aot_specs()``.
+
+What is tested: ``tests/test_ops_adaptive_softmax.py`` under ``TRITON_INTERPRET=1`` on CPU
+tensors, fp64/fp32/fp16 against a float64 naive reference (bf16 is broken in the interpreter and
+only compiled ahead of time). Nothing here ran on a GPU: no timing, no GPU numerics.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+TARGET_PROGRAMS = 264            # ~2 programs per H100 SM when choosing vocabulary splits
+INTERPRET_TARGET_PROGRAMS = 8    # under the interpreter: few splits of several tiles each
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+                 HAS_W2: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """z (BM, BN) = h . w_j + b_j for the rows at ``row_off`` (= row * stride, int64) and columns
+    offs_n of the vocabulary [W (V1 rows); W2 (V2 rows)]; columns past V1 + V2 are -inf."""
+    in1 = offs_n < V1
+    cols1 = offs_n.to(tl.int64)
+    if HAS_W2:
+        in2 = (offs_n >= V1) & (offs_n < V1 + V2)
+        cols2 = tl.where(in2, offs_n - V1, 0).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < D
+        h = tl.load(H + row_off[:, None] + offs_k[None, :] * shd, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(W + cols1[None, :] * swv + offs_k[:, None] * swd, mask=in1[None, :] & kmask[:, None],
+                     other=0.0)                                                   # (BK, BN)
+        if HAS_W2:
+            wt += tl.load(W2 + cols2[None, :] * sw2v + offs_k[:, None] * sw2d,
+                          mask=in2[None, :] & kmask[:, None], other=0.0)
+        acc += tl.dot(h, wt, input_precision="ieee", out_dtype=ACC)
+    b = tl.load(B + cols1 * sb, mask=in1, other=0.0).to(ACC)
+    if HAS_W2:
+        b += tl.load(B2 + cols2 * sb2, mask=in2, other=0.0).to(ACC)
+        valid = offs_n < V1 + V2
+    else:
+        valid = in1
+    return tl.where(valid[None, :], acc + b[None, :], float("-inf"))
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    H, W, B, W2, B2, COL, LSE_PART, PICK,
+    n_rows, V1, V2, D, vocab_per_split,
+    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, s_part,
+    HAS_W2: tl.constexpr, HAS_COL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (cdiv(n_rows, BM), splits). LSE_PART[split, i] = log-sum-exp of row i's logits over the
+    split's columns [split * vps, +vps); with HAS_COL, PICK[i] = z[i, COL[i]] (written by the split
+    holding COL[i]; by split 0 with value 0 when COL[i] < 0)."""
+    split = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < n_rows
+    row_off = offs_m.to(tl.int64) * shm
+    n_lo = split * vocab_per_split
+    n_hi = tl.minimum(n_lo + vocab_per_split, V1 + V2)
+    if HAS_COL:
+        col = tl.load(COL + offs_m, mask=mmask, other=-1)
+        pick = tl.zeros([BLOCK_M], ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):               # vps is a multiple of BN: tiles stay in the split
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+                         HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_new = tl.maximum(m_i, tl.max(z, 1))            # finite: every tile holds a valid column
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+        if HAS_COL:
+            pick += tl.sum(tl.where(offs_n[None, :] == col[:, None], z, 0.0), 1)
+    tl.store(LSE_PART + split * s_part + offs_m, m_i + tl.log(l_i), mask=mmask)
+    if HAS_COL:
+        mine = ((col >= n_lo) & (col < n_hi)) | ((col < 0) & (split == 0))
+        tl.store(PICK + offs_m, pick, mask=mmask & mine)
+
+
+@triton.jit
+def _dlogits(z, offs_n, col, lse, g):
+    """dNLL/dz for one tile: g * (softmax - onehot(col)); 0 at -inf (masked) columns."""
+    p = tl.exp(z - lse[:, None])
+    return g[:, None] * (p - tl.where(offs_n[None, :] == col[:, None], 1.0, 0.0))
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    H, W, B, W2, B2, COL, LSE, G, DH,
+    n_rows, V1, V2, D,
+    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhm,
+    HAS_W2: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """Grid (cdiv(n_rows, BM), cdiv(D, BDO)). DH[i, o] = sum_j dz[i, j] w_j[o] over the whole
+    vocabulary, for the program's rows and its chunk o of BDO columns of d."""
+    dtype = H.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < n_rows
+    row_off = offs_m.to(tl.int64) * shm
+    offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    omask = offs_o < D
+    col = tl.load(COL + offs_m, mask=mmask, other=-1)
+    lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
+    g = tl.load(G + offs_m, mask=mmask, other=0.0)      # 0 on masked rows: dz = 0 there
+    dh = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
+    for n0 in range(0, V1 + V2, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+                         HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        dz = _dlogits(z, offs_n, col, lse, g)
+        in1 = offs_n < V1
+        w = tl.load(W + offs_n.to(tl.int64)[:, None] * swv + offs_o[None, :] * swd,
+                    mask=in1[:, None] & omask[None, :], other=0.0)                # (BN, BDO)
+        if HAS_W2:
+            in2 = (offs_n >= V1) & (offs_n < V1 + V2)
+            cols2 = tl.where(in2, offs_n - V1, 0).to(tl.int64)
+            w += tl.load(W2 + cols2[:, None] * sw2v + offs_o[None, :] * sw2d,
+                         mask=in2[:, None] & omask[None, :], other=0.0)
+        dh += tl.dot(dz.to(dtype), w, input_precision="ieee", out_dtype=ACC)
+    tl.store(DH + offs_m.to(tl.int64)[:, None] * sdhm + offs_o[None, :], dh.to(DH.dtype.element_ty),
+             mask=mmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    H, W, B, W2, B2, COL, LSE, G, DW, DB, DW2, DB2,
+    n_rows, V1, V2, D,
+    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdwv, sdw2v,
+    HAS_W2: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """Grid (cdiv(V1 + V2, BN), cdiv(D, BDO)). For the program's vocabulary tile and d chunk:
+    DW[j, o] = sum_i dz[i, j] h_i[o] over all rows (DW2 for the columns past V1), and, from the
+    d-chunk-0 programs, DB[j] = sum_i dz[i, j]."""
+    dtype = H.dtype.element_ty
+    pid_d = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    omask = offs_o < D
+    dw = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
+    db = tl.zeros([BLOCK_N], ACC)
+    for m0 in range(0, n_rows, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_rows
+        row_off = offs_m.to(tl.int64) * shm
+        col = tl.load(COL + offs_m, mask=mmask, other=-1)
+        lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
+        g = tl.load(G + offs_m, mask=mmask, other=0.0)
+        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+                         HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        dz = _dlogits(z, offs_n, col, lse, g)                                     # (BM, BN)
+        h = tl.load(H + row_off[:, None] + offs_o[None, :] * shd, mask=mmask[:, None] & omask[None, :], other=0.0)
+        dw += tl.dot(tl.trans(dz.to(dtype)), h, input_precision="ieee", out_dtype=ACC)
+        db += tl.sum(dz, 0)
+    in1 = offs_n < V1
+    first = pid_d == 0
+    cols1 = offs_n.to(tl.int64)
+    tl.store(DW + cols1[:, None] * sdwv + offs_o[None, :], dw.to(DW.dtype.element_ty),
+             mask=in1[:, None] & omask[None, :])
+    tl.store(DB + cols1, db.to(DB.dtype.element_ty), mask=in1 & first)
+    if HAS_W2:
+        in2 = (offs_n >= V1) & (offs_n < V1 + V2)
+        cols2 = tl.where(in2, offs_n - V1, 0).to(tl.int64)
+        tl.store(DW2 + cols2[:, None] * sdw2v + offs_o[None, :], dw.to(DW2.dtype.element_ty),
+                 mask=in2[:, None] & omask[None, :])
+        tl.store(DB2 + cols2, db.to(DB2.dtype.element_ty), mask=in2 & first)
+
+
+@triton.jit
+def _logprob_kernel(
+    H, W, B, OFF, OUT,
+    n_rows, V, D,
+    shm, shd, swv, swd, sb, som, son,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (cdiv(n_rows, BM), cdiv(V, BN)). OUT[i, j] = z[i, j] + OFF[i] (OFF = shift - lse)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < n_rows
+    rows = offs_m.to(tl.int64)
+    z = _logits_tile(H, W, B, W, B, rows * shm, mmask, offs_n, V, 0, D, shd, swv, swd, 0, 0, sb, 0,
+                     False, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+    off = tl.load(OFF + offs_m, mask=mmask, other=0.0)
+    tl.store(OUT + rows[:, None] * som + offs_n.to(tl.int64)[None, :] * son,
+             (z + off[:, None]).to(OUT.dtype.element_ty), mask=mmask[:, None] & (offs_n < V)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+# ---------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_k(d: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(d)))
+
+
+def block_do(d: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(d)))
+
+
+def configs(kernel: str, d: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Tiles and launch options of ``kernel`` for width d and input dtype. fp32 (ieee tl.dot runs
+    on the FMA units, not tensor cores) takes smaller tiles: the 16-bit tiles spill heavily there.
+    The head's dh (two weight blocks) uses BLOCK_N 32: at 64 it spills ~300 bytes on sm_90.
+    Under the interpreter every tile is 16 or 32 wide so that small test shapes take many tiles."""
+    if _interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32 if kernel != "dh" else 16, BLOCK_K=16,
+                    **({} if kernel in ("lse", "logprob") else {"BLOCK_DO": 16}), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        if kernel in ("lse", "logprob"):
+            return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
+        if kernel in ("dh", "dw"):
+            return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=min(64, block_do(d)), num_warps=4,
+                        num_stages=2)
+    if kernel in ("lse", "logprob"):
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k(d), num_warps=8, num_stages=3)
+    if kernel == "dh":
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k(d), BLOCK_DO=block_do(d), num_warps=8, num_stages=2)
+    if kernel == "dw":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k(d), BLOCK_DO=block_do(d), num_warps=8, num_stages=2)
+    raise ValueError(kernel)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes is allocated here (tests replace it with NaN-filled canaried
+    buffers to prove each element is written and nothing outside is)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_supported(hidden: torch.Tensor) -> None:
+    """Raise before any launch if the kernels cannot take these inputs (shapes are checked in ops)."""
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"adaptive softmax (triton): unsupported dtype {hidden.dtype}")
+    if hidden.dtype == torch.float64 and not _interpreting():
+        raise ValueError("adaptive softmax (triton): float64 is supported under TRITON_INTERPRET=1 only (validation)")
+    if hidden.dtype == torch.bfloat16 and _interpreting():
+        raise ValueError("adaptive softmax (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
+
+
+def _splits(vocab: int, row_tiles: int, block_n: int) -> tuple[int, int]:
+    """(number of vocabulary splits, columns per split, a multiple of block_n)."""
+    target = INTERPRET_TARGET_PROGRAMS if _interpreting() else TARGET_PROGRAMS
+    tiles = triton.cdiv(vocab, block_n)
+    want = max(1, min(tiles, triton.cdiv(target, max(row_tiles, 1))))
+    per_split = triton.cdiv(tiles, want) * block_n
+    return triton.cdiv(vocab, per_split), per_split
+
+
+def _w2_args(w2, b2, w, b):
+    """(W2, B2, V2, sw2v, sw2d, sb2) for an optional second vocabulary block (the head's clusters)."""
+    if w2 is None:
+        return w, b, 0, 0, 0, 0
+    return w2, b2, w2.shape[0], w2.stride(0), w2.stride(1), b2.stride(0)
+
+
+def segment_lse(h, w, b, w2=None, b2=None, col=None):
+    """Log-sum-exp over the vocabulary [w; w2] of each row of h (n, d), and with ``col`` (n,) int32
+    the logit at column col (0 where col < 0). Returns (lse (n,), pick (n,) or None) in the
+    accumulation dtype."""
+    n, d = h.shape
+    acc = _acc_dtype(h.dtype)
+    if n == 0:
+        return h.new_zeros((0,), dtype=acc), (h.new_zeros((0,), dtype=acc) if col is not None else None)
+    W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
+    V1 = w.shape[0]
+    cfg = configs("lse", d, h.dtype)
+    row_tiles = triton.cdiv(n, cfg["BLOCK_M"])
+    n_splits, per_split = _splits(V1 + V2, row_tiles, cfg["BLOCK_N"])
+    part = _empty((n_splits, n), acc, h.device)
+    pick = _empty((n,), acc, h.device) if col is not None else None
+    _lse_fwd_kernel[(row_tiles, n_splits)](
+        h, w, b, W2, B2, col if col is not None else part, part, pick if pick is not None else part,
+        n, V1, V2, d, per_split,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, part.stride(0),
+        HAS_W2=w2 is not None, HAS_COL=col is not None, ACC=_tl_acc(h.dtype), **cfg)
+    lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
+    return lse, pick
+
+
+def segment_dh(h, w, b, w2, b2, col, lse, g):
+    """dL/dh (n, d) in the accumulation dtype for dz = g * (softmax - onehot(col))."""
+    n, d = h.shape
+    W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
+    cfg = configs("dh", d, h.dtype)
+    dh = _empty((n, d), _acc_dtype(h.dtype), h.device)
+    if n == 0:
+        return dh
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    _bwd_dh_kernel[grid](
+        h, w, b, W2, B2, col, lse, g, dh, n, w.shape[0], V2, d,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, dh.stride(0),
+        HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+    return dh
+
+
+def segment_dw(h, w, b, w2, b2, col, lse, g):
+    """(dW (V1, d), db (V1,), dW2 (V2, d) or None, db2 or None) in the parameters' dtype."""
+    n, d = h.shape
+    W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
+    V1 = w.shape[0]
+    if n == 0:
+        return (torch.zeros_like(w), torch.zeros_like(b), None if w2 is None else torch.zeros_like(w2),
+                None if w2 is None else torch.zeros_like(b2))
+    cfg = configs("dw", d, h.dtype)
+    dw = _empty((V1, d), w.dtype, h.device)
+    db = _empty((V1,), b.dtype, h.device)
+    dw2 = _empty((V2, d), w.dtype, h.device) if w2 is not None else dw
+    db2 = _empty((V2,), b.dtype, h.device) if w2 is not None else db
+    grid = (triton.cdiv(V1 + V2, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    _bwd_dw_kernel[grid](
+        h, w, b, W2, B2, col, lse, g, dw, db, dw2, db2, n, V1, V2, d,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
+        dw.stride(0), dw2.stride(0),
+        HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+    return dw, db, (dw2 if w2 is not None else None), (db2 if w2 is not None else None)
+
+
+def write_logprob(h, w, b, off, out):
+    """out (n, V_c) (any strides) = h @ w^T + b + off[:, None]."""
+    n, d = h.shape
+    cfg = configs("logprob", d, h.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(w.shape[0], cfg["BLOCK_N"]))
+    _logprob_kernel[grid](
+        h, w, b, off, out, n, w.shape[0], d,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0), out.stride(0), out.stride(1),
+        ACC=_tl_acc(h.dtype), **cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two ops
+# ---------------------------------------------------------------------------------------------
+
+def _project(x, proj):
+    return x if proj is None else x @ proj                               # (n, d_proj) -> (n, d_c)
+
+
+def _bounds(weights) -> list[int]:
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
+    return bounds
+
+
+def group_rows(target: torch.Tensor, bounds: Sequence[int]):
+    """Cluster of every row and the rows of each tail cluster, computed on the device.
+
+    Returns (cluster_of (N,) int64 with ignored rows = number of clusters, ignored (N,) bool,
+    rows: list of (n_c,) int64 row indices per tail cluster c = 1..C (rows[0] is unused: the head
+    takes every row)). One host sync: the C + 2 bucket counts.
+    """
+    n_clusters = len(bounds) - 1
+    ignored = target == IGNORE_INDEX
+    edges = torch.tensor(bounds[1:-1], device=target.device, dtype=target.dtype)
+    cluster_of = torch.bucketize(target, edges, right=True).masked_fill(ignored, n_clusters)
+    order = torch.argsort(cluster_of, stable=True)                      # rows sorted by cluster
+    counts = torch.bincount(cluster_of, minlength=n_clusters + 1).tolist()
+    rows, start = [], 0
+    for c in range(n_clusters):
+        rows.append(order[start:start + counts[c]])
+        start += counts[c]
+    return cluster_of, ignored, rows
+
+
+def nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias):
+    """NLL (N,) in hidden's dtype, in row order, 0 at ignored rows; and the state for backward."""
+    check_supported(hidden)
+    bounds = _bounds(weights)
+    n_clusters = len(weights)
+    acc = _acc_dtype(hidden.dtype)
+    cluster_of, ignored, rows = group_rows(target, bounds)
+    target = target.long()
+    shortlist = bounds[1]
+    head_col = torch.where(cluster_of == 0, target, shortlist + cluster_of - 1)
+    head_col = head_col.masked_fill(ignored, -1).to(torch.int32)
+    h0 = _project(hidden, projs[0])                                      # (N, d_0)
+    cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
+    lse0, pick0 = segment_lse(h0, weights[0], biases[0], cw, cb, head_col)
+    nll = lse0 - pick0
+    tails = []
+    for c in range(1, n_clusters):
+        r = rows[c]
+        if r.numel() == 0:
+            tails.append(None)
+            continue
+        h_c = _project(hidden.index_select(0, r), projs[c])             # (n_c, d_c)
+        col_c = (target.index_select(0, r) - bounds[c]).to(torch.int32)
+        lse_c, pick_c = segment_lse(h_c, weights[c], biases[c], None, None, col_c)
+        nll = nll.index_add(0, r, lse_c - pick_c)
+        tails.append((r, h_c, col_c, lse_c))
+    nll = nll.masked_fill(ignored, 0.0).to(hidden.dtype)
+    state = dict(h0=h0, head_col=head_col, lse0=lse0, ignored=ignored, tails=tails, acc=acc)
+    return nll, state
+
+
+def nll_backward(grad, hidden, weights, biases, projs, cluster_weight, cluster_bias, state, needs):
+    """Gradients of sum(grad * nll). ``needs`` names what to compute: dict with keys "hidden",
+    "weights", "biases", "projs" (lists per cluster), "cluster" (cluster_weight / bias).
+    Returns (dhidden, dweights, dbiases, dprojs, dcluster_weight, dcluster_bias), None where not needed."""
+    n_clusters = len(weights)
+    dtype = hidden.dtype
+    g = grad.to(state["acc"]).masked_fill(state["ignored"], 0.0).contiguous()
+    dweights, dbiases, dprojs = [None] * n_clusters, [None] * n_clusters, [None] * n_clusters
+    dcw = dcb = None
+    dhidden = None
+    need_h = [needs["hidden"] or needs["projs"][c] for c in range(n_clusters)]
+
+    def param_grads(c, h, w2, b2, col, lse, g_c):
+        nonlocal dcw, dcb
+        if needs["weights"][c] or needs["biases"][c] or (c == 0 and needs["cluster"]):
+            dweights[c], dbiases[c], dw2, db2 = segment_dw(h, weights[c], biases[c], w2, b2, col, lse, g_c)
+            if c == 0:
+                dcw, dcb = dw2, db2
+
+    def input_grads(c, x, h, w2, b2, col, lse, g_c):
+        """dh of cluster c -> (d proj_c, contribution to dhidden for the rows x)."""
+        if not need_h[c]:
+            return None
+        dh = segment_dh(h, weights[c], biases[c], w2, b2, col, lse, g_c).to(dtype)   # (n_c, d_c)
+        if projs[c] is None:
+            return dh
+        if needs["projs"][c]:
+            dprojs[c] = x.t() @ dh                                           # (d_proj, d_c)
+        return dh @ projs[c].t() if needs["hidden"] else None
+
+    cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
+    h0, col0, lse0 = state["h0"], state["head_col"], state["lse0"]
+    param_grads(0, h0, cw, cb, col0, lse0, g)
+    dx = input_grads(0, hidden, h0, cw, cb, col0, lse0, g)
+    if needs["hidden"]:
+        dhidden = dx.clone() if projs[0] is None else dx
+    for c in range(1, n_clusters):
+        tail = state["tails"][c - 1]
+        if tail is None:                                                     # no row in this cluster
+            if needs["weights"][c]:
+                dweights[c] = torch.zeros_like(weights[c])
+            if needs["biases"][c]:
+                dbiases[c] = torch.zeros_like(biases[c])
+            if needs["projs"][c] and projs[c] is not None:
+                dprojs[c] = torch.zeros_like(projs[c])
+            continue
+        r, h_c, col_c, lse_c = tail
+        g_c = g.index_select(0, r)
+        param_grads(c, h_c, None, None, col_c, lse_c, g_c)
+        x = hidden.index_select(0, r) if (projs[c] is not None and needs["projs"][c]) else None
+        dx = input_grads(c, x, h_c, None, None, col_c, lse_c, g_c)
+        if needs["hidden"]:
+            dhidden.index_add_(0, r, dx)
+    return dhidden, dweights, dbiases, dprojs, dcw, dcb
+
+
+def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, out: Optional[torch.Tensor] = None):
+    """Log-probabilities (N, V) written once into ``out`` (allocated in hidden's dtype if None;
+    any strides). Temporaries: (N, d_c) projections, (splits, N) lse partials, (N, C)."""
+    check_supported(hidden)
+    bounds = _bounds(weights)
+    n, n_clusters = hidden.shape[0], len(weights)
+    if out is None:
+        out = torch.empty((n, bounds[-1]), dtype=hidden.dtype, device=hidden.device)
+    if n == 0:
+        return out
+    acc = _acc_dtype(hidden.dtype)
+    cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
+    h0 = _project(hidden, projs[0])
+    lse0, _ = segment_lse(h0, weights[0], biases[0], cw, cb)
+    write_logprob(h0, weights[0], biases[0], (-lse0).contiguous(), out[:, : bounds[1]])
+    if n_clusters > 1:
+        head_cluster = (h0.to(acc) @ cw.to(acc).t() + cb.to(acc)) - lse0[:, None]     # (N, C) log p(cluster)
+    for c in range(1, n_clusters):
+        h_c = _project(hidden, projs[c])
+        lse_c, _ = segment_lse(h_c, weights[c], biases[c])
+        write_logprob(h_c, weights[c], biases[c], (head_cluster[:, c - 1] - lse_c).contiguous(),
+                      out[:, bounds[c]: bounds[c + 1]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time specialisations
+# ---------------------------------------------------------------------------------------------
+
+AOT_WIDTHS = (1024, 256, 64, 16)       # the wt103 cluster widths d_c; block_k/block_do depend on d only
+
+
+def aot_specs() -> list:
+    """Every configuration a GPU run can pick: dtype (fp32, fp16, bf16) x d_c block class
+    (AOT_WIDTHS) x kernel, HAS_W2 True and False for the kernels that take it, HAS_COL both ways."""
+    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+
+    def sig(fn, types: dict) -> dict:
+        return {name: types.get(name, "i32") for name in fn.arg_names}
+
+    specs = []
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for dt in ("fp32", "fp16", "bf16"):
+        for d in AOT_WIDTHS:
+            base = {n: f"*{dt}" for n in ("H", "W", "B", "W2", "B2")}
+            accp = {n: "*fp32" for n in ("LSE_PART", "PICK", "LSE", "G", "DH", "OFF")}
+            types = dict(base, **accp, COL="*i32", DW=f"*{dt}", DB=f"*{dt}", DW2=f"*{dt}", DB2=f"*{dt}",
+                         OUT=f"*{dt}")
+            for kernel, fn, flags in (
+                ("lse", _lse_fwd_kernel, [dict(HAS_W2=a, HAS_COL=c) for a in (True, False) for c in (True, False)]),
+                ("dh", _bwd_dh_kernel, [dict(HAS_W2=a) for a in (True, False)]),
+                ("dw", _bwd_dw_kernel, [dict(HAS_W2=a) for a in (True, False)]),
+                ("logprob", _logprob_kernel, [{}]),
+            ):
+                cfg = dict(configs(kernel, d, torch_dtype[dt])) if not _interpreting() else {}
+                nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 1)
+                for f in flags:
+                    const = dict(cfg, ACC=tl.float32, **f)
+                    s = sig(fn, {**types, **{k: "constexpr" for k in const}})
+                    flag_txt = " ".join(f"{k}={int(v)}" for k, v in f.items())
+                    tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items())
+                    specs.append(AotSpec(name=f"adaptive_softmax.{kernel}", fn=fn, signature=s, constexprs=const,
+                                         num_warps=nw, num_stages=ns, uses_dot=dt != "fp32",
+                                         label=f"{dt} d{d} {tiles} {flag_txt} w{nw} s{ns}".strip()))
+    return specs
