@@ -169,19 +169,35 @@ class _TritonNLL(torch.autograd.Function):
 
 
 class _TritonLogSoftmax(torch.autograd.Function):
-    """Full log-probabilities with the fused kernels; forward only (evaluation / generation)."""
+    """Full log-probabilities written by the fused kernels straight into the output.
+
+    The output is (N, V) anyway, so backward recomputes the torch path under autograd and
+    differentiates it: exact gradients, at the torch path's memory cost, only when asked for.
+    """
 
     @staticmethod
     def forward(ctx, hidden, n, cluster_weight, cluster_bias, *params):
         from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415
 
         weights, biases, projs = _split_params(n, params)
+        ctx.n = n
+        ctx.save_for_backward(hidden, cluster_weight, cluster_bias, *params)
         return kernels.log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
 
     @staticmethod
     def backward(ctx, grad):
-        raise NotImplementedError(
-            "the triton adaptive_log_softmax has no backward; train with adaptive_nll, or use backend 'torch'")
+        hidden, cluster_weight, cluster_bias, *params = ctx.saved_tensors
+        inputs = [hidden, cluster_weight, cluster_bias, *params]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i + 1 if i else 0]]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(k in wanted) if t is not None else None for k, t in enumerate(inputs)]
+            weights, biases, projs = _split_params(ctx.n, tuple(leaves[3:]))
+            out = _torch_log_softmax(leaves[0], weights, biases, projs, leaves[1], leaves[2])
+            grads = torch.autograd.grad(out, [leaves[k] for k in wanted], grad)
+        result = [None] * len(inputs)
+        for k, g in zip(wanted, grads):
+            result[k] = g
+        return (result[0], None, *result[1:])
 
 
 def adaptive_log_softmax(
