@@ -99,6 +99,33 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
     return out, prob
 
 
+class RelAttentionFunction(torch.autograd.Function):
+    """The fused Triton kernels (``txl_fast.kernels.rel_attention``) under autograd.
+
+    Forward saves the inputs (as given: strided views are not copied), the output and the row
+    statistics m, l (B, H, Lq); the launch choices (tiled or decode path, tiles) go on ctx.
+    Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias, none for scale and window.
+    Call it after ``check_inputs``; triton is imported lazily here.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window):
+        from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
+
+        out, m, l, launch = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window)
+        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
+        ctx.scale, ctx.window, ctx.launch = scale, window, launch
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
+
+        q, k, v, r, r_w_bias, r_r_bias, out, m, l = ctx.saved_tensors
+        grads = kernels.backward(dout, q, k, v, r, r_w_bias, r_r_bias, out, m, l, ctx.scale, ctx.window, ctx.launch)
+        return (*grads, None, None)
+
+
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None) -> torch.Tensor:
     """Fused relative attention on the current backend; shapes in the module docstring."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window)
@@ -106,9 +133,7 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
     if name == "triton":
-        from txl_fast.kernels.rel_attention import rel_attention_triton  # noqa: PLC0415 (needs triton)
-
-        return rel_attention_triton(q, k, v, r, r_w_bias, r_r_bias, scale=scale, window=window)
+        return RelAttentionFunction.apply(q, k, v, r, r_w_bias, r_r_bias, scale, window)
     return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
 
 

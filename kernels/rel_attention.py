@@ -1,0 +1,715 @@
+"""Fused relative-position attention (Transformer-XL), forward and backward, in Triton.
+
+Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
+r (Lk, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
+(q_i + w).r[j + Lq - 1 - i]), visible iff 0 <= i + mlen - j (< window)). ``txl_fast.naive`` is the
+literal validator.
+
+Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
+------------------------------------------------------------------------------------
+A *prediction* from arithmetic, not a measurement: no GPU was available while this was written.
+H100 SXM roofline taken as ~3.0 TB/s HBM and ~800 TFLOP/s dense bf16. Full numbers and the
+derivation: benchmarks/rel_attention_analysis.md.
+
+* FLOPs (forward, dense count; ~96% of the pairs are visible at mem 1600): three Lq x Lk x D
+  products per head (content q.k, position q.r, probs.v), 2 FLOPs per MAC:
+  3 * 2 * 128 * 1728 * 64 * 16 = 1.36 GFLOP per batch row; the kernel issues the position product
+  on a band of BM + BN rows of r per tile (2x), so 1.81 GFLOP issued. bsz 32: 43.5 (58) GFLOP.
+* Minimum bytes of the fused op (bf16: read q, k, v, write out, per batch row; read r once):
+  0.26 + 3.54 + 3.54 + 0.26 = 7.60 MB per row, + 3.54 MB r: bsz 1 11.1 MB, bsz 32 247 MB.
+* HF's unfused path (fp32) materialises AC, BD, the padded BD, the shifted BD, the scores and
+  the probs, each bsz * H * Lq * Lk fp32 (14.2 MB per batch row), each written and read once:
+  170 MB per row, + 15.2 MB of q/k/v/out in fp32 + 7.1 MB r: bsz 1 192 MB, bsz 32 5.93 GB
+  (17x / 24x the fused minimum).
+* Predicted H100 time: bsz 32 fused: memory 247 MB / 3.0 TB/s = 82 us, compute 58 GFLOP issued /
+  800 TFLOP/s = 72 us -> ~0.1 ms as a roofline bound (expect 2-3x at realistic efficiency with
+  the gather and 32 x 32 tiles). HF: 5.93 GB / 3.0 TB/s = ~2.0 ms of memory traffic alone.
+  bsz 1: fused 3.7 us of memory (launch-latency bound in practice), HF 64 us.
+
+Kernel design
+-------------
+* Layout: every tensor is read through its strides (HF's time-major ``x.transpose(0, 1)`` views
+  work without a copy). Program ids are cast to int64 before they multiply a stride; intra-tile
+  row offsets are int32 and the launcher checks that they fit.
+* Forward (``_fwd_kernel``): one program per (query tile of BLOCK_M rows, batch * head), online
+  softmax over key tiles of BLOCK_N in fp32 (fp64 for fp64 inputs) with exp2 and a folded
+  scale * log2(e). Only the key tiles that hold a visible key are visited (causal/window band).
+  It saves the row max ``m`` (log2 domain) and the row sum ``l`` for the backward.
+* Relative shift: for query tile [m0, m0+BM) and key tile [n0, n0+BN) the needed r rows
+  p = j + Lq - 1 - i form one band of BM + BN - 1 consecutive rows starting at
+  n0 - m0 + Lq - BM. The kernel loads that band (masked at 0 and Lk), computes
+  band = (q + w) @ band^T with tl.dot (BM x BLOCK_P, BLOCK_P = next pow2 of BM + BN - 1), and skews
+  it in registers with ``tl.gather(band, j_local - i_local + BM - 1, axis=1)``. The backward un-skews
+  dscore the same way (gather with the inverse index, zero outside the band). Nothing of size
+  Lq x Lk is ever written to memory.
+* Masking: invisible scores get a finite fill (-1e30 in the log2 domain), keys past Lk get -inf.
+  A row with no visible key (only possible with window == 0) then has all scores equal to the
+  fill and comes out exactly uniform over the Lk keys, as HF's masked_fill(finfo.min) gives;
+  for window == 0 every program visits all keys. The backward zeroes dscore at invisible
+  positions (those scores are constants), and recomputes p = exp2(s - m) / l from the saved m and
+  l (storing m and l apart, not m + log l, keeps 1/Lk exact for such rows).
+* Backward: ``_bwd_delta_kernel`` computes delta = rowsum(o * do). ``_bwd_dq_kernel`` (one program
+  per query tile, loop over key tiles) writes dq = dq_content + dq_position and per-tile partial
+  sums of dq_content (-> d r_w_bias) and dq_position (-> d r_r_bias), reduced on the host over
+  (batch, tile) in a fixed order. ``_bwd_dkdv_kernel`` (one program per key tile, loop over the
+  query tiles that see it) accumulates dk and dv in registers and the position gradient
+  dr_band = dS_band^T @ (q + w) for each tile pair; r rows are shared by every batch, head-tile
+  and diagonal, so dr_band is added with ``tl.atomic_add`` into an fp32 (Lk, H, D) buffer
+  (fp64 for fp64): simple and race-free, but the summation order (hence the last bits of dr)
+  is not deterministic on a GPU.
+* Decode (small Lq, e.g. 1 during generation): ``_fwd_kernel`` with SPLIT_K=True runs one
+  16-row query tile per (key chunk, batch * head) program, flash-decoding style, writing the
+  unnormalised partial (m, l, acc) per chunk; ``_fwd_combine_kernel`` merges the chunks and writes
+  out, m and l, so the backward is the same as for the tiled path. Used automatically when
+  Lq <= DECODE_MAX_LQ.
+* Head size: any D in 1..128; the tile is padded to BLOCK_D = max(16, next pow2 of D) with masks
+  (so D = 48 works, as BLOCK_D 64). Ahead-of-time compiled specialisations: D in {16, 32, 64, 128}.
+* dtypes: fp32 (tl.dot with input_precision "tf32x3" on a GPU: three TF32 tensor-core products,
+  ~fp32 accuracy; "ieee" lowers to FMA loops that spilled over 100 KB and overflowed sm_80
+  shared memory; exact "ieee" under the interpreter), fp16, bf16 (products in the input dtype,
+  accumulation in fp32); fp64 under the interpreter only (validation; the launcher refuses fp64
+  on CUDA because the scalar scale is passed as fp32 there).
+
+What is tested, and on what
+---------------------------
+``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
+(fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
+sizes, every mask mode, the decode path, strided time-major inputs, NaN canaries, input
+validation, an allocation bound). bf16 cannot run in the interpreter (triton issue 11584): it
+is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
+specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
+instructions. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
+GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
+hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FILL = tl.constexpr(-1.0e30)          # finite fill for invisible scores (log2 domain)
+LOG2E = 1.4426950408889634
+DECODE_MAX_LQ = 16                    # Lq at or below this takes the split-over-keys path
+DECODE_BLOCK_M = 16                   # the query tile of the decode path (tl.dot needs >= 16)
+MAX_SPLITS = 16                       # decode: at most this many key chunks per (batch, head)
+TARGET_PROGRAMS = 264                 # decode: aim for ~2 programs per H100 SM
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
+            HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr):
+    """Masked scores of one tile in the log2 domain, and the visibility mask.
+
+    qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
+    r rows n0 - m0 + Lq - BM + [0, BP). Position term: band[a, c - a + BM - 1] for local (a, c).
+    """
+    s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
+    band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
+    skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+    s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
+    dist = offs_m[:, None] + mlen - offs_n[None, :]
+    visible = dist >= 0
+    if HAS_WINDOW:
+        visible = visible & (dist < window)
+    s = tl.where(visible, s, FILL)
+    s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+    return s, visible
+
+
+@triton.jit
+def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(BM, BN) tile gradient -> (BM, BP) band gradient: band[a, pl] = ds[a, pl + a - BM + 1] or 0."""
+    c = tl.arange(0, BLOCK_P)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
+    inside = (c >= 0) & (c < BLOCK_N)
+    return tl.where(inside, tl.gather(ds, tl.where(inside, c, 0), axis=1), 0.0)
+
+
+@triton.jit
+def _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); all keys if window == 0."""
+    hi = tl.minimum(Lk, m0 + BLOCK_M + mlen)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.where(window > 0, tl.maximum(0, m0 + mlen - window + 1), 0)
+        hi = tl.where(window > 0, hi, Lk)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, R, U, W, O, M, L, MP, LP, AP,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    srp, srh, srd, suh, sud, swh, swd, sob, som, soh, sod,
+    H, Lq, Lk, mlen, window, keys_per_split, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H), one query
+    tile (Lq <= BM), keys [split * keys_per_split, +keys_per_split), writes partials MP, LP, AP."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    if SPLIT_K:
+        m0 = 0
+    else:
+        m0 = tl.program_id(0) * BLOCK_M
+    dtype = Q.dtype.element_ty
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    mmask = offs_m < Lq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=mmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
+    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
+    qu = (q + u[None, :]).to(dtype)
+    qv = (q + w[None, :]).to(dtype)
+
+    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    if SPLIT_K:
+        split = tl.program_id(0)
+        lo = tl.maximum(lo, split * keys_per_split)
+        hi = tl.minimum(hi, (split + 1) * keys_per_split)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    r_base = R + h * srh
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < Lk
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
+        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+        if SPLIT_K:
+            s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0)            # (BN, BD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+
+    if SPLIT_K:
+        # partials, layout (B*H, n_splits, BM) and (B*H, n_splits, BM, BD), contiguous
+        row = (pid_bh * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(MP + row, m_i)
+        tl.store(LP + row, l_i)
+        tl.store(AP + row[:, None] * BLOCK_D + offs_d[None, :], acc)
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+        stat = pid_bh * Lq + offs_m
+        tl.store(M + stat, m_i, mask=mmask)
+        tl.store(L + stat, l_i, mask=mmask)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    O, M, L, MP, LP, AP, sob, som, soh, sod, H, Lq, n_splits,
+    HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the decode partials of one (batch, head): grid (B*H,)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for split in range(0, n_splits):
+        row = (pid_bh * n_splits + split) * BLOCK_M + offs_m
+        m_s = tl.load(MP + row)
+        l_s = tl.load(LP + row)
+        a_s = tl.load(AP + row[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # chunks with no key: keep 0s
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    mmask = offs_m < Lq
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mmask[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(M + pid_bh * Lq + offs_m, m_i, mask=mmask)
+    tl.store(L + pid_bh * Lq + offs_m, l_i, mask=mmask)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, sob, som, soh, sod, sdb, sdm, sdh, sdd, H, Lq,
+    HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d o[b, i, h, d] * do[b, i, h, d]: grid (cdiv(Lq, BM), B*H)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, R, U, W, DO, M, L, DELTA, DQ, DUP, DWP,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
+    H, Lq, Lk, mlen, window, n_tiles, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content and
+    dq_position over the tile's rows into DUP / DWP, layout (B, n_tiles, H, BD)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    dtype = Q.dtype.element_ty
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    mmask = offs_m < Lq
+    tile_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=tile_mask, other=0.0).to(ACC)
+    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
+    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
+    qu = (q + u[None, :]).to(dtype)
+    qv = (q + w[None, :]).to(dtype)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
+    stat = pid_bh * Lq + offs_m
+    m_i = tl.load(M + stat, mask=mmask, other=0.0)
+    inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
+    delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+
+    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    r_base = R + h * srh
+    dq_c = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    dq_p = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < Lk
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
+        vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
+        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
+        ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
+        dq_c += tl.dot(ds.to(dtype), tl.trans(kt), input_precision=PREC, out_dtype=ACC)
+        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
+        dq_p += tl.dot(ds_band.to(dtype), tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+
+    tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgm + offs_d[None, :] * sqgd,
+             (dq_c + dq_p).to(DQ.dtype.element_ty), mask=tile_mask)
+    part = ((b * n_tiles + pid_m) * H + h) * BLOCK_D + offs_d
+    tl.store(DUP + part, tl.sum(dq_c, 0))
+    tl.store(DWP + part, tl.sum(dq_p, 0))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, R, U, W, DO, M, L, DELTA, DK, DV, DR,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd,
+    skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
+    H, Lq, Lk, mlen, window, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lk, H, BD)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    n0 = pid_n * BLOCK_N
+    dtype = Q.dtype.element_ty
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    nmask = offs_n < Lk
+    kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=nmask[None, :] & dmask[:, None], other=0.0)                # (BD, BN)
+    vt = tl.load(V + b * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                 mask=nmask[None, :] & dmask[:, None], other=0.0)                # (BD, BN)
+    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
+    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
+
+    # query rows that see a key of this tile: n0 - mlen <= i (< n0 + BN - 1 - mlen + window)
+    q_lo = tl.maximum(0, n0 - mlen)
+    q_hi = Lq
+    if HAS_WINDOW:
+        q_lo = tl.where(window > 0, q_lo, 0)
+        q_hi = tl.where(window > 0, tl.minimum(Lq, tl.maximum(0, n0 + BLOCK_N - 1 - mlen + window)), Lq)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    r_base = R + h * srh
+    dr_base = DR + h * sdrh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for m0 in range(q_lo, q_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < Lq
+        tile_mask = mmask[:, None] & dmask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=tile_mask, other=0.0).to(ACC)
+        qu = tl.where(mmask[:, None], q + u[None, :], 0.0).to(dtype)
+        qv = tl.where(mmask[:, None], q + w[None, :], 0.0).to(dtype)
+        do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
+        stat = pid_bh * Lq + offs_m
+        m_i = tl.load(M + stat, mask=mmask, other=0.0)
+        inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
+        delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rmask = (rows >= 0) & (rows < Lk)
+        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                     mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+        p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
+        dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
+        ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
+        dk += tl.dot(tl.trans(ds.to(dtype)), qu, input_precision=PREC, out_dtype=ACC)
+        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
+        dr_band = tl.dot(tl.trans(ds_band.to(dtype)), qv, input_precision=PREC, out_dtype=ACC)  # (BP, BD)
+        tl.atomic_add(dr_base + rows[:, None] * sdrp + offs_d[None, :], dr_band,
+                      mask=rmask[:, None] & dmask[None, :])
+
+    out_mask = nmask[:, None] & dmask[None, :]
+    tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
+             dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + b * svgb + h * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------
+
+def block_p(block_m: int, block_n: int) -> int:
+    return triton.next_power_of_2(block_m + block_n - 1)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; keep() drops invalid ones.
+# Measured in the AOT report (ptxas, sm_80/sm_90): 64 x 64 tiles spill 0.4-90 KB in every kernel
+# (the (BM, BP) position band and the gather's shuffles), 32 x 64 still spills KBs in dq/dkdv,
+# 32 x 32 spills at most ~2 KB; and each candidate costs 2-50 s of compile per arch. So one
+# candidate per kernel is kept until a GPU can time the others (listed in UNTESTED_CANDIDATES).
+FWD_CANDIDATES = [(32, 32, 4, 2)]
+DQ_CANDIDATES = [(32, 32, 4, 2)]
+DKDV_CANDIDATES = [(32, 32, 4, 2)]
+DECODE_CANDIDATES = [(DECODE_BLOCK_M, 32, 4, 2)]   # fixed, not autotuned: BN is the split granularity
+UNTESTED_CANDIDATES = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)]
+INTERPRET_BLOCK = 16          # every tile 16 x 16 under the interpreter: small tests still take many tiles
+
+
+def keep(kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int, bd: int) -> bool:
+    """Whether a candidate configuration is valid for head block ``bd``: tl.dot needs every
+    dimension >= 16, the decode tile is DECODE_BLOCK_M rows, and the fp32 tiles live across the key
+    loop (the (BM, BP) band plus the (BM or BN, BD) accumulators) must stay under 16K elements
+    (64 KB of registers per program). Shared memory is checked by the AOT report."""
+    if min(block_m, block_n, bd) < 16:
+        return False
+    if kernel == "decode" and block_m != DECODE_BLOCK_M:
+        return False
+    accumulators = {"fwd": block_m, "decode": block_m, "dq": 2 * block_m, "dkdv": 2 * block_n}[kernel]
+    return block_m * block_p(block_m, block_n) + accumulators * bd <= 16384
+
+
+# fp32 backward at BLOCK_D 128: tf32x3 triples the dot operands; 32 x 32 needed 180-213 KB of shared
+# memory (over sm_80's 163 KB), so these take 16 x 32 tiles and one stage
+FP32_WIDE_BWD = [(16, 32, 4, 1)]
+
+
+def configs(kernel: str, bd: int, dtype: str = "fp16") -> list[tuple[int, int, int, int]]:
+    table = {"fwd": FWD_CANDIDATES, "dq": DQ_CANDIDATES, "dkdv": DKDV_CANDIDATES, "decode": DECODE_CANDIDATES}
+    cands = table[kernel]
+    if dtype == "fp32" and bd >= 128 and kernel in ("dq", "dkdv"):
+        cands = FP32_WIDE_BWD
+    return [c for c in cands if keep(kernel, *c, bd)]
+
+
+def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_P": block_p(bm, bn)}, num_warps=nw, num_stages=ns)
+            for bm, bn, nw, ns in configs(name, bd, dtype)]
+    # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
+    # the memory fills, and the best tile depends mostly on Lq and D
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "HAS_WINDOW"], reset_to_zero=reset)(kernel_fn)
+
+
+_TUNED: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# host launchers
+# ---------------------------------------------------------------------------------------------
+
+def _precision() -> str:
+    """tl.dot precision for fp32 inputs (ignored for fp16/bf16): exact "ieee" under the interpreter;
+    "tf32x3" on a GPU (three TF32 tensor-core products, ~fp32 accuracy): "ieee" lowers fp32 dots
+    to FMA loops that spilled >100 KB and overflowed sm_80 shared memory in the AOT report."""
+    return "ieee" if _interpreting() else "tf32x3"
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_offsets(**tensors) -> None:
+    for name, t in tensors.items():
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span >= 2**31:
+            raise ValueError(f"rel_attention (triton): {name} spans {span} elements; offsets must fit in int32")
+
+
+def check_supported(q: torch.Tensor) -> None:
+    """Raise before any launch if the kernels cannot take these inputs (shapes checked elsewhere)."""
+    D = q.shape[-1]
+    if not 1 <= D <= 128:
+        raise ValueError(f"rel_attention (triton): d_head must be in 1..128, got {D}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"rel_attention (triton): unsupported dtype {q.dtype}")
+    if q.dtype == torch.float64 and not _interpreting():
+        raise ValueError("rel_attention (triton): float64 is supported under TRITON_INTERPRET=1 only (validation)")
+    if q.dtype == torch.bfloat16 and _interpreting():
+        raise ValueError("rel_attention (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
+
+
+def _run(kernel_fn, name, bd, grid, args, reset=None):
+    """Autotuned launch on a GPU, fixed small tiles under the interpreter; returns the meta used."""
+    if _interpreting():
+        bm = DECODE_BLOCK_M if name == "decode" else INTERPRET_BLOCK
+        meta = {"BLOCK_M": bm, "BLOCK_N": INTERPRET_BLOCK, "BLOCK_P": block_p(bm, INTERPRET_BLOCK)}
+        kernel_fn[grid(meta)](**args, **meta, num_warps=4, num_stages=1)
+        return meta
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[args["Q"].dtype]
+    key = (name, bd, dtype)
+    if key not in _TUNED:
+        _TUNED[key] = _autotuned(kernel_fn, name, bd, dtype, reset)
+    tuned = _TUNED[key]
+    tuned[grid](**args)
+    cfg = tuned.best_config
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def forward(q, k, v, r, u, w, scale: float, window):
+    """Returns out (B, Lq, H, D) in q's dtype, and the row statistics m, l (B, H, Lq) in the
+    accumulation dtype, and a dict of the launch choices."""
+    check_supported(q)
+    _check_offsets(q=q, k=k, v=v, r=r)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    bd = block_d(D)
+    acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    m = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
+    l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
+    has_window = window is not None
+    common = dict(
+        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l,
+        **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
+        **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
+        **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
+        **dict(zip(("srp", "srh", "srd"), r.stride())),
+        suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
+        **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
+        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
+        qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
+    )
+    if Lq <= DECODE_MAX_LQ:
+        bn = INTERPRET_BLOCK if _interpreting() else DECODE_CANDIDATES[0][1]
+        n_key_tiles = triton.cdiv(Lk, bn)
+        want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, B * H), n_key_tiles))
+        keys_per_split = triton.cdiv(n_key_tiles, want) * bn
+        n_splits = triton.cdiv(Lk, keys_per_split)
+        mp = torch.empty((B * H, n_splits, DECODE_BLOCK_M), dtype=acc_t, device=q.device)
+        lp = torch.empty_like(mp)
+        ap = torch.empty((B * H, n_splits, DECODE_BLOCK_M, bd), dtype=acc_t, device=q.device)
+        args = dict(common, MP=mp, LP=lp, AP=ap, keys_per_split=keys_per_split, n_splits=n_splits, SPLIT_K=True)
+        # the decode tile is fixed (BM 16, BN = the split granularity), so it is not autotuned
+        meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(DECODE_BLOCK_M, bn)}
+        nw, ns = DECODE_CANDIDATES[0][2:] if not _interpreting() else (4, 1)
+        _fwd_kernel[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
+        _fwd_combine_kernel[(B * H,)](
+            O=out, M=m, L=l, MP=mp, LP=lp, AP=ap, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
+            H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=DECODE_BLOCK_M, BLOCK_D=bd,
+            num_warps=4)
+        launch = dict(path="decode", n_splits=n_splits, keys_per_split=keys_per_split, **meta)
+    else:
+        dummy = m  # partial buffers are unused on the tiled path
+        args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False)
+        meta = _run(_fwd_kernel, "fwd", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), args)
+        launch = dict(path="tiled", **meta)
+    return out, m, l, launch
+
+
+def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch: dict):
+    """Gradients (dq, dk, dv, dr, du, dw) in the inputs' dtypes, from the forward's out, m and l.
+
+    ``launch`` is the forward's record (kept for the ctx; the backward kernels have their own
+    tiles: a different loop order needs different sizes).
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    bd = block_d(D)
+    acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(q.dtype)
+    has_window = window is not None
+    _check_offsets(do=do)
+    delta = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
+    dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
+    dr_acc = torch.zeros((Lk, H, bd), dtype=acc_t, device=q.device)     # atomics target
+    min_bm = 16
+    n_tiles = triton.cdiv(Lq, min_bm)                                       # enough for any BLOCK_M
+    du_part = torch.zeros((B, n_tiles, H, bd), dtype=acc_t, device=q.device)
+    dw_part = torch.zeros_like(du_part)
+
+    dm = 32
+    _bwd_delta_kernel[(triton.cdiv(Lq, dm), B * H)](
+        O=out, DO=do, DELTA=delta, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
+        **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())), H=H, Lq=Lq,
+        HEAD_DIM=D, ACC=acc, BLOCK_M=dm, BLOCK_D=bd, num_warps=4)
+
+    common = dict(
+        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta,
+        **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
+        **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
+        **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
+        **dict(zip(("srp", "srh", "srd"), r.stride())),
+        suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
+        **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())),
+        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
+        scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=acc, PREC=_precision(), BLOCK_D=bd,
+    )
+    dq_meta = _run(_bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
+        common, DQ=dq, DUP=du_part, DWP=dw_part, n_tiles=n_tiles,
+        **dict(zip(("sqgb", "sqgm", "sqgh", "sqgd"), dq.stride()))))
+    dkdv_meta = _run(_bwd_dkdv_kernel, "dkdv", bd, lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H), dict(
+        common, DK=dk, DV=dv, DR=dr_acc,
+        **dict(zip(("skgb", "skgn", "skgh", "skgd"), dk.stride())),
+        **dict(zip(("svgb", "svgn", "svgh", "svgd"), dv.stride())),
+        sdrp=dr_acc.stride(0), sdrh=dr_acc.stride(1)), reset=["DR"])
+    launch["backward"] = dict(dq=dq_meta, dkdv=dkdv_meta)
+    dr = dr_acc[..., :D].to(r.dtype)
+    du = du_part.sum((0, 1))[:, :D].to(u.dtype)
+    dw = dw_part.sum((0, 1))[:, :D].to(w.dtype)
+    return dq, dk, dv, dr, du, dw
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time specialisations
+# ---------------------------------------------------------------------------------------------
+
+_TL = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def _sig(names: str, ptr_dtype: str, acc_ptrs: str = "", i32: str = "", fp32: str = "", consts=()) -> dict:
+    sig = {}
+    for n in names.split():
+        sig[n] = f"*{ptr_dtype}"
+    for n in acc_ptrs.split():
+        sig[n] = "*fp32"
+    for n in i32.split():
+        sig[n] = "i32"
+    for n in fp32.split():
+        sig[n] = "fp32"
+    for n in consts:
+        sig[n] = "constexpr"
+    return sig
+
+
+def aot_specs() -> list:
+    """Every specialisation a GPU run can pick: dtype (fp32, fp16, bf16) x d_head (16, 32, 64, 128)
+    x each kept configuration of each kernel. HAS_WINDOW is compiled True only (the superset code:
+    HAS_WINDOW=False removes one integer compare per score and a scalar select; it compiled
+    alike in every configuration tried) to halve the compile time."""
+    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+
+    fwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
+                   "sob som soh sod H Lq Lk mlen window keys_per_split n_splits")
+    bwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
+                   "sdb sdm sdh sdd")
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for D in (16, 32, 64, 128):
+            bd = block_d(D)
+            base = dict(HEAD_DIM=D, ACC=tl.float32, PREC="tf32x3", BLOCK_D=bd)
+            tag = f"{dt} D{D}"
+            for kernel_name, fn in (("fwd", _fwd_kernel), ("decode", _fwd_kernel), ("dq", _bwd_dq_kernel),
+                                    ("dkdv", _bwd_dkdv_kernel)):
+                for bm, bn, nw, ns in configs(kernel_name, bd, dt):
+                    for has_window in (True,):
+                        const = dict(base, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p(bm, bn))
+                        if kernel_name in ("fwd", "decode"):
+                            const["SPLIT_K"] = kernel_name == "decode"
+                            sig = _sig("Q K V R U W O", dt, "M L MP LP AP", fwd_strides, "qk_scale", const)
+                        elif kernel_name == "dq":
+                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " sqgb sqgm sqgh sqgd "
+                                       "H Lq Lk mlen window n_tiles", "scale qk_scale", const)
+                            sig["DQ"] = f"*{dt}"
+                            sig["DUP"] = sig["DWP"] = "*fp32"
+                        else:
+                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " skgb skgn skgh skgd "
+                                       "svgb svgn svgh svgd sdrp sdrh H Lq Lk mlen window", "scale qk_scale", const)
+                            sig["DK"] = sig["DV"] = f"*{dt}"
+                            sig["DR"] = "*fp32"
+                        sig = {n: sig[n] for n in fn.arg_names}
+                        specs.append(AotSpec(
+                            name=f"rel_attention.{kernel_name}", fn=fn, signature=sig, constexprs=const,
+                            num_warps=nw, num_stages=ns,
+                            label=f"{tag} BM{bm} BN{bn} w{nw} s{ns} window={int(has_window)}"))
+            small = dict(HEAD_DIM=D, ACC=tl.float32, BLOCK_D=bd)
+            sig = _sig("O DO", dt, "DELTA", "sob som soh sod sdb sdm sdh sdd H Lq", "",
+                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
+            specs.append(AotSpec("rel_attention.delta", _bwd_delta_kernel,
+                                 {n: sig[n] for n in _bwd_delta_kernel.arg_names}, dict(small, BLOCK_M=32), 4, 1,
+                                 label=f"{tag} BM32 w4", uses_dot=False))
+            sig = _sig("O", dt, "M L MP LP AP", "sob som soh sod H Lq n_splits", "",
+                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
+            specs.append(AotSpec("rel_attention.combine", _fwd_combine_kernel,
+                                 {n: sig[n] for n in _fwd_combine_kernel.arg_names},
+                                 dict(small, BLOCK_M=DECODE_BLOCK_M), 4, 1,
+                                 label=f"{tag} BM16 w4", uses_dot=False))
+    return specs
