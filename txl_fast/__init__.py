@@ -13,6 +13,7 @@ from txl_fast.modules import (
     RelPartialLearnableDecoderLayer,
     RelPartialLearnableMultiHeadAttn,
 )
+from txl_fast.patch import patch, unpatch
 
 __all__ = [
     "AdaptiveEmbedding",
@@ -25,7 +26,9 @@ __all__ = [
     "TransfoXLLMHeadModel",
     "TransfoXLModel",
     "get_backend",
+    "patch",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]
 __version__ = "0.1.0"
