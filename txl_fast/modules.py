@@ -158,6 +158,10 @@ class AdaptiveEmbedding(nn.Module):
             if self.d_proj != self.d_embed:
                 embed = nn.functional.linear(embed, self.emb_projs[0])
             return embed * self.emb_scale
+        return self._clustered(inp)
+
+    @torch.compiler.disable(reason="rows per cluster are data-dependent: compiling would recompile per batch")
+    def _clustered(self, inp: torch.Tensor) -> torch.Tensor:
         inp_flat = inp.reshape(-1)
         weight = self.emb_projs[0]
         emb_flat = torch.zeros(inp_flat.shape[0], self.d_proj, dtype=weight.dtype, device=weight.device)
