@@ -10,7 +10,7 @@ A *prediction*, not a measurement: no GPU was available while this was written. 
 ~3.0 TB/s HBM and ~800 TFLOP/s dense bf16; bf16 weights and activations. Vocabulary 267,735 =
 head 20,000 words + 3 cluster logits (d 1024), tails 20,000 (d 256), 160,000 (d 64), 67,735 (d 16);
 d_proj 1024; weights + projections + biases 38.6 M parameters = 77.2 MB bf16. Token share per
-cluster assumed 90 / 5 / 4 / 1 % (not measured). Full table: ``benchmarks/adaptive_softmax_analysis.md``.
+cluster assumed 90 / 5 / 4 / 1 % (not measured). Full table: ``benchmarks/RESULTS.md``.
 
 * Loss forward: 44.4 MFLOP a row (head logits 41.0 M dominate); minimum bytes = weights once +
   hidden: 77 MB at bsz 1, 86 MB at bsz 32. Predicted 26 us (bsz 1, memory bound) to 0.23 ms

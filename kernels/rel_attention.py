@@ -9,7 +9,7 @@ Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 12
 ------------------------------------------------------------------------------------
 A *prediction* from arithmetic, not a measurement: no GPU was available while this was written.
 H100 SXM roofline taken as ~3.0 TB/s HBM and ~800 TFLOP/s dense bf16. Full numbers and the
-derivation: benchmarks/rel_attention_analysis.md.
+derivation: benchmarks/RESULTS.md.
 
 * FLOPs (forward, dense count; ~96% of the pairs are visible at mem 1600): three Lq x Lk x D
   products per head (content q.k, position q.r, probs.v), 2 FLOPs per MAC:

@@ -1,6 +1,7 @@
 """txl_fast: a custom-kernel accelerated runtime for Transformer-XL (HF TransfoXL compatible)."""
 from txl_fast.backend import get_backend, set_backend, use_backend
 from txl_fast.config import TransfoXLConfig
+from txl_fast.inference import PRESETS, EvalResult, evaluate, generate
 from txl_fast.model import (
     TransfoXLForSequenceClassification,
     TransfoXLLMHeadModel,
@@ -16,6 +17,10 @@ from txl_fast.modules import (
 from txl_fast.patch import patch, unpatch
 
 __all__ = [
+    "PRESETS",
+    "EvalResult",
+    "evaluate",
+    "generate",
     "AdaptiveEmbedding",
     "PositionwiseFF",
     "ProjectedAdaptiveLogSoftmax",

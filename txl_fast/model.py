@@ -356,6 +356,12 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
     def init_mems(self, bsz):
         return self.transformer.init_mems(bsz)
 
+    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 20, **kwargs) -> torch.LongTensor:
+        """Greedy or sampled continuation, (B, L) -> (B, L + new); see ``txl_fast.inference.generate``."""
+        from txl_fast.inference import generate  # noqa: PLC0415 (the loop lives a floor up)
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def empty_mems(self, bsz):
         return self.transformer.empty_mems(bsz)
 

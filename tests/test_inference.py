@@ -1,0 +1,148 @@
+"""evaluate() and generate(): the paper's streaming protocol, HF-identical greedy decoding, bad input."""
+import math
+
+import pytest
+import torch
+
+from tests.helpers import config_kwargs
+from txl_fast import PRESETS, TransfoXLConfig, TransfoXLLMHeadModel, evaluate, ops
+
+
+def model_for(name="default", seed=0, **over):
+    torch.manual_seed(seed)
+    model = TransfoXLLMHeadModel(TransfoXLConfig(**config_kwargs(name, **over)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch_size,tgt_len", [(1, 5), (3, 4), (2, 7)])
+def test_evaluate_equals_manual_segment_loop(batch_size, tgt_len):
+    model = model_for()
+    stream = torch.randint(0, 97, (61,), generator=torch.Generator().manual_seed(2))
+    result = evaluate(model, stream, tgt_len=tgt_len, mem_len=6, clamp_len=5, same_length=True,
+                      batch_size=batch_size, progress=False)
+    rows = 61 // batch_size
+    data = stream[: rows * batch_size].view(batch_size, rows)
+    total, count, mems = 0.0, 0, model.empty_mems(batch_size)
+    with torch.no_grad():
+        for i in range(0, rows - 1, tgt_len):
+            inp, tgt = data[:, i : i + tgt_len], data[:, i + 1 : i + 1 + tgt_len]
+            inp = inp[:, : tgt.shape[1]]
+            out = model.transformer(inp, mems=mems)
+            mems = out.mems
+            # the full distribution, then the target's entry: independent of the NLL kernel path
+            logprob = model.crit.log_prob(out.last_hidden_state.reshape(-1, 32))
+            total -= logprob.gather(1, tgt.reshape(-1, 1)).sum().item()
+            count += tgt.numel()
+    assert result.tokens == count == batch_size * (rows - 1)
+    assert math.isclose(result.nll, total / count, rel_tol=1e-6)
+    assert math.isclose(result.perplexity, math.exp(total / count), rel_tol=1e-6)
+    assert result.bpc is None and result.tokens_per_s > 0
+
+
+def test_evaluate_restores_the_models_protocol_and_zero_init():
+    model = model_for()
+    stream = torch.randint(0, 97, (40,))
+    empty = evaluate(model, stream, tgt_len=8, mem_len=12, clamp_len=3, same_length=False, progress=False)
+    zeros = evaluate(model, stream, tgt_len=8, mem_len=12, clamp_len=3, same_length=False,
+                     init_mems="zeros", progress=False)
+    assert empty.nll != zeros.nll
+    t = model.transformer
+    assert (t.mem_len, t.clamp_len, t.same_length) == (6, 5, True)
+    char = evaluate(model, stream, tgt_len=8, mem_len=12, clamp_len=3, same_length=False, char_level=True,
+                    progress=False)
+    assert math.isclose(char.bpc, char.nll / math.log(2))
+    assert PRESETS["wt103"] == dict(tgt_len=128, mem_len=1600, clamp_len=1000, same_length=True)
+    assert PRESETS["enwik8"]["mem_len"] == PRESETS["text8"]["mem_len"] == 3800
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(tgt_len=0), "tgt_len must be a positive"),
+        (dict(mem_len=0), "mem_len must be a positive"),
+        (dict(batch_size=-1), "batch_size must be a positive"),
+        (dict(clamp_len=-1), "clamp_len must be"),
+        (dict(init_mems="random"), "init_mems must be"),
+        (dict(batch_size=40), "too few"),
+    ],
+)
+def test_evaluate_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate(model_for(), torch.randint(0, 97, (40,)), **kwargs)
+
+
+def test_evaluate_bad_tokens():
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
+        evaluate(model_for(), torch.tensor([1, 2, 97, 3]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        evaluate(model_for(), torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["default", "mem_len_0", "no_cutoffs"])
+def test_greedy_generate_matches_hf(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hf_parity import hf_model
+
+    hf = hf_model(transformers.TransfoXLLMHeadModel, config_kwargs(name))
+    hf.save_pretrained(tmp_path)
+    ours = TransfoXLLMHeadModel.from_pretrained(tmp_path)
+    prompt = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = ours.generate(prompt, max_new_tokens=12)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_is_reproducible_and_respects_top_k_and_top_p():
+    model = model_for()
+    prompt = torch.randint(0, 97, (3, 4))
+    sample = lambda seed, **kw: model.generate(prompt, 8, do_sample=True,  # noqa: E731
+                                               generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(sample(1), sample(1))
+    assert torch.equal(sample(1, top_k=1), model.generate(prompt, 8))          # top-k 1 is greedy
+    assert torch.equal(sample(2, top_p=1e-6), model.generate(prompt, 8))       # the smallest nucleus is the argmax
+    logprobs = torch.log_softmax(torch.tensor([[3.0, 2.0, 0.0, -1.0]]), -1)
+    from txl_fast.inference import next_token
+
+    drawn = {int(next_token(logprobs, True, 1.0, 0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert drawn == {0, 1}              # p = 0.67, 0.24, ...: the 0.7 nucleus is {0, 1}
+    drawn = {int(next_token(logprobs, True, 1.0, 3, 1.0, torch.Generator().manual_seed(s))) for s in range(300)}
+    assert drawn == {0, 1, 2}
+
+
+def test_generate_stops_at_eos():
+    model = model_for()
+    prompt = torch.randint(0, 97, (1, 4))
+    greedy = model.generate(prompt, 6)
+    eos = int(greedy[0, 5])                                          # the second generated token
+    out = model.generate(prompt, 6, eos_token_id=eos)
+    assert out.shape[1] <= 6 + 4 and int(out[0, -1]) == eos
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_generate_bad_arguments(kwargs, match):
+    model = model_for()
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[1, 2]]), **kwargs)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_nll_op_used_by_evaluate_is_position_ordered():
+    model = model_for()
+    hidden = torch.randn(7, 32)
+    target = torch.randint(0, 97, (7,))
+    nll = ops.adaptive_nll(hidden, target, *model.crit.clusters())
+    ref = -model.crit.log_prob(hidden).gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(nll, ref, atol=1e-6)

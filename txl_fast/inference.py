@@ -1,0 +1,210 @@
+"""Inference: streaming evaluation with the paper's protocol, and generation.
+
+evaluate(model, token_ids, ...)   per-token NLL, perplexity (bits per character for character
+                                  vocabularies) and tokens/s, over a stream of any length
+generate(model, input_ids, ...)   greedy or sampled continuation, batched, memory carried
+
+Evaluation follows the original Transformer-XL eval: the stream is cut into ``batch_size``
+contiguous rows, each row is read in segments of ``tgt_len`` tokens, every token after the
+first of a row is predicted once, and the memory of ``mem_len`` positions is carried from
+segment to segment. Extra memory is constant in the stream's length: one segment's activations
+and the memory.
+
+This version recomputes the memory's key/value projections at every segment (as HF does);
+the cached engine of issue 5 is not built yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from txl_fast import ops
+
+# The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
+PRESETS = {
+    "wt103": dict(tgt_len=128, mem_len=1600, clamp_len=1000, same_length=True),
+    "enwik8": dict(tgt_len=128, mem_len=3800, clamp_len=1000, same_length=True),
+    "text8": dict(tgt_len=128, mem_len=3800, clamp_len=1000, same_length=True),
+}
+
+
+@dataclass
+class EvalResult:
+    nll: float                  # mean negative log-likelihood per predicted token, nats
+    tokens: int                 # predicted tokens
+    seconds: float
+    char_level: bool = False
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def bpc(self) -> Optional[float]:
+        """Bits per character, for character vocabularies."""
+        return self.nll / math.log(2) if self.char_level else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@contextlib.contextmanager
+def _protocol(transformer, mem_len: int, clamp_len: int, same_length: bool):
+    """Run the model with another memory length / clamp / same_length, restored afterwards."""
+    saved = transformer.mem_len, transformer.clamp_len, transformer.same_length
+    transformer.mem_len, transformer.clamp_len, transformer.same_length = mem_len, clamp_len, same_length
+    try:
+        yield
+    finally:
+        transformer.mem_len, transformer.clamp_len, transformer.same_length = saved
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    token_ids: torch.Tensor,
+    tgt_len: int = 128,
+    mem_len: int = 1600,
+    clamp_len: int = 1000,
+    same_length: bool = True,
+    batch_size: int = 1,
+    init_mems: str = "empty",
+    char_level: bool = False,
+    progress: Optional[bool] = None,
+) -> EvalResult:
+    """Mean NLL of a token stream under ``model`` (a TransfoXLLMHeadModel), paper protocol.
+
+    token_ids: (T,) int64. init_mems: "empty" (the original code: the first segment sees only
+    itself) or "zeros" (HF's zero-filled memory). progress: a tqdm bar; default when stderr is a terminal.
+    """
+    for name, value in (("tgt_len", tgt_len), ("mem_len", mem_len), ("batch_size", batch_size)):
+        _positive(name, value)
+    if not isinstance(clamp_len, int) or clamp_len < 0:
+        raise ValueError(f"clamp_len must be an integer >= 0, got {clamp_len!r}")
+    if init_mems not in ("empty", "zeros"):
+        raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1 or token_ids.dtype != torch.int64:
+        raise ValueError("token_ids must be a 1-D int64 tensor")
+    rows = token_ids.numel() // batch_size
+    if rows < 2:
+        raise ValueError(f"{token_ids.numel()} tokens are too few for batch_size {batch_size}")
+    vocab = model.config.vocab_size
+    if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab})")
+
+    device = next(model.parameters()).device
+    data = token_ids[: rows * batch_size].view(batch_size, rows)              # (B, T/B), contiguous rows
+    transformer, crit = model.transformer, model.crit
+    show = sys.stderr.isatty() if progress is None else progress
+    total_nll, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    with _protocol(transformer, mem_len, clamp_len, same_length):
+        mems = transformer.empty_mems(batch_size) if init_mems == "empty" else transformer.init_mems(batch_size)
+        starts = range(0, rows - 1, tgt_len)
+        bar = None
+        if show:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=(rows - 1) * batch_size, unit="tok", desc="eval", leave=False)
+        for i in starts:
+            seq_len = min(tgt_len, rows - 1 - i)
+            inp = data[:, i : i + seq_len].to(device)
+            target = data[:, i + 1 : i + 1 + seq_len].to(device)
+            out = transformer(inp, mems=mems)
+            mems = out.mems
+            hidden = out.last_hidden_state.reshape(-1, transformer.d_model)  # (B * L, d)
+            nll = ops.adaptive_nll(hidden, target.reshape(-1), *crit.clusters())
+            total_nll += nll.double().sum().item()
+            total_tokens += target.numel()
+            if bar is not None:
+                bar.update(target.numel())
+                bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.2f}")
+        if bar is not None:
+            bar.close()
+    return EvalResult(total_nll / total_tokens, total_tokens, time.perf_counter() - start, char_level)
+
+
+def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def next_token(logprobs: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B, V) log-probabilities -> (B,) next tokens: argmax, or a sample after temperature, top-k, top-p."""
+    if not do_sample:
+        return logprobs.argmax(dim=-1)
+    scores = logprobs.float() / temperature
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_scores.softmax(-1) >= top_p        # keep the smallest set reaching top_p
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    mems: Optional[list] = None,
+    streamer=None,
+) -> torch.LongTensor:
+    """Continue ``input_ids`` (B, L) by up to ``max_new_tokens``: (B, L + new).
+
+    As HF's generate for TransfoXL: the prompt runs with ``mems`` (default: HF's zero memory),
+    then one token at a time with the memory carried. Greedy output equals HF 4.35's. Rows that
+    produced ``eos_token_id`` keep emitting it; generation stops when every row has.
+    ``streamer(tokens (B,))`` is called with each new step's tokens.
+    """
+    _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
+    transformer, crit = model.transformer, model.crit
+    out_ids = input_ids
+    step_ids = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        out = transformer(step_ids, mems=mems)
+        mems = out.mems
+        logprobs = crit.log_prob(out.last_hidden_state[:, -1])                  # (B, V)
+        token = next_token(logprobs, do_sample, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        out_ids = torch.cat([out_ids, token[:, None]], dim=1)
+        if streamer is not None:
+            streamer(token)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+        step_ids = token[:, None] if mems is not None else out_ids    # without memory HF re-reads all
+    return out_ids
