@@ -146,3 +146,59 @@ def test_nll_op_used_by_evaluate_is_position_ordered():
     nll = ops.adaptive_nll(hidden, target, *model.crit.clusters())
     ref = -model.crit.log_prob(hidden).gather(1, target[:, None]).squeeze(1)
     assert torch.allclose(nll, ref, atol=1e-6)
+
+
+# ---- the inference cache ----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+@pytest.mark.parametrize("name", ["default", "no_same_length", "pre_lnorm", "long_mem_clamp", "mem_len_0", "div_val_1"])
+@pytest.mark.parametrize("init", ["zeros", "empty"])
+def test_cached_forward_equals_uncached(name, init, backend):
+    from txl_fast import use_backend
+
+    model = model_for(name)
+    g = torch.Generator().manual_seed(5)
+    mems = model.init_mems(3) if init == "zeros" else model.empty_mems(3)
+    cache = model.new_cache(3, init, step_hint=2)              # small buffer: forces moves and growth
+    with torch.no_grad(), use_backend(backend):
+        for L in (5, 11, 1, 1, 4, 7, 1, 13, 2):                 # longer and shorter than mem_len, decode steps
+            ids = torch.randint(0, 97, (3, L), generator=g)
+            ref = model(ids, mems=mems)
+            mems = ref.mems
+            got = model(ids, cache=cache)
+            assert got.mems is None and got.cache is cache
+            assert (got.prediction_scores - ref.prediction_scores).abs().max() <= 1e-5
+            assert cache.mlen == (0 if mems is None else mems[0].shape[0])
+
+
+def test_evaluate_and_generate_cached_equal_uncached():
+    model = model_for()
+    stream = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(6))
+    for init in ("zeros", "empty"):
+        a = evaluate(model, stream, tgt_len=6, mem_len=9, clamp_len=4, batch_size=2, init_mems=init, progress=False)
+        b = evaluate(model, stream, tgt_len=6, mem_len=9, clamp_len=4, batch_size=2, init_mems=init, progress=False,
+                     use_cache=False)
+        assert math.isclose(a.nll, b.nll, rel_tol=1e-6)
+        prompt = stream[:12].view(2, 6)
+        assert torch.equal(model.generate(prompt, 10, init_mems=init), model.generate(prompt, 10, init_mems=init,
+                                                                                       use_cache=False))
+
+
+def test_cache_misuse_is_refused():
+    model = model_for()
+    cache = model.new_cache(2)
+    ids = torch.randint(0, 97, (2, 3))
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(torch.randint(0, 97, (3, 3)), cache=cache)
+    with pytest.raises(ValueError, match="another model"):
+        model_for(seed=1)(ids, cache=cache)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model(ids, cache=cache, mems=model.init_mems(2))
+    with pytest.raises(ValueError, match="init must be"):
+        model.new_cache(2, "ones")
+    model.reset_memory_length(3)
+    with pytest.raises(ValueError, match="mem_len 6"):
+        model(ids, cache=cache)
+    model.reset_memory_length(6)
+    model.train()
+    with pytest.raises(ValueError, match="model.eval"):
+        model(ids, cache=cache)

@@ -109,7 +109,7 @@ def cmd_generate(args) -> int:
     with use_backend(args.backend):
         model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                       mems=model.empty_mems(1), streamer=stream)
+                       init_mems="empty", streamer=stream)
     print()
     return 0
 

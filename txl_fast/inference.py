@@ -10,8 +10,10 @@ first of a row is predicted once, and the memory of ``mem_len`` positions is car
 segment to segment. Extra memory is constant in the stream's length: one segment's activations
 and the memory.
 
-This version recomputes the memory's key/value projections at every segment (as HF does);
-the cached engine of issue 5 is not built yet.
+Both run on the model's inference cache (txl_fast.cache): the memory's keys and values are
+projected once, when their tokens are new, and the position projections once per model, instead
+of at every segment and every generated token as HF does. ``use_cache=False`` runs the plain
+HF-style path (memory of hidden states, everything recomputed) for comparison.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Optional
 import torch
 
 from txl_fast import ops
+from txl_fast.cache import InferenceCache
 
 # The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
 PRESETS = {
@@ -83,6 +86,7 @@ def evaluate(
     init_mems: str = "empty",
     char_level: bool = False,
     progress: Optional[bool] = None,
+    use_cache: bool = True,
 ) -> EvalResult:
     """Mean NLL of a token stream under ``model`` (a TransfoXLLMHeadModel), paper protocol.
 
@@ -111,21 +115,18 @@ def evaluate(
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
     with _protocol(transformer, mem_len, clamp_len, same_length):
-        mems = transformer.empty_mems(batch_size) if init_mems == "empty" else transformer.init_mems(batch_size)
-        starts = range(0, rows - 1, tgt_len)
+        state = _initial_state(transformer, batch_size, init_mems, use_cache, step_hint=tgt_len)
         bar = None
         if show:
             from tqdm import tqdm  # noqa: PLC0415
 
             bar = tqdm(total=(rows - 1) * batch_size, unit="tok", desc="eval", leave=False)
-        for i in starts:
+        for i in range(0, rows - 1, tgt_len):
             seq_len = min(tgt_len, rows - 1 - i)
             inp = data[:, i : i + seq_len].to(device)
             target = data[:, i + 1 : i + 1 + seq_len].to(device)
-            out = transformer(inp, mems=mems)
-            mems = out.mems
-            hidden = out.last_hidden_state.reshape(-1, transformer.d_model)  # (B * L, d)
-            nll = ops.adaptive_nll(hidden, target.reshape(-1), *crit.clusters())
+            hidden, state = _step(transformer, inp, state)
+            nll = ops.adaptive_nll(hidden.reshape(-1, transformer.d_model), target.reshape(-1), *crit.clusters())
             total_nll += nll.double().sum().item()
             total_tokens += target.numel()
             if bar is not None:
@@ -134,6 +135,21 @@ def evaluate(
         if bar is not None:
             bar.close()
     return EvalResult(total_nll / total_tokens, total_tokens, time.perf_counter() - start, char_level)
+
+
+def _initial_state(transformer, bsz: int, init_mems: str, use_cache: bool, step_hint: int):
+    """The memory to start from: an inference cache, or HF-layout mems (use_cache=False)."""
+    if use_cache:
+        return transformer.new_cache(bsz, "empty" if init_mems == "empty" else "zeros", step_hint)
+    return transformer.empty_mems(bsz) if init_mems == "empty" else transformer.init_mems(bsz)
+
+
+def _step(transformer, ids, state):
+    """One segment: (B, L) ids -> last hidden states (B, L, d) and the state for the next segment."""
+    if isinstance(state, InferenceCache):
+        return transformer(ids, cache=state).last_hidden_state, state
+    out = transformer(ids, mems=state)
+    return out.last_hidden_state, out.mems
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
@@ -176,27 +192,29 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    mems: Optional[list] = None,
+    init_mems: str = "zeros",
     streamer=None,
+    use_cache: bool = True,
 ) -> torch.LongTensor:
     """Continue ``input_ids`` (B, L) by up to ``max_new_tokens``: (B, L + new).
 
-    As HF's generate for TransfoXL: the prompt runs with ``mems`` (default: HF's zero memory),
-    then one token at a time with the memory carried. Greedy output equals HF 4.35's. Rows that
-    produced ``eos_token_id`` keep emitting it; generation stops when every row has.
-    ``streamer(tokens (B,))`` is called with each new step's tokens.
+    As HF's generate for TransfoXL: the prompt runs first (on HF's zero memory by default,
+    ``init_mems="zeros"``; ``"empty"`` for the paper's), then one token at a time with the memory
+    carried; greedy output equals HF 4.35's. Rows that produced ``eos_token_id`` keep emitting it;
+    generation stops when every row has. ``streamer(tokens (B,))`` is called with each step's tokens.
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
+    if init_mems not in ("empty", "zeros"):
+        raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
     transformer, crit = model.transformer, model.crit
-    out_ids = input_ids
-    step_ids = input_ids
+    state = _initial_state(transformer, input_ids.shape[0], init_mems, use_cache, step_hint=input_ids.shape[1])
+    out_ids, step_ids = input_ids, input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        out = transformer(step_ids, mems=mems)
-        mems = out.mems
-        logprobs = crit.log_prob(out.last_hidden_state[:, -1])                  # (B, V)
+        hidden, state = _step(transformer, step_ids, state)
+        logprobs = crit.log_prob(hidden[:, -1])                                 # (B, V)
         token = next_token(logprobs, do_sample, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
@@ -206,5 +224,6 @@ def generate(
             streamer(token)
         if eos_token_id is not None and bool(finished.all()):
             break
-        step_ids = token[:, None] if mems is not None else out_ids    # without memory HF re-reads all
+        # without any memory (mem_len 0) HF feeds the whole sequence again; so do we
+        step_ids = out_ids if transformer.mem_len == 0 else token[:, None]
     return out_ids

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from txl_fast.cache import InferenceCache
 from txl_fast.config import TransfoXLConfig
 from txl_fast.modules import (
     AdaptiveEmbedding,
@@ -48,6 +49,7 @@ class TransfoXLModelOutput(ModelOutput):
     mems: Optional[list] = None                             # n_layer x (mem_len, B, d_model)
     hidden_states: Optional[tuple] = None                   # n_layer + 1 x (B, L, d_model)
     attentions: Optional[tuple] = None                      # n_layer x (B, H, L, mlen + L)
+    cache: Optional[Any] = None                             # the InferenceCache, when one was passed
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TransfoXLLMHeadModelOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
     loss: Optional[torch.Tensor] = None                     # () mean NLL over labelled positions
+    cache: Optional[Any] = None                             # the InferenceCache, when one was passed
 
     @property
     def logits(self):
@@ -216,6 +219,54 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         p = self._param()
         return [torch.zeros(0, bsz, self.d_model, dtype=p.dtype, device=p.device) for _ in self.layers]
 
+    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128) -> InferenceCache:
+        """An inference cache for ``bsz`` sequences (see txl_fast.cache): pass it as ``cache=`` to forward.
+
+        init "zeros": HF's zero-filled memory of mem_len positions (what ``mems=None`` means);
+        "empty": no memory, as the paper's code starts.
+        """
+        if init not in ("zeros", "empty"):
+            raise ValueError(f"init must be 'zeros' or 'empty', got {init!r}")
+        p = self._param()
+        cache = InferenceCache(self, bsz, self.mem_len, self.n_layer, self.n_head, self.d_head, p.dtype, p.device,
+                               step_hint)
+        if init == "zeros" and self.mem_len > 0:
+            zeros = torch.zeros(bsz, self.mem_len, self.d_model, dtype=p.dtype, device=p.device)
+            with torch.no_grad():
+                for layer, kv in zip(self.layers, cache.layers):
+                    attn = layer.dec_attn
+                    _, k, v = attn._heads(zeros).view(bsz, self.mem_len, 3, self.n_head, self.d_head).unbind(2)
+                    kv.extend(k, v)
+            cache.commit(self.mem_len)
+        return cache
+
+    def _position_keys(self, cache: InferenceCache, klen: int, qlen: int) -> list:
+        """Per layer (klen, H, D) projected position embeddings, from the cache when possible."""
+        p = self._param()
+
+        def make(n):
+            pos_seq = torch.arange(n - 1, -1, -1.0, device=p.device, dtype=p.dtype)
+            if self.clamp_len > 0:
+                pos_seq = pos_seq.clamp(max=self.clamp_len)
+            pos_emb = self.pos_emb(pos_seq)                                        # (n, d)
+            return [layer.dec_attn.r_net(pos_emb).view(n, self.n_head, self.d_head) for layer in self.layers]
+
+        return cache.positions(klen, max(klen, self.mem_len + qlen), (self.clamp_len, p.dtype, p.device), make)
+
+    def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        bsz, qlen = word_emb.shape[:2]
+        cache.check(self, bsz, self.mem_len)
+        if self.training:
+            raise ValueError("the inference cache is for evaluation: call model.eval() first")
+        mlen = cache.mlen
+        window = self.attention_window(qlen, mlen)
+        positions = self._position_keys(cache, mlen + qlen, qlen)
+        core_out = word_emb
+        for layer, kv, r in zip(self.layers, cache.layers, positions):
+            core_out = layer.forward_cached(core_out, r, kv, window)
+        cache.commit(qlen)
+        return core_out
+
     def attention_window(self, qlen: int, mlen: int) -> Optional[int]:
         """HF's same_length mask as a window: key j is visible from query i iff 0 <= i + mlen - j < window.
 
@@ -258,6 +309,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[InferenceCache] = None,
     ):
         cfg = self.config
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -265,6 +317,13 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         return_dict = cfg.use_return_dict if return_dict is None else return_dict
 
         word_emb = self._embed(input_ids, inputs_embeds)                           # (B, Lq, d)
+        if cache is not None:   # inference: memory keys/values come from the cache; no HF-layout mems
+            if mems is not None or head_mask is not None or output_attentions or output_hidden_states:
+                raise ValueError("cache= cannot be combined with mems, head_mask, output_attentions or output_hidden_states")
+            core_out = self._forward_cached(word_emb, cache)
+            if not return_dict:
+                return (core_out,)
+            return TransfoXLModelOutput(core_out, cache=cache)
         bsz, qlen = word_emb.shape[:2]
         if mems is None:
             mems = self.init_mems(bsz)
@@ -365,6 +424,9 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
     def empty_mems(self, bsz):
         return self.transformer.empty_mems(bsz)
 
+    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128):
+        return self.transformer.new_cache(bsz, init, step_hint)
+
     def reset_memory_length(self, mem_len: int) -> None:
         self.transformer.reset_memory_length(mem_len)
 
@@ -378,6 +440,7 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[InferenceCache] = None,
     ):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
         if labels is not None:
@@ -385,6 +448,7 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
         out = self.transformer(
             input_ids, mems=mems, head_mask=head_mask, inputs_embeds=inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            cache=cache,
         )
         hidden = out.last_hidden_state                                             # (B, L, d)
         bsz, tgt_len = hidden.shape[:2]
@@ -395,7 +459,7 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
             losses = self.crit(hidden, labels).view(bsz, tgt_len - 1)              # (B, L - 1)
             labelled = labels[:, 1:] != -100
             loss = losses.sum() / labelled.sum()
-        result = TransfoXLLMHeadModelOutput(losses, scores, out.mems, out.hidden_states, out.attentions, loss)
+        result = TransfoXLLMHeadModelOutput(losses, scores, out.mems, out.hidden_states, out.attentions, loss, cache)
         if return_dict:
             return result
         rest = tuple(v for v in (out.mems, out.hidden_states, out.attentions) if v is not None)

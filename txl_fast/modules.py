@@ -79,17 +79,30 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, d_head={self.d_head}, pre_lnorm={self.pre_lnorm}"
 
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv_net(self.layer_norm(x) if self.pre_lnorm else x)          # (B, L, 3*H*D)
+
     def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
         B, Lq, _ = h.shape
         H, D = self.n_head, self.d_head
         cat = h if mems is None else torch.cat([mems, h], dim=1)                    # (B, Lk, d)
         Lk = cat.shape[1]
-        heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)      # (B, Lk, 3*H*D)
-        q, k, v = heads.chunk(3, dim=-1)
+        q, k, v = self._heads(cat).chunk(3, dim=-1)
         q = q[:, Lk - Lq :].view(B, Lq, H, D)                                       # strided views, no copies
         k, v = k.view(B, Lk, H, D), v.view(B, Lk, H, D)
         r = self.r_net(pos_emb).view(Lk, H, D)
+        return self._attend(h, q, k, v, r, window, head_mask, output_attentions)
 
+    def forward_cached(self, h, r, kv, window=None):
+        """Inference with an inference-cache layer ``kv`` (txl_fast.cache.LayerKV) holding the memory's
+        keys and values: only the new rows are projected. r: (mlen + Lq, H, D) position keys."""
+        B, Lq, _ = h.shape
+        q, k_new, v_new = self._heads(h).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
+        k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)
+        return self._attend(h, q, k, v, r, window, None, False)[0]
+
+    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions):
+        B, Lq, H, D = q.shape
         prob = None
         if output_attentions or (self.training and self.dropatt.p > 0):
             out, prob = ops.rel_attention_with_probs(
@@ -120,6 +133,9 @@ class RelPartialLearnableDecoderLayer(nn.Module):
     def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
         out, prob = self.dec_attn(h, pos_emb, mems, window, head_mask, output_attentions)
         return self.pos_ff(out), prob
+
+    def forward_cached(self, h, r, kv, window=None):
+        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window))
 
 
 def _cluster_bounds(cutoffs: list[int], n_token: int) -> list[int]:

@@ -1,0 +1,99 @@
+"""Inference cache: what Transformer-XL would otherwise recompute at every segment and token.
+
+Per layer, the projected keys and values of the memory (the last ``mem_len`` positions), and
+once per model the projected position embeddings ``r_net(pos_emb)`` of each layer.
+
+Keys stay in time order, as the attention op expects (key j at index j, r row p for distance
+Lk - 1 - p), in a sliding buffer: each layer owns a (B, capacity, H, D) buffer holding the memory
+in rows [start, end); a step writes its new rows at [end, end + L) in place and attends to the view
+[start, end + L); the memory then becomes the last ``mem_len`` rows. When a step would run past
+the buffer, the memory (mem_len rows) is moved to the front once: with capacity 2·mem_len + L that
+happens once every mem_len / L steps, so its cost is amortised to about one row per new row, and
+nothing is concatenated per step.
+
+Position projections: with clamp_len fixed, the embedding of distance d does not depend on klen,
+and for any klen the rows needed are the last klen rows of the longest sequence (distances klen-1
+… 0). So each layer's ``r_net(pos_emb)`` is computed once for the largest klen seen and sliced.
+
+The cache is exact: it stores what the uncached forward would recompute from the same inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class LayerKV:
+    """Keys and values of one layer's memory, time-ordered in a sliding buffer."""
+
+    def __init__(self, bsz: int, capacity: int, n_head: int, d_head: int, dtype, device):
+        self.k = torch.empty(bsz, capacity, n_head, d_head, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.start = self.end = 0
+
+    @property
+    def mlen(self) -> int:
+        return self.end - self.start
+
+    def extend(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, L, H, D) new keys/values after the memory; return the (B, mlen + L, H, D) views."""
+        L = k_new.shape[1]
+        if self.end + L > self.k.shape[1]:
+            self._make_room(L)
+        self.k[:, self.end : self.end + L] = k_new
+        self.v[:, self.end : self.end + L] = v_new
+        return self.k[:, self.start : self.end + L], self.v[:, self.start : self.end + L]
+
+    def commit(self, new_rows: int, mem_len: int) -> None:
+        """After a step of ``new_rows`` rows: keep the last ``mem_len`` rows as memory."""
+        self.end += new_rows
+        self.start = max(self.start, self.end - mem_len)
+
+    def _make_room(self, L: int) -> None:
+        M = self.mlen
+        if M + L > self.k.shape[1]:                  # a step longer than the buffer: grow it
+            bigger = (self.k.shape[0], 2 * M + L, *self.k.shape[2:])
+            k, v = self.k.new_empty(bigger), self.v.new_empty(bigger)
+        else:
+            k, v = self.k, self.v
+        # clone: source and destination may overlap
+        k[:, :M] = self.k[:, self.start : self.end].clone()
+        v[:, :M] = self.v[:, self.start : self.end].clone()
+        self.k, self.v, self.start, self.end = k, v, 0, M
+
+
+class InferenceCache:
+    """Everything a model's cached forward needs between calls; make one with ``model.new_cache``."""
+
+    def __init__(self, owner, bsz: int, mem_len: int, n_layer: int, n_head: int, d_head: int, dtype, device,
+                 step_hint: int = 128):
+        self.owner_id = id(owner)
+        self.bsz, self.mem_len = bsz, mem_len
+        capacity = 2 * mem_len + step_hint
+        self.layers = [LayerKV(bsz, capacity, n_head, d_head, dtype, device) for _ in range(n_layer)]
+        self._positions: Optional[list] = None       # per layer (Lk_max, H, D)
+        self._positions_key = None                   # (clamp_len, dtype, device) they were made with
+
+    @property
+    def mlen(self) -> int:
+        return self.layers[0].mlen
+
+    def check(self, owner, bsz: int, mem_len: int) -> None:
+        if self.owner_id != id(owner):
+            raise ValueError("this inference cache belongs to another model")
+        if bsz != self.bsz:
+            raise ValueError(f"the inference cache was made for batch size {self.bsz}, got {bsz}")
+        if mem_len != self.mem_len:
+            raise ValueError(f"the inference cache was made for mem_len {self.mem_len}, the model now has {mem_len}")
+
+    def positions(self, klen: int, rows: int, key, make) -> list:
+        """Per layer (klen, H, D) position keys; ``make(rows)`` computes them for ``rows`` >= klen rows
+        (the longest klen this cache will see) when the stored ones are too short or stale."""
+        if self._positions is None or self._positions_key != key or self._positions[0].shape[0] < klen:
+            self._positions, self._positions_key = make(rows), key
+        return [r[r.shape[0] - klen :] for r in self._positions]
+
+    def commit(self, new_rows: int) -> None:
+        for layer in self.layers:
+            layer.commit(new_rows, self.mem_len)
