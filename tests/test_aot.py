@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel (relative attention, adaptive softmax) for sm_80 and sm_90.
 
-Runs ``txl_fast.kernels.aot`` in a separate process with TRITON_INTERPRET unset (an interpreted
+Runs ``txl-fast kernels --json`` in a separate process with TRITON_INTERPRET unset (an interpreted
 kernel cannot be compiled) and checks every row: compiled, shared memory within the arch limit,
 tensor-core instructions (mma.sync on sm_80, wgmma or mma on sm_90) in every dot-bearing kernel,
 registers and spill bytes reported by ptxas. It does not run anything on a GPU. Compiles are
@@ -15,21 +15,14 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = """
-import json
-from txl_fast.kernels import aot
-rows = aot.report()
-print("JSON" + json.dumps(rows))
-"""
-
-
 @pytest.fixture(scope="module")
 def rows():
+    """The report of ``txl-fast kernels --json``, in its own process (TRITON_INTERPRET unset)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
+    res = subprocess.run([sys.executable, "-m", "txl_fast.cli", "kernels", "--json"], capture_output=True,
+                         text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
-    line = [x for x in res.stdout.splitlines() if x.startswith("JSON")][-1]
-    return json.loads(line[4:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow

@@ -191,9 +191,12 @@ def cmd_kernels(args) -> int:
     except ImportError as e:
         raise ValueError(f"the kernel report needs triton: {e}") from None
     rows = aot.report()
-    print(aot.format_table(rows))
     bad = [r for r in rows if not r["ok"] or r["shared"] > r["smem_limit"]]
-    print(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit")
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(aot.format_table(rows))
+        print(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit")
     return 1 if bad else 0
 
 
@@ -272,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("kernels", help="ahead-of-time compile report of the Triton kernels for sm_80 / sm_90")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("bench", help="benchmarks (arguments after -- go to the suite)")

@@ -231,12 +231,13 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         cache = InferenceCache(self, bsz, self.mem_len, self.n_layer, self.n_head, self.d_head, p.dtype, p.device,
                                step_hint)
         if init == "zeros" and self.mem_len > 0:
-            zeros = torch.zeros(bsz, self.mem_len, self.d_model, dtype=p.dtype, device=p.device)
+            # every memory row is the same zero vector, so every row's key/value is the projection
+            # of one zero row (zero without pre_lnorm, the layer norm's bias projected with it)
+            zero = torch.zeros(1, 1, self.d_model, dtype=p.dtype, device=p.device)
             with torch.no_grad():
                 for layer, kv in zip(self.layers, cache.layers):
-                    attn = layer.dec_attn
-                    _, k, v = attn._heads(zeros).view(bsz, self.mem_len, 3, self.n_head, self.d_head).unbind(2)
-                    kv.extend(k, v)
+                    _, k, v = layer.dec_attn._heads(zero).view(1, 1, 3, self.n_head, self.d_head).unbind(2)
+                    kv.extend(k.expand(bsz, self.mem_len, -1, -1), v.expand(bsz, self.mem_len, -1, -1))
             cache.commit(self.mem_len)
         return cache
 

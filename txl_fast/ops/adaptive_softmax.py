@@ -95,12 +95,15 @@ def _logits(hidden, weight, bias, proj):
 
 
 def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
-    """(N, V_0 + C) log-probs of the shortlist words and of the tail clusters."""
-    if cluster_weight is None:
-        return torch.log_softmax(_logits(hidden, weights[0], biases[0], projs[0]), dim=-1)
-    head_weight = torch.cat([weights[0], cluster_weight])
-    head_bias = torch.cat([biases[0], cluster_bias])
-    return torch.log_softmax(_logits(hidden, head_weight, head_bias, projs[0]), dim=-1)
+    """(N, V_0 + C) log-probs of the shortlist words and of the tail clusters.
+
+    The two logit blocks are computed apart and joined as (N, V_0 + C) logits: concatenating the
+    (V_0, d) head weight with the cluster weight instead would copy the whole head matrix per call.
+    """
+    head = _logits(hidden, weights[0], biases[0], projs[0])                  # (N, V_0)
+    if cluster_weight is not None:
+        head = torch.cat([head, _logits(hidden, cluster_weight, cluster_bias, projs[0])], dim=-1)
+    return torch.log_softmax(head, dim=-1)
 
 
 def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):

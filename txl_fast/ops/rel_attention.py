@@ -81,14 +81,19 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window) -> None:
 
 
 def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
-    """Masked scores (B, H, Lq, Lk), the efficient PyTorch way."""
+    """Masked scores (B, H, Lq, Lk), the efficient PyTorch way.
+
+    The scale is folded into the two query terms (scale·(a + b) = scale·a + scale·b), and the
+    full-size tensors are updated in place: one matmul output each for the content and position
+    terms, no other (B, H, Lq, Lk) temporaries.
+    """
     Lq, Lk = q.shape[1], k.shape[1]
     qh = q.transpose(1, 2)                                                      # (B, H, Lq, D)
-    content = (qh + r_w_bias[:, None]) @ k.permute(0, 2, 3, 1)                  # (B, H, Lq, Lk)
-    position = rel_shift((qh + r_r_bias[:, None]) @ r.permute(1, 2, 0))         # (B, H, Lq, Lk)
-    score = (content + position) * scale
+    content = ((qh + r_w_bias[:, None]) * scale) @ k.permute(0, 2, 3, 1)        # (B, H, Lq, Lk)
+    position = rel_shift(((qh + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0))   # (B, H, Lq, Lk) view
+    score = content.add_(position)
     visible = visibility_mask(Lq, Lk, window, q.device)
-    return score.masked_fill(~visible, torch.finfo(score.dtype).min)
+    return score.masked_fill_(~visible, torch.finfo(score.dtype).min)
 
 
 def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0):
