@@ -49,3 +49,37 @@ CONFIGS = {
 
 def config_kwargs(name: str, **over) -> dict:
     return {**BASE, **CONFIGS[name], **over}
+
+
+def perturbed(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Add noise to every parameter (non-zero biases, non-unit norms, so every parameter matters); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.eval()
+
+
+def our_model(name: str = "default", dtype=torch.float32, seed: int = 0, **over):
+    """A small random txl_fast LM-head model of the named configuration."""
+    from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel
+
+    torch.manual_seed(seed)
+    return perturbed(TransfoXLLMHeadModel(TransfoXLConfig(**config_kwargs(name, **over))).to(dtype), seed)
+
+
+def hf_model(cls, kwargs: dict, seed: int = 0):
+    """A small random HF transformers model (the peer) of class ``cls``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return perturbed(cls(transformers.TransfoXLConfig(**kwargs)), seed)
+
+
+def max_diff(a, b) -> float:
+    """Max absolute difference of two tensors or (nested) sequences of them, with shape checks."""
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()

@@ -104,7 +104,7 @@ def test_convert_hf_directory(tmp_path, capsys):
     src.mkdir()
     hf_tok.save_vocabulary(str(src))
     from tests.helpers import config_kwargs
-    from tests.test_hf_parity import hf_model
+    from tests.helpers import hf_model
 
     hf = hf_model(transformers.TransfoXLLMHeadModel, config_kwargs("default", vocab_size=len(hf_tok), cutoffs=[5, 10]))
     hf.save_pretrained(src, safe_serialization=False)

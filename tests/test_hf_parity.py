@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, config_kwargs
+from tests.helpers import CONFIGS, config_kwargs, hf_model, max_diff
 from txl_fast import TransfoXLForSequenceClassification, TransfoXLLMHeadModel, TransfoXLModel
 
 transformers = pytest.importorskip("transformers", reason="the peer transformers==4.35.0 is a test extra")
@@ -14,13 +14,6 @@ warnings.filterwarnings("ignore", message=".*TransfoXL.*")
 ATOL = 1e-5   # fp32
 
 
-def hf_model(cls, kwargs, seed=0):
-    torch.manual_seed(seed)
-    model = cls(transformers.TransfoXLConfig(**kwargs))
-    with torch.no_grad():      # non-zero biases and non-unit norms, so every parameter matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def saved(model, path, safe: bool):
@@ -29,12 +22,6 @@ def saved(model, path, safe: bool):
     return path
 
 
-def max_diff(a, b) -> float:
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])

@@ -4,17 +4,12 @@ import math
 import pytest
 import torch
 
-from tests.helpers import config_kwargs
-from txl_fast import PRESETS, TransfoXLConfig, TransfoXLLMHeadModel, evaluate, ops
+from tests.helpers import config_kwargs, our_model
+from txl_fast import PRESETS, TransfoXLLMHeadModel, evaluate, ops
 
 
 def model_for(name="default", seed=0, **over):
-    torch.manual_seed(seed)
-    model = TransfoXLLMHeadModel(TransfoXLConfig(**config_kwargs(name, **over)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return our_model(name, torch.float32, seed, **over)
 
 
 @pytest.mark.parametrize("batch_size,tgt_len", [(1, 5), (3, 4), (2, 7)])
@@ -84,7 +79,7 @@ def test_evaluate_bad_tokens():
 @pytest.mark.parametrize("name", ["default", "mem_len_0", "no_cutoffs"])
 def test_greedy_generate_matches_hf(tmp_path, name):
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf_parity import hf_model
+    from tests.helpers import hf_model
 
     hf = hf_model(transformers.TransfoXLLMHeadModel, config_kwargs(name))
     hf.save_pretrained(tmp_path)

@@ -4,16 +4,11 @@ import torch
 
 import txl_fast
 from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel, TransfoXLModel, use_backend
-from tests.helpers import CONFIGS, config_kwargs, rel_err
+from tests.helpers import CONFIGS, config_kwargs, our_model, rel_err
 
 
 def make_model(name="default", dtype=torch.float64, seed=0, **over):
-    torch.manual_seed(seed)
-    model = TransfoXLLMHeadModel(TransfoXLConfig(**config_kwargs(name, **over))).to(dtype)
-    with torch.no_grad():   # non-zero biases and non-unit norms, so every parameter matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return our_model(name, dtype, seed, **over)
 
 
 def run_segments(model, segments, labels: bool, mems=None):

@@ -6,20 +6,15 @@ and without (log-prob path), and the gradients of every parameter agree in train
 import pytest
 import torch
 
-from tests.helpers import config_kwargs, rel_err
-from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel, use_backend
+from tests.helpers import our_model, rel_err
+from txl_fast import use_backend
 
 pytest.importorskip("triton")
 ATOL = 1e-5
 
 
 def small_model(name, seed=0):
-    torch.manual_seed(seed)
-    model = TransfoXLLMHeadModel(TransfoXLConfig(**config_kwargs(name)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return our_model(name, torch.float32, seed)
 
 
 def run(model, segments, labels):

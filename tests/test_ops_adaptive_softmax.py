@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import GridExecutor
 
-from tests.helpers import TOLERANCE, assert_rel_close
+from tests.helpers import assert_rel_close
 from txl_fast import naive
 from txl_fast.backend import use_backend
 from txl_fast.kernels import adaptive_softmax as kernels

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import txl_fast
-from tests.helpers import config_kwargs
+from tests.helpers import config_kwargs, hf_model, max_diff
 from txl_fast import ops
 from txl_fast.patch import is_patched, patch, unpatch
 
@@ -23,21 +23,8 @@ ATOL = 1e-5
 HF_ATTN = transformers.models.transfo_xl.modeling_transfo_xl.RelPartialLearnableMultiHeadAttn
 
 
-def hf_model(cls, kwargs, seed=0):
-    torch.manual_seed(seed)
-    model = cls(transformers.TransfoXLConfig(**kwargs))
-    with torch.no_grad():      # non-zero biases and non-unit norms, so every parameter matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
-def max_diff(a, b) -> float:
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 @pytest.fixture
