@@ -7,7 +7,7 @@ spill, and maps its tl.dot onto tensor cores (``mma`` on sm_80, ``wgmma`` or ``m
 It says nothing about speed or GPU numerics.
 
 Protocol: each kernel module in ``kernels/`` exposes ``aot_specs() -> list[AotSpec]``. This module
-imports ``txl_fast.kernels.rel_attention`` and ``txl_fast.kernels.adaptive_softmax`` (a module
+imports the modules in ``MODULES`` (a module
 that does not exist yet is skipped, and the report says so) and compiles every spec for each
 architecture, in parallel over the machine's cores.
 
@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-MODULES = ("txl_fast.kernels.rel_attention", "txl_fast.kernels.adaptive_softmax")
+MODULES = ("txl_fast.kernels.rel_attention", "txl_fast.kernels.adaptive_softmax", "txl_fast.kernels.adaptive_topk")
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 166912, 90: 232448}      # bytes of shared memory per block (opt-in maximum)
 

@@ -107,6 +107,26 @@ def test_sampling_is_reproducible_and_respects_top_k_and_top_p():
     assert drawn == {0, 1, 2}
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_choose_next_equals_sampling_from_the_full_row(backend_name):
+    """Greedy and top-k decoding through ops.adaptive_topk (no (B, V) row) pick the same tokens as
+    next_token on the full log-probs, draw for draw with the same generator; top_p inside top-k too."""
+    from txl_fast import use_backend
+    from txl_fast.inference import choose_next, next_token
+
+    model = model_for("default", seed=3)
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad(), use_backend(backend_name):
+        logprobs = model.crit.log_prob(hidden)                                   # (5, V)
+        for do_sample, top_k, top_p in ((False, 0, 1.0), (True, 1, 1.0), (True, 7, 1.0), (True, 7, 0.5),
+                                        (True, 0, 0.8), (True, 500, 1.0)):
+            for seed in range(3):
+                gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+                fast = choose_next(model.crit, hidden, do_sample, 0.7, top_k, top_p, gen())
+                full = next_token(logprobs, do_sample, 0.7, top_k, top_p, gen())
+                assert torch.equal(fast, full), (do_sample, top_k, top_p, seed)
+
+
 def test_generate_stops_at_eos():
     model = model_for()
     prompt = torch.randint(0, 97, (1, 4))

@@ -163,22 +163,41 @@ def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> Non
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _sample(logprobs: torch.Tensor, ids: Optional[torch.Tensor], temperature: float, top_p: float,
+            generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B, n) log-probs of n candidates, sorted best first when ``ids`` (B, n) names them, else the
+    whole vocabulary -> (B,) a sample after temperature and top-p (the smallest set reaching top_p)."""
+    scores = logprobs.float() / temperature
+    if top_p < 1:
+        sorted_scores, order = (scores, None) if ids is not None else scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        scores = scores.masked_fill(drop_sorted if order is None else drop_sorted.scatter(1, order, drop_sorted),
+                                    float("-inf"))
+    choice = torch.multinomial(scores.softmax(-1), 1, generator=generator)         # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
+
+
 def next_token(logprobs: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
                generator: Optional[torch.Generator]) -> torch.Tensor:
     """(B, V) log-probabilities -> (B,) next tokens: argmax, or a sample after temperature, top-k, top-p."""
     if not do_sample:
         return logprobs.argmax(dim=-1)
-    scores = logprobs.float() / temperature
     if top_k > 0:
-        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_scores.softmax(-1) >= top_p        # keep the smallest set reaching top_p
-        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return _sample(*logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1), temperature, top_p, generator)
+    return _sample(logprobs, None, temperature, top_p, generator)
+
+
+def choose_next(crit, hidden: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B, d) last hidden states -> (B,) next tokens, as ``next_token`` on the full log-probs, but
+    greedy and top-k decoding see only the k best words (``ops.adaptive_topk``: no (B, V) row; the
+    tail clusters are scanned only where they can win). Sampling without top-k needs every word."""
+    if do_sample and top_k == 0:
+        return next_token(crit.log_prob(hidden), True, temperature, 0, top_p, generator)
+    k = min(top_k, crit.n_token) if do_sample else 1
+    logprobs, ids = ops.adaptive_topk(hidden, k, *crit.clusters())                 # (B, k), best first
+    return _sample(logprobs, ids, temperature, top_p, generator) if do_sample else ids[:, 0]
 
 
 @torch.no_grad()
@@ -214,8 +233,7 @@ def generate(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         hidden, state = _step(transformer, step_ids, state)
-        logprobs = crit.log_prob(hidden[:, -1])                                 # (B, V)
-        token = next_token(logprobs, do_sample, temperature, top_k, top_p, generator)
+        token = choose_next(crit, hidden[:, -1], do_sample, temperature, top_k, top_p, generator)   # (B,)
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
