@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from txl_fast import backend, naive
 
@@ -88,10 +89,11 @@ def check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster
             )
 
 
-def _logits(hidden, weight, bias, proj):
-    if proj is not None:
-        hidden = hidden @ proj                                          # (N, d_proj) -> (N, d_c)
-    return torch.nn.functional.linear(hidden, weight, bias)             # (N, V_c)
+CHUNK_ELEMENTS = 2**20           # logits per piece of the torch loss (4 MB in fp32: stays in cache)
+
+
+def _project(x, proj):
+    return x if proj is None else x @ proj                              # (N, d_proj) -> (N, d_c)
 
 
 def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
@@ -100,9 +102,10 @@ def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     The two logit blocks are computed apart and joined as (N, V_0 + C) logits: concatenating the
     (V_0, d) head weight with the cluster weight instead would copy the whole head matrix per call.
     """
-    head = _logits(hidden, weights[0], biases[0], projs[0])                  # (N, V_0)
+    h0 = _project(hidden, projs[0])
+    head = F.linear(h0, weights[0], biases[0])                               # (N, V_0)
     if cluster_weight is not None:
-        head = torch.cat([head, _logits(hidden, cluster_weight, cluster_bias, projs[0])], dim=-1)
+        head = torch.cat([head, F.linear(h0, cluster_weight, cluster_bias)], dim=-1)
     return torch.log_softmax(head, dim=-1)
 
 
@@ -114,27 +117,49 @@ def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_b
     out = hidden.new_empty(hidden.shape[0], bounds[-1])                 # (N, V), written cluster by cluster
     out[:, : bounds[1]] = head[:, : bounds[1]]
     for c in range(1, len(weights)):
-        tail = torch.log_softmax(_logits(hidden, weights[c], biases[c], projs[c]), dim=-1)
+        tail = torch.log_softmax(F.linear(_project(hidden, projs[c]), weights[c], biases[c]), dim=-1)
         out[:, bounds[c] : bounds[c + 1]] = tail + head[:, bounds[1] + c - 1, None]
     return out
+
+
+def _lse_and_pick(h, weight, bias, col):
+    """Per row of h (n, d): the log-sum-exp of the logits h @ weight^T + bias and the logit at column
+    ``col`` (n,) (0 where col is outside [0, V)), computed in pieces of CHUNK_ELEMENTS logits so that
+    each piece is reduced while it is in cache and no (n, V) tensor exists. Differentiable."""
+    lse, pick = None, torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))
+    for start in range(0, weight.shape[0], chunk):
+        z = F.linear(h, weight[start : start + chunk], bias[start : start + chunk])   # (n, <= chunk)
+        piece = torch.logsumexp(z, dim=1)
+        lse = piece if lse is None else torch.logaddexp(lse, piece)
+        inside = (col >= start) & (col < start + z.shape[1])
+        at = z.gather(1, (col - start).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        pick = pick + torch.where(inside, at, 0.0)
+    return lse, pick
 
 
 @torch.compiler.disable(reason="rows per cluster are data-dependent: compiling would recompile per batch")
 def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias):
     bounds = cluster_bounds(weights)
-    head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)   # (N, V_0 + C)
     cluster_of = torch.bucketize(target.contiguous(), torch.tensor(bounds[1:], device=target.device), right=True)  # (N,)
     ignored = target == IGNORE_INDEX
-    # head column of each row: the word itself (cluster 0) or its cluster's column
-    head_col = torch.where(cluster_of == 0, target, bounds[1] + cluster_of - 1).masked_fill(ignored, 0)
-    logprob = head.gather(1, head_col[:, None]).squeeze(1)
+    h0 = _project(hidden, projs[0])                                      # (N, d_0)
+    lse, pick = _lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
+    if cluster_weight is not None:
+        # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
+        cluster_z = F.linear(h0, cluster_weight, cluster_bias)           # (N, C)
+        lse = torch.logaddexp(lse, torch.logsumexp(cluster_z, dim=1))
+        in_tail = (cluster_of > 0) & ~ignored
+        at = cluster_z.gather(1, (cluster_of - 1).clamp(0, len(weights) - 2)[:, None]).squeeze(1)
+        pick = torch.where(in_tail, at, pick)
+    logprob = pick - lse
     for c in range(1, len(weights)):
         rows = (cluster_of == c).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        tail = torch.log_softmax(_logits(hidden[rows], weights[c], biases[c], projs[c]), dim=-1)
-        tail_pick = tail.gather(1, (target[rows] - bounds[c])[:, None]).squeeze(1)
-        logprob = logprob.index_add(0, rows, tail_pick)
+        tail_lse, tail_pick = _lse_and_pick(_project(hidden[rows], projs[c]), weights[c], biases[c],
+                                            target[rows] - bounds[c])
+        logprob = logprob.index_add(0, rows, tail_pick - tail_lse)
     return (-logprob).masked_fill(ignored, 0.0)
 
 

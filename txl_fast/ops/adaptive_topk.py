@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from txl_fast import backend, naive
-from txl_fast.ops.adaptive_softmax import check_inputs, cluster_bounds
+from txl_fast.ops.adaptive_softmax import _project, check_inputs, cluster_bounds
 
 CHUNK_ELEMENTS = 2**20           # logits per piece of the torch scan (4 MB in fp32), whatever the row count
 
@@ -62,10 +62,6 @@ def _scan(h, w, b, k):
 def _logits_at(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(n, m) logits of the words ``ids`` (n, m), from their weight rows: (n, m, d) gathered, not (n, V)."""
     return torch.einsum("nd,nmd->nm", _acc(h), _acc(w[ids])) + _acc(b[ids])
-
-
-def _project(x, proj):
-    return x if proj is None else x @ proj                                # (n, d_proj) -> (n, d_c)
 
 
 @torch.no_grad()
