@@ -27,12 +27,15 @@ cluster assumed 90 / 5 / 4 / 1 % (not measured). Full table: ``benchmarks/RESULT
 
 Kernel design
 -------------
-* Grouping (loss path): ``cluster_of = bucketize(target, bounds)`` on the device, ignored rows
-  (-100) put in an extra last bucket, a stable ``argsort`` and a ``bincount`` -> one small copy
-  of the C+2 counts to the host (the only sync; ``check_inputs`` has one already), then each
-  tail's rows are a slice of the sorted order. Tail rows are gathered (hidden[rows] @ proj_c,
-  a small (n_c x d_c) torch matmul); every kernel then works on compact per-cluster rows, and
-  per-row results go back to row order with index ops on (n_c,) vectors.
+* Grouping (loss path), on the device with no host sync (so the loss also traces into a
+  ``torch.compile`` graph through its ``triton_op``): cluster of each target by comparisons with
+  the C cluster edges, ignored rows (-100) in an extra last bucket, a stable sort by cluster and a
+  ``searchsorted`` -> ``starts`` (C+3 int32), cluster c's rows being order[starts[c]:starts[c+1]].
+  The rows are gathered once in cluster order (hidden[order], N x d_proj) and each tail's
+  projection is computed for all N sorted rows (N x d_proj x d_c; for wt103 ~2% of the head's
+  logits FLOPs); each tail kernel gets all N rows and reads its span ``starts[c:c+2]`` from the
+  device, its row tiles past the span streaming nothing. Per-row results go back to row order
+  with one ``index_add`` over (N,).
 * One streaming kernel, ``_lse_fwd_kernel``: grid (row tiles of BLOCK_M, vocabulary splits);
   each program streams its split in BLOCK_N tiles, a logits tile is an fp32 K-loop of tl.dot over
   d_c in BLOCK_K chunks plus the bias, and an online max / sum gives the split's log-sum-exp; the
@@ -41,7 +44,8 @@ Kernel design
   (splits, n) buffer combined by ``logsumexp`` on the host (n * splits floats). The number of
   splits aims at ~2 programs per SM. Nothing of size rows x V_c exists anywhere.
 * NLL = (lse_head - z_head[col]) + (lse_c - z_c[t - start_c]) for tail rows, col = the word in the
-  head or its cluster's column V_0 + c - 1; 0 for ignored rows. lse per row is saved for backward.
+  head or its cluster's column V_0 + c - 1; 0 for ignored rows. The lse of every cluster,
+  (C+1, N), is what the backward keeps; it recomputes the grouping and the projections.
 * Backward: dz = g * (softmax - onehot), recomputed tile by tile from the saved lse.
   ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO) streams the whole cluster
   vocabulary and accumulates dh_c = dz @ W_c; ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
@@ -65,7 +69,9 @@ Kernel design
 
 What is tested: ``tests/test_ops_adaptive_softmax.py`` under ``TRITON_INTERPRET=1`` on CPU
 tensors, fp64/fp32/fp16 against a float64 naive reference (bf16 is broken in the interpreter and
-only compiled ahead of time). Nothing here ran on a GPU: no timing, no GPU numerics.
+only compiled ahead of time); ``tests/test_triton_op.py`` runs the same launchers through the
+``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
+traces them. Nothing here ran on a GPU: no timing, no GPU numerics.
 """
 from __future__ import annotations
 
@@ -118,18 +124,24 @@ def _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, s
 
 @triton.jit
 def _lse_fwd_kernel(
-    H, W, B, W2, B2, COL, LSE_PART, PICK,
-    n_rows, V1, V2, D, vocab_per_split,
+    H, W, B, W2, B2, COL, LSE_PART, PICK, SPAN,
+    V1, V2, D, vocab_per_split,
     shm, shd, swv, swd, sw2v, sw2d, sb, sb2, s_part,
     HAS_W2: tl.constexpr, HAS_COL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(n_rows, BM), splits). LSE_PART[split, i] = log-sum-exp of row i's logits over the
-    split's columns [split * vps, +vps); with HAS_COL, PICK[i] = z[i, COL[i]] (written by the split
-    holding COL[i]; by split 0 with value 0 when COL[i] < 0)."""
+    """Grid (row tiles, splits) over the rows i in [SPAN[0], SPAN[1]) (SPAN: two int32 on the
+    device; row tiles past the span stream nothing). LSE_PART[split, i] = log-sum-exp of row i's
+    logits over the split's columns [split * vps, +vps); with HAS_COL, PICK[i] = z[i, COL[i]]
+    (written by the split holding COL[i]; by split 0 with value 0 when COL[i] < 0)."""
     split = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < n_rows
+    row_lo = tl.load(SPAN)
+    row_hi = tl.load(SPAN + 1)
+    row0 = row_lo + tl.program_id(0) * BLOCK_M
+    if row0 >= row_hi:                                   # no row of the span in this tile
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < row_hi
     row_off = offs_m.to(tl.int64) * shm
     n_lo = split * vocab_per_split
     n_hi = tl.minimum(n_lo + vocab_per_split, V1 + V2)
@@ -162,17 +174,22 @@ def _dlogits(z, offs_n, col, lse, g):
 
 @triton.jit
 def _bwd_dh_kernel(
-    H, W, B, W2, B2, COL, LSE, G, DH,
-    n_rows, V1, V2, D,
+    H, W, B, W2, B2, COL, LSE, G, DH, SPAN,
+    V1, V2, D,
     shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhm,
     HAS_W2: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """Grid (cdiv(n_rows, BM), cdiv(D, BDO)). DH[i, o] = sum_j dz[i, j] w_j[o] over the whole
-    vocabulary, for the program's rows and its chunk o of BDO columns of d."""
+    """Grid (row tiles, cdiv(D, BDO)) over the rows i in [SPAN[0], SPAN[1]) (tiles past the span
+    do nothing). DH[i, o] = sum_j dz[i, j] w_j[o] over the whole vocabulary, for the program's rows
+    and its chunk o of BDO columns of d; rows outside the span are not written."""
     dtype = H.dtype.element_ty
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < n_rows
+    row_hi = tl.load(SPAN + 1)
+    row0 = tl.load(SPAN) + tl.program_id(0) * BLOCK_M
+    if row0 >= row_hi:                                   # no row of the span in this tile
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < row_hi
     row_off = offs_m.to(tl.int64) * shm
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     omask = offs_o < D
@@ -200,15 +217,15 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    H, W, B, W2, B2, COL, LSE, G, DW, DB, DW2, DB2,
-    n_rows, V1, V2, D,
+    H, W, B, W2, B2, COL, LSE, G, DW, DB, DW2, DB2, SPAN,
+    V1, V2, D,
     shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdwv, sdw2v,
     HAS_W2: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     """Grid (cdiv(V1 + V2, BN), cdiv(D, BDO)). For the program's vocabulary tile and d chunk:
-    DW[j, o] = sum_i dz[i, j] h_i[o] over all rows (DW2 for the columns past V1), and, from the
-    d-chunk-0 programs, DB[j] = sum_i dz[i, j]."""
+    DW[j, o] = sum_i dz[i, j] h_i[o] over the rows i in [SPAN[0], SPAN[1]) (DW2 for the columns
+    past V1), and, from the d-chunk-0 programs, DB[j] = sum_i dz[i, j]. An empty span writes zeros."""
     dtype = H.dtype.element_ty
     pid_d = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,9 +233,10 @@ def _bwd_dw_kernel(
     omask = offs_o < D
     dw = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
     db = tl.zeros([BLOCK_N], ACC)
-    for m0 in range(0, n_rows, BLOCK_M):
+    row_hi = tl.load(SPAN + 1)
+    for m0 in range(tl.load(SPAN), row_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mmask = offs_m < n_rows
+        mmask = offs_m < row_hi
         row_off = offs_m.to(tl.int64) * shm
         col = tl.load(COL + offs_m, mask=mmask, other=-1)
         lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
@@ -341,74 +359,92 @@ def _w2_args(w2, b2, w, b):
     return w2, b2, w2.shape[0], w2.stride(0), w2.stride(1), b2.stride(0)
 
 
-def segment_lse(h, w, b, w2=None, b2=None, col=None):
-    """Log-sum-exp over the vocabulary [w; w2] of each row of h (n, d), and with ``col`` (n,) int32
-    the logit at column col (0 where col < 0). Returns (lse (n,), pick (n,) or None) in the
-    accumulation dtype."""
+def direct(kernel):
+    """The default ``launch``: the kernel itself, launched as it is called (eager)."""
+    return kernel
+
+
+def _full_span(n: int, device) -> torch.Tensor:
+    """(0, n) as two int32 on the device (made there: no host-to-device copy): every row."""
+    return torch.arange(2, dtype=torch.int32, device=device) * n
+
+
+def segment_lse(h, w, b, w2=None, b2=None, col=None, span=None, launch=direct):
+    """Log-sum-exp over the vocabulary [w; w2] of the rows of h (n, d) in ``span`` (two int32 on
+    the device, every row when None), and with ``col`` (n,) int32 the logit at column col (0 where
+    col < 0). Returns (lse (n,), pick (n,) or None) in the accumulation dtype; rows outside the span
+    hold no value. ``launch``: ``direct``, or ``torch.library.wrap_triton`` inside a triton_op."""
     n, d = h.shape
     acc = _acc_dtype(h.dtype)
     if n == 0:
         return h.new_zeros((0,), dtype=acc), (h.new_zeros((0,), dtype=acc) if col is not None else None)
+    span = _full_span(n, h.device) if span is None else span
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     V1 = w.shape[0]
     cfg = configs("lse", d, h.dtype)
-    row_tiles = triton.cdiv(n, cfg["BLOCK_M"])
+    row_tiles = triton.cdiv(n, cfg["BLOCK_M"])                           # enough for any span
     n_splits, per_split = _splits(V1 + V2, row_tiles, cfg["BLOCK_N"])
     part = _empty((n_splits, n), acc, h.device)
     pick = _empty((n,), acc, h.device) if col is not None else None
-    _lse_fwd_kernel[(row_tiles, n_splits)](
-        h, w, b, W2, B2, col if col is not None else part, part, pick if pick is not None else part,
-        n, V1, V2, d, per_split,
+    launch(_lse_fwd_kernel)[(row_tiles, n_splits)](
+        h, w, b, W2, B2, col if col is not None else part, part, pick if pick is not None else part, span,
+        V1, V2, d, per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, part.stride(0),
         HAS_W2=w2 is not None, HAS_COL=col is not None, ACC=_tl_acc(h.dtype), **cfg)
     lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
     return lse, pick
 
 
-def segment_dh(h, w, b, w2, b2, col, lse, g):
-    """dL/dh (n, d) in the accumulation dtype for dz = g * (softmax - onehot(col))."""
+def segment_dh(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
+    """dL/dh (n, d) in the accumulation dtype for dz = g * (softmax - onehot(col)), for the rows in
+    ``span`` (every row when None; the other rows are zero)."""
     n, d = h.shape
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     cfg = configs("dh", d, h.dtype)
-    dh = _empty((n, d), _acc_dtype(h.dtype), h.device)
+    if span is None:
+        dh, span = _empty((n, d), _acc_dtype(h.dtype), h.device), _full_span(n, h.device)
+    else:
+        dh = torch.zeros((n, d), dtype=_acc_dtype(h.dtype), device=h.device)
     if n == 0:
         return dh
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-    _bwd_dh_kernel[grid](
-        h, w, b, W2, B2, col, lse, g, dh, n, w.shape[0], V2, d,
+    launch(_bwd_dh_kernel)[grid](
+        h, w, b, W2, B2, col, lse, g, dh, span, w.shape[0], V2, d,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, dh.stride(0),
         HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
     return dh
 
 
-def segment_dw(h, w, b, w2, b2, col, lse, g):
-    """(dW (V1, d), db (V1,), dW2 (V2, d) or None, db2 or None) in the parameters' dtype."""
+def segment_dw(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
+    """(dW (V1, d), db (V1,), dW2 (V2, d) or None, db2 or None) in the parameters' dtype, summed
+    over the rows in ``span`` (every row when None)."""
     n, d = h.shape
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     V1 = w.shape[0]
     if n == 0:
         return (torch.zeros_like(w), torch.zeros_like(b), None if w2 is None else torch.zeros_like(w2),
                 None if w2 is None else torch.zeros_like(b2))
+    span = _full_span(n, h.device) if span is None else span
     cfg = configs("dw", d, h.dtype)
     dw = _empty((V1, d), w.dtype, h.device)
     db = _empty((V1,), b.dtype, h.device)
     dw2 = _empty((V2, d), w.dtype, h.device) if w2 is not None else dw
     db2 = _empty((V2,), b.dtype, h.device) if w2 is not None else db
     grid = (triton.cdiv(V1 + V2, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-    _bwd_dw_kernel[grid](
-        h, w, b, W2, B2, col, lse, g, dw, db, dw2, db2, n, V1, V2, d,
+    launch(_bwd_dw_kernel)[grid](
+        h, w, b, W2, B2, col, lse, g, dw, db, dw2, db2, span, V1, V2, d,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
         dw.stride(0), dw2.stride(0),
         HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
     return dw, db, (dw2 if w2 is not None else None), (db2 if w2 is not None else None)
 
 
-def write_logprob(h, w, b, off, out):
+def write_logprob(h, w, b, off, out, launch=direct):
     """out (n, V_c) (any strides) = h @ w^T + b + off[:, None]."""
     n, d = h.shape
     cfg = configs("logprob", d, h.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(w.shape[0], cfg["BLOCK_N"]))
-    _logprob_kernel[grid](
+    launch(_logprob_kernel)[grid](
         h, w, b, off, out, n, w.shape[0], d,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0), out.stride(0), out.stride(1),
         ACC=_tl_acc(h.dtype), **cfg)
@@ -430,80 +466,93 @@ def _bounds(weights) -> list[int]:
 
 
 def group_rows(target: torch.Tensor, bounds: Sequence[int]):
-    """Cluster of every row and the rows of each tail cluster, computed on the device.
+    """The rows grouped by the cluster of their target, on the device, with no host sync.
 
-    Returns (cluster_of (N,) int64 with ignored rows = number of clusters, ignored (N,) bool,
-    rows: list of (n_c,) int64 row indices per tail cluster c = 1..C (rows[0] is unused: the head
-    takes every row)). One host sync: the C + 2 bucket counts.
+    Returns (cluster_of (N,) int64, ignored rows (-100) = the number of clusters; order (N,) int64,
+    the rows sorted by cluster (stable); starts (n_clusters + 2,) int32: the rows of cluster c are
+    order[starts[c]:starts[c + 1]], so ``starts[c:c + 2]`` is cluster c's span for the kernels).
     """
     n_clusters = len(bounds) - 1
     ignored = target == IGNORE_INDEX
-    edges = torch.tensor(bounds[1:-1], device=target.device, dtype=target.dtype)
-    cluster_of = torch.bucketize(target, edges, right=True).masked_fill(ignored, n_clusters)
-    order = torch.argsort(cluster_of, stable=True)                      # rows sorted by cluster
-    counts = torch.bincount(cluster_of, minlength=n_clusters + 1).tolist()
-    rows, start = [], 0
-    for c in range(n_clusters):
-        rows.append(order[start:start + counts[c]])
-        start += counts[c]
-    return cluster_of, ignored, rows
+    cluster_of = torch.zeros_like(target)
+    for edge in bounds[1:-1]:                                           # compares with scalars: no copy
+        cluster_of += target >= edge
+    cluster_of = cluster_of.masked_fill(ignored, n_clusters)
+    sorted_cluster, order = torch.sort(cluster_of, stable=True)
+    ids = torch.arange(n_clusters + 2, dtype=sorted_cluster.dtype, device=target.device)
+    starts = torch.searchsorted(sorted_cluster, ids, out_int32=True)
+    return cluster_of, order, starts
 
 
-def nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias):
-    """NLL (N,) in hidden's dtype, in row order, 0 at ignored rows; and the state for backward."""
+def _head_col(target, cluster_of, bounds) -> torch.Tensor:
+    """(N,) int32 column of each row's target in the head: the word itself (cluster 0), its
+    cluster's column V_0 + c - 1 (tail c), -1 (ignored)."""
+    head_col = torch.where(cluster_of == 0, target, bounds[1] + cluster_of - 1)
+    return head_col.masked_fill(target == IGNORE_INDEX, -1).to(torch.int32)
+
+
+def nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias, launch=direct):
+    """NLL (N,) in hidden's dtype, in row order, 0 at ignored rows; and the log-sum-exp of every
+    cluster (n_clusters, N) in the accumulation dtype for the backward: row 0 the head's in row
+    order, row c >= 1 tail c's in cluster order (order = ``group_rows``), valid on c's span.
+
+    Every tail kernel is launched over all N rows sorted by cluster and reads its span from the
+    device, so nothing waits for the host; the price is each tail's projection computed for all N
+    rows (a small matmul next to the head's logits). Every tensor returned is allocated here.
+    ``launch`` as for ``segment_lse``."""
     check_supported(hidden)
     bounds = _bounds(weights)
     n_clusters = len(weights)
-    acc = _acc_dtype(hidden.dtype)
-    cluster_of, ignored, rows = group_rows(target, bounds)
     target = target.long()
-    shortlist = bounds[1]
-    head_col = torch.where(cluster_of == 0, target, shortlist + cluster_of - 1)
-    head_col = head_col.masked_fill(ignored, -1).to(torch.int32)
-    h0 = _project(hidden, projs[0])                                      # (N, d_0)
+    cluster_of, order, starts = group_rows(target, bounds)
     cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
-    lse0, pick0 = segment_lse(h0, weights[0], biases[0], cw, cb, head_col)
-    nll = lse0 - pick0
-    tails = []
+    lse0, pick0 = segment_lse(_project(hidden, projs[0]), weights[0], biases[0], cw, cb,
+                              _head_col(target, cluster_of, bounds), launch=launch)
+    lses, tail = [lse0], torch.zeros_like(lse0)                          # tail terms, cluster order
+    if n_clusters > 1:
+        x, t, sorted_cluster = (a.index_select(0, order) for a in (hidden, target, cluster_of))
     for c in range(1, n_clusters):
-        r = rows[c]
-        if r.numel() == 0:
-            tails.append(None)
-            continue
-        h_c = _project(hidden.index_select(0, r), projs[c])             # (n_c, d_c)
-        col_c = (target.index_select(0, r) - bounds[c]).to(torch.int32)
-        lse_c, pick_c = segment_lse(h_c, weights[c], biases[c], None, None, col_c)
-        nll = nll.index_add(0, r, lse_c - pick_c)
-        tails.append((r, h_c, col_c, lse_c))
-    nll = nll.masked_fill(ignored, 0.0).to(hidden.dtype)
-    state = dict(h0=h0, head_col=head_col, lse0=lse0, ignored=ignored, tails=tails, acc=acc)
-    return nll, state
+        col_c = (t - bounds[c]).to(torch.int32)
+        lse_c, pick_c = segment_lse(_project(x, projs[c]), weights[c], biases[c], None, None, col_c,
+                                    starts[c:c + 2], launch)
+        in_c = sorted_cluster == c
+        tail = torch.where(in_c, lse_c - pick_c, tail)
+        lses.append(torch.where(in_c, lse_c, 0.0))                      # defined values off the span
+    nll = (lse0 - pick0).index_add(0, order, tail)                      # (N,), row order
+    nll = nll.masked_fill(target == IGNORE_INDEX, 0.0).to(hidden.dtype)
+    return nll, torch.stack(lses)
 
 
-def nll_backward(grad, hidden, weights, biases, projs, cluster_weight, cluster_bias, state, needs):
-    """Gradients of sum(grad * nll). ``needs`` names what to compute: dict with keys "hidden",
-    "weights", "biases", "projs" (lists per cluster), "cluster" (cluster_weight / bias).
-    Returns (dhidden, dweights, dbiases, dprojs, dcluster_weight, dcluster_bias), None where not needed."""
+def nll_backward(grad, hidden, target, weights, biases, projs, cluster_weight, cluster_bias, lse, needs,
+                 launch=direct):
+    """Gradients of sum(grad * nll) from the forward's ``lse``; the grouping and the projections
+    are recomputed. ``needs`` names what to compute: dict with keys "hidden", "weights", "biases",
+    "projs" (lists per cluster), "cluster" (cluster_weight / bias). Returns (dhidden, dweights,
+    dbiases, dprojs, dcluster_weight, dcluster_bias), None where not needed; every tensor returned
+    is allocated here. ``launch`` as for ``segment_lse``."""
     n_clusters = len(weights)
     dtype = hidden.dtype
-    g = grad.to(state["acc"]).masked_fill(state["ignored"], 0.0).contiguous()
+    bounds = _bounds(weights)
+    target = target.long()
+    cluster_of, order, starts = group_rows(target, bounds)
+    g = grad.to(lse.dtype).masked_fill(target == IGNORE_INDEX, 0.0).contiguous()
     dweights, dbiases, dprojs = [None] * n_clusters, [None] * n_clusters, [None] * n_clusters
     dcw = dcb = None
-    dhidden = None
     need_h = [needs["hidden"] or needs["projs"][c] for c in range(n_clusters)]
 
-    def param_grads(c, h, w2, b2, col, lse, g_c):
+    def param_grads(c, h, w2, b2, col, g_c, span):
         nonlocal dcw, dcb
         if needs["weights"][c] or needs["biases"][c] or (c == 0 and needs["cluster"]):
-            dweights[c], dbiases[c], dw2, db2 = segment_dw(h, weights[c], biases[c], w2, b2, col, lse, g_c)
+            dweights[c], dbiases[c], dw2, db2 = segment_dw(h, weights[c], biases[c], w2, b2, col, lse[c], g_c,
+                                                           span, launch)
             if c == 0:
                 dcw, dcb = dw2, db2
 
-    def input_grads(c, x, h, w2, b2, col, lse, g_c):
+    def input_grads(c, x, h, w2, b2, col, g_c, span):
         """dh of cluster c -> (d proj_c, contribution to dhidden for the rows x)."""
         if not need_h[c]:
             return None
-        dh = segment_dh(h, weights[c], biases[c], w2, b2, col, lse, g_c).to(dtype)   # (n_c, d_c)
+        dh = segment_dh(h, weights[c], biases[c], w2, b2, col, lse[c], g_c, span, launch).to(dtype)  # (n, d_c)
         if projs[c] is None:
             return dh
         if needs["projs"][c]:
@@ -511,34 +560,28 @@ def nll_backward(grad, hidden, weights, biases, projs, cluster_weight, cluster_b
         return dh @ projs[c].t() if needs["hidden"] else None
 
     cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
-    h0, col0, lse0 = state["h0"], state["head_col"], state["lse0"]
-    param_grads(0, h0, cw, cb, col0, lse0, g)
-    dx = input_grads(0, hidden, h0, cw, cb, col0, lse0, g)
-    if needs["hidden"]:
-        dhidden = dx.clone() if projs[0] is None else dx
-    for c in range(1, n_clusters):
-        tail = state["tails"][c - 1]
-        if tail is None:                                                     # no row in this cluster
-            if needs["weights"][c]:
-                dweights[c] = torch.zeros_like(weights[c])
-            if needs["biases"][c]:
-                dbiases[c] = torch.zeros_like(biases[c])
-            if needs["projs"][c] and projs[c] is not None:
-                dprojs[c] = torch.zeros_like(projs[c])
-            continue
-        r, h_c, col_c, lse_c = tail
-        g_c = g.index_select(0, r)
-        param_grads(c, h_c, None, None, col_c, lse_c, g_c)
-        x = hidden.index_select(0, r) if (projs[c] is not None and needs["projs"][c]) else None
-        dx = input_grads(c, x, h_c, None, None, col_c, lse_c, g_c)
+    h0, col0 = _project(hidden, projs[0]), _head_col(target, cluster_of, bounds)
+    param_grads(0, h0, cw, cb, col0, g, None)
+    dhidden = input_grads(0, hidden, h0, cw, cb, col0, g, None)                   # (N, d_proj) or None
+    if n_clusters > 1:
+        x, t, g_sorted = (a.index_select(0, order) for a in (hidden, target, g))      # cluster order
+        dx = torch.zeros_like(x) if needs["hidden"] else None
+        for c in range(1, n_clusters):
+            h_c, col_c, span = _project(x, projs[c]), (t - bounds[c]).to(torch.int32), starts[c:c + 2]
+            param_grads(c, h_c, None, None, col_c, g_sorted, span)
+            dx_c = input_grads(c, x, h_c, None, None, col_c, g_sorted, span)
+            if needs["hidden"]:
+                dx += dx_c
         if needs["hidden"]:
-            dhidden.index_add_(0, r, dx)
+            dhidden = dhidden.index_add(0, order, dx)                        # back to row order
     return dhidden, dweights, dbiases, dprojs, dcw, dcb
 
 
-def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, out: Optional[torch.Tensor] = None):
+def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, out: Optional[torch.Tensor] = None,
+                launch=direct):
     """Log-probabilities (N, V) written once into ``out`` (allocated in hidden's dtype if None;
-    any strides). Temporaries: (N, d_c) projections, (splits, N) lse partials, (N, C)."""
+    any strides). Temporaries: (N, d_c) projections, (splits, N) lse partials, (N, C).
+    ``launch`` as for ``segment_lse``."""
     check_supported(hidden)
     bounds = _bounds(weights)
     n, n_clusters = hidden.shape[0], len(weights)
@@ -549,15 +592,15 @@ def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, ou
     acc = _acc_dtype(hidden.dtype)
     cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
     h0 = _project(hidden, projs[0])
-    lse0, _ = segment_lse(h0, weights[0], biases[0], cw, cb)
-    write_logprob(h0, weights[0], biases[0], (-lse0).contiguous(), out[:, : bounds[1]])
+    lse0, _ = segment_lse(h0, weights[0], biases[0], cw, cb, launch=launch)
+    write_logprob(h0, weights[0], biases[0], (-lse0).contiguous(), out[:, : bounds[1]], launch)
     if n_clusters > 1:
         head_cluster = (h0.to(acc) @ cw.to(acc).t() + cb.to(acc)) - lse0[:, None]     # (N, C) log p(cluster)
     for c in range(1, n_clusters):
         h_c = _project(hidden, projs[c])
-        lse_c, _ = segment_lse(h_c, weights[c], biases[c])
+        lse_c, _ = segment_lse(h_c, weights[c], biases[c], launch=launch)
         write_logprob(h_c, weights[c], biases[c], (head_cluster[:, c - 1] - lse_c).contiguous(),
-                      out[:, bounds[c]: bounds[c + 1]])
+                      out[:, bounds[c]: bounds[c + 1]], launch)
     return out
 
 
@@ -582,7 +625,7 @@ def aot_specs() -> list:
         for d in AOT_WIDTHS:
             base = {n: f"*{dt}" for n in ("H", "W", "B", "W2", "B2")}
             accp = {n: "*fp32" for n in ("LSE_PART", "PICK", "LSE", "G", "DH", "OFF")}
-            types = dict(base, **accp, COL="*i32", DW=f"*{dt}", DB=f"*{dt}", DW2=f"*{dt}", DB2=f"*{dt}",
+            types = dict(base, **accp, COL="*i32", SPAN="*i32", DW=f"*{dt}", DB=f"*{dt}", DW2=f"*{dt}", DB2=f"*{dt}",
                          OUT=f"*{dt}")
             for kernel, fn, flags in (
                 ("lse", _lse_fwd_kernel, [dict(HAS_W2=a, HAS_COL=c) for a in (True, False) for c in (True, False)]),

@@ -75,7 +75,9 @@ What is tested, and on what
 ``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
 (fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
 sizes, every mask mode, the decode path, strided time-major inputs, NaN canaries, input
-validation, an allocation bound). bf16 cannot run in the interpreter (triton issue 11584): it
+validation, an allocation bound); ``tests/test_triton_op.py`` runs the same launchers through the
+``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
+traces them. bf16 cannot run in the interpreter (triton issue 11584): it
 is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
 specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
 instructions. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
@@ -515,26 +517,32 @@ def check_supported(q: torch.Tensor) -> None:
         raise ValueError("rel_attention (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
 
 
-def _run(kernel_fn, name, bd, grid, args, reset=None):
-    """Autotuned launch on a GPU, fixed small tiles under the interpreter; returns the meta used."""
+def direct(kernel):
+    """The default ``launch``: the kernel itself, launched as it is called (eager)."""
+    return kernel
+
+
+def _run(launch, kernel_fn, name, bd, grid, args, reset=None):
+    """Autotuned launch on a GPU, fixed small tiles under the interpreter."""
     if _interpreting():
         bm = DECODE_BLOCK_M if name == "decode" else INTERPRET_BLOCK
         meta = {"BLOCK_M": bm, "BLOCK_N": INTERPRET_BLOCK, "BLOCK_P": block_p(bm, INTERPRET_BLOCK)}
-        kernel_fn[grid(meta)](**args, **meta, num_warps=4, num_stages=1)
-        return meta
+        launch(kernel_fn)[grid(meta)](**args, **meta, num_warps=4, num_stages=1)
+        return
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[args["Q"].dtype]
     key = (name, bd, dtype)
     if key not in _TUNED:
         _TUNED[key] = _autotuned(kernel_fn, name, bd, dtype, reset)
-    tuned = _TUNED[key]
-    tuned[grid](**args)
-    cfg = tuned.best_config
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_TUNED[key])[grid](**args)
 
 
-def forward(q, k, v, r, u, w, scale: float, window):
-    """Returns out (B, Lq, H, D) in q's dtype, and the row statistics m, l (B, H, Lq) in the
-    accumulation dtype, and a dict of the launch choices."""
+def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
+    """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
+    accumulation dtype, all three allocated here.
+
+    ``launch(kernel)`` gives what is launched: ``direct`` (the kernel itself) from the autograd
+    Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.library``), so
+    that tracing records each launch. Inputs are only read."""
     check_supported(q)
     _check_offsets(q=q, k=k, v=v, r=r)
     B, Lq, H, D = q.shape
@@ -569,26 +577,21 @@ def forward(q, k, v, r, u, w, scale: float, window):
         # the decode tile is fixed (BM 16, BN = the split granularity), so it is not autotuned
         meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(DECODE_BLOCK_M, bn)}
         nw, ns = DECODE_CANDIDATES[0][2:] if not _interpreting() else (4, 1)
-        _fwd_kernel[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
-        _fwd_combine_kernel[(B * H,)](
+        launch(_fwd_kernel)[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
+        launch(_fwd_combine_kernel)[(B * H,)](
             O=out, M=m, L=l, MP=mp, LP=lp, AP=ap, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
             H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=DECODE_BLOCK_M, BLOCK_D=bd,
             num_warps=4)
-        launch = dict(path="decode", n_splits=n_splits, keys_per_split=keys_per_split, **meta)
     else:
-        dummy = m  # partial buffers are unused on the tiled path
+        dummy = m  # partial buffers are unused on the tiled path (SPLIT_K=False compiles their stores away)
         args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False)
-        meta = _run(_fwd_kernel, "fwd", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), args)
-        launch = dict(path="tiled", **meta)
-    return out, m, l, launch
+        _run(launch, _fwd_kernel, "fwd", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), args)
+    return out, m, l
 
 
-def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch: dict):
-    """Gradients (dq, dk, dv, dr, du, dw) in the inputs' dtypes, from the forward's out, m and l.
-
-    ``launch`` is the forward's record (kept for the ctx; the backward kernels have their own
-    tiles: a different loop order needs different sizes).
-    """
+def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct):
+    """Gradients (dq, dk, dv, dr, du, dw), contiguous, in the inputs' dtypes, from the forward's
+    out, m and l; ``launch`` as for ``forward``. Every buffer a kernel writes is allocated here."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     bd = block_d(D)
@@ -607,7 +610,7 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch: dict
     dw_part = torch.zeros_like(du_part)
 
     dm = 32
-    _bwd_delta_kernel[(triton.cdiv(Lq, dm), B * H)](
+    launch(_bwd_delta_kernel)[(triton.cdiv(Lq, dm), B * H)](
         O=out, DO=do, DELTA=delta, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
         **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())), H=H, Lq=Lq,
         HEAD_DIM=D, ACC=acc, BLOCK_M=dm, BLOCK_D=bd, num_warps=4)
@@ -623,18 +626,17 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch: dict
         H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
         scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=acc, PREC=_precision(), BLOCK_D=bd,
     )
-    dq_meta = _run(_bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
+    _run(launch, _bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
         common, DQ=dq, DUP=du_part, DWP=dw_part, n_tiles=n_tiles,
         **dict(zip(("sqgb", "sqgm", "sqgh", "sqgd"), dq.stride()))))
-    dkdv_meta = _run(_bwd_dkdv_kernel, "dkdv", bd, lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H), dict(
+    _run(launch, _bwd_dkdv_kernel, "dkdv", bd, lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H), dict(
         common, DK=dk, DV=dv, DR=dr_acc,
         **dict(zip(("skgb", "skgn", "skgh", "skgd"), dk.stride())),
         **dict(zip(("svgb", "svgn", "svgh", "svgd"), dv.stride())),
         sdrp=dr_acc.stride(0), sdrh=dr_acc.stride(1)), reset=["DR"])
-    launch["backward"] = dict(dq=dq_meta, dkdv=dkdv_meta)
-    dr = dr_acc[..., :D].to(r.dtype)
-    du = du_part.sum((0, 1))[:, :D].to(u.dtype)
-    dw = dw_part.sum((0, 1))[:, :D].to(w.dtype)
+    dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lk, H, D)
+    du = du_part.sum((0, 1))[:, :D].to(u.dtype).contiguous()                # (H, D)
+    dw = dw_part.sum((0, 1))[:, :D].to(w.dtype).contiguous()
     return dq, dk, dv, dr, du, dw
 
 

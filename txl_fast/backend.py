@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -47,18 +47,21 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None     # looked up, not imported
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(tensor: torch.Tensor) -> str:
-    """The concrete backend (``naive``, ``torch`` or ``triton``) for an op whose inputs live like ``tensor``."""
-    name = _backend.get()
+def resolve(tensor: torch.Tensor, name: Optional[str] = None) -> str:
+    """The concrete backend (``naive``, ``torch`` or ``triton``) for an op whose inputs live like
+    ``tensor``, resolving ``name`` (default: the active backend)."""
+    name = _backend.get() if name is None else _check_name(name)
     if name == "auto":
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if name == "triton":

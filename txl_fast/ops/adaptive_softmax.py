@@ -169,17 +169,17 @@ def _split_params(n: int, params: tuple):
 
 class _TritonNLL(torch.autograd.Function):
     """NLL per row with the fused kernels of ``txl_fast.kernels.adaptive_softmax``; backward
-    recomputes the logits tile by tile from the saved per-row log-sum-exp."""
+    recomputes the logits tile by tile from the saved per-cluster log-sum-exp. The same launchers
+    back the ``triton_op`` ``txl_fast::adaptive_nll_triton`` (``txl_fast.ops.library``)."""
 
     @staticmethod
     def forward(ctx, hidden, target, n, cluster_weight, cluster_bias, *params):
         from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415 (needs triton)
 
         weights, biases, projs = _split_params(n, params)
-        nll, state = kernels.nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+        nll, lse = kernels.nll_forward(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
         ctx.n = n
-        ctx.state = state                    # fresh intermediates (projections, lse, row lists)
-        ctx.save_for_backward(hidden, cluster_weight, cluster_bias, *params)
+        ctx.save_for_backward(hidden, target, lse, cluster_weight, cluster_bias, *params)
         return nll
 
     @staticmethod
@@ -187,14 +187,14 @@ class _TritonNLL(torch.autograd.Function):
         from txl_fast.kernels import adaptive_softmax as kernels  # noqa: PLC0415
 
         n = ctx.n
-        hidden, cluster_weight, cluster_bias, *params = ctx.saved_tensors
+        hidden, target, lse, cluster_weight, cluster_bias, *params = ctx.saved_tensors
         weights, biases, projs = _split_params(n, tuple(params))
         need = ctx.needs_input_grad
         needs = dict(hidden=need[0], cluster=need[3] or need[4], weights=list(need[5: 5 + n]),
                      biases=list(need[5 + n: 5 + 2 * n]),
                      projs=[need[5 + 2 * n + c] and projs[c] is not None for c in range(n)])
         dhidden, dw, db, dp, dcw, dcb = kernels.nll_backward(
-            grad, hidden, weights, biases, projs, cluster_weight, cluster_bias, ctx.state, needs)
+            grad, hidden, target, weights, biases, projs, cluster_weight, cluster_bias, lse, needs)
         return (dhidden, None, None, dcw if need[3] else None, dcb if need[4] else None, *dw, *db, *dp)
 
 

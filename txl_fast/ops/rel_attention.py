@@ -108,26 +108,26 @@ class RelAttentionFunction(torch.autograd.Function):
     """The fused Triton kernels (``txl_fast.kernels.rel_attention``) under autograd.
 
     Forward saves the inputs (as given: strided views are not copied), the output and the row
-    statistics m, l (B, H, Lq); the launch choices (tiled or decode path, tiles) go on ctx.
-    Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias, none for scale and window.
-    Call it after ``check_inputs``; triton is imported lazily here.
+    statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
+    none for scale and window. The same launchers back the ``triton_op``
+    ``txl_fast::rel_attention_triton`` (``txl_fast.ops.library``), launching through
+    ``torch.library.wrap_triton`` there. Call it after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        out, m, l, launch = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window)
+        out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window)
         ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
-        ctx.scale, ctx.window, ctx.launch = scale, window, launch
+        ctx.scale, ctx.window = scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
-        q, k, v, r, r_w_bias, r_r_bias, out, m, l = ctx.saved_tensors
-        grads = kernels.backward(dout, q, k, v, r, r_w_bias, r_r_bias, out, m, l, ctx.scale, ctx.window, ctx.launch)
+        grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window)
         return (*grads, None, None)
 
 
