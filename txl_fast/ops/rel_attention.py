@@ -83,17 +83,23 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window) -> None:
 def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
     """Masked scores (B, H, Lq, Lk), the efficient PyTorch way.
 
-    The scale is folded into the two query terms (scale·(a + b) = scale·a + scale·b), and the
-    full-size tensors are updated in place: one matmul output each for the content and position
-    terms, no other (B, H, Lq, Lk) temporaries.
+    The scale is folded into the two query terms (scale·(a + b) = scale·a + scale·b). One pass
+    rel-shifts the position term and masks it (``where``, into a fresh contiguous tensor); the
+    content matmul adds onto it as it writes its output (``baddbmm``): one full-size pass besides
+    the matmul outputs. A hidden entry holds finfo.min + content, which is finfo.min itself in fp32,
+    fp64 and bf16 for any |content| < 1e31 (and may round to -inf in fp16): either way its
+    probability is 0, as a visible key (distance 0) is left in every row. Only window 0 hides
+    every key: HF's rows of finfo.min are then uniform, as is the constant row used here.
     """
-    Lq, Lk = q.shape[1], k.shape[1]
+    B, H, Lq, Lk = q.shape[0], q.shape[2], q.shape[1], k.shape[1]
     qh = q.transpose(1, 2)                                                      # (B, H, Lq, D)
-    content = ((qh + r_w_bias[:, None]) * scale) @ k.permute(0, 2, 3, 1)        # (B, H, Lq, Lk)
     position = rel_shift(((qh + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0))   # (B, H, Lq, Lk) view
-    score = content.add_(position)
     visible = visibility_mask(Lq, Lk, window, q.device)
-    return score.masked_fill_(~visible, torch.finfo(score.dtype).min)
+    score = torch.where(visible, position, torch.finfo(position.dtype).min)    # (B, H, Lq, Lk) contiguous
+    content_q = ((qh + r_w_bias[:, None]) * scale).reshape(B * H, Lq, -1)       # (B*H, Lq, D)
+    score = torch.baddbmm(score.view(B * H, Lq, Lk), content_q, k.permute(0, 2, 3, 1).reshape(B * H, -1, Lk))
+    score = score.view(B, H, Lq, Lk)
+    return score.fill_(0) if window == 0 else score           # window 0: zero gradients, as HF's
 
 
 def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0):
@@ -102,6 +108,32 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
         prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
     out = (prob @ v.transpose(1, 2)).transpose(1, 2)                            # (B, Lq, H, D)
     return out, prob
+
+
+# Score elements per chunk of the output-only torch path: 2**21 fp32 (8 MiB) with its temporaries
+# stays near this machine's 32 MiB L3 and under glibc's 32 MiB mmap threshold (larger blocks are
+# fresh pages, faulted in on every call), and (1, h, ...) slices merge into bmm batches without
+# copies of k, v and r. Measured at the wt103 shape by scripts/bench_torch_attention.py (numbers in
+# benchmarks/RESULTS.md): about 2x faster at batch 4 for eval steps, 8x for decode steps.
+SCORE_CHUNK = 2**21
+
+
+def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window):
+    """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time: the same
+    arithmetic as ``_torch_rel_attention`` on slices small enough to stay in cache."""
+    B, Lq, H, D = q.shape
+    chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
+    heads = -(-H // chunks)
+    if B == 1 and heads >= H:
+        return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
+    out = q.new_empty(q.shape)
+    for b in range(B):
+        for h in range(0, H, heads):
+            rows, cols = slice(b, b + 1), slice(h, h + heads)
+            out[rows, :, cols] = _torch_rel_attention(
+                q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols], r_w_bias[cols], r_r_bias[cols],
+                scale, window)[0]
+    return out
 
 
 class RelAttentionFunction(torch.autograd.Function):
@@ -139,7 +171,7 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
     if name == "triton":
         return RelAttentionFunction.apply(q, k, v, r, r_w_bias, r_r_bias, scale, window)
-    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
+    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window)
 
 
 def rel_attention_with_probs(
