@@ -185,6 +185,50 @@ def test_cached_forward_equals_uncached(name, init, backend):
             assert cache.mlen == (0 if mems is None else mems[0].shape[0])
 
 
+def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(monkeypatch):
+    from txl_fast.cache import LayerKV
+
+    moves = []                                  # (gap, rows) of every in-place move
+    make_room = LayerKV._make_room
+    monkeypatch.setattr(LayerKV, "_make_room", lambda self, L: (moves.append((self.start, self.mlen)),
+                                                                make_room(self, L))[1])
+    g = torch.Generator().manual_seed(7)
+    mem_len, kv = 9, LayerKV(2, 12, 3, 4, torch.float64, "cpu")
+    history = torch.zeros(2, 0, 3, 4, dtype=torch.float64)
+    for L in (4, 3, 5, 1, 1, 2, 6, 1, 14, 3, 2, 1, 5):         # 14: longer than the buffer, which grows
+        new = torch.randn(2, L, 3, 4, generator=g, dtype=torch.float64)
+        k, v = kv.extend(new, -new)
+        history = torch.cat([history, new], 1)[:, -(mem_len + L):]
+        assert torch.equal(k, history) and torch.equal(v, -history)
+        kv.commit(L, mem_len)
+        history = history[:, -mem_len:]
+    assert any(gap < rows for gap, rows in moves), "no move overlapped its source"
+
+
+def test_position_keys_are_kept_across_caches_until_the_weights_change():
+    model = model_for(mem_len=9, clamp_len=4)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    kept = model.transformer._positions
+    with torch.no_grad():
+        model(ids, cache=model.new_cache(2))
+        first = kept._rows
+        model(ids, cache=model.new_cache(2))
+        assert first is not None and kept._rows is first                      # reused by a new cache
+        r_net = model.transformer.layers[1].dec_attn.r_net.weight
+        r_net.mul_(1.5)                                                        # in place: version bumped
+        got = model(ids, cache=model.new_cache(2)).prediction_scores
+        assert kept._rows is not first
+        ref = model(ids).prediction_scores                                     # uncached, new weights
+        assert (got - ref).abs().max() <= 1e-5
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        model(ids, cache=model.new_cache(2))
+        assert kept._rows is not first
+    model.clear_position_cache()
+    assert kept._rows is None
+    model(ids, cache=model.new_cache(2))                                       # autograd on: not kept
+    assert kept._rows is None
+
+
 def test_evaluate_and_generate_cached_equal_uncached():
     model = model_for()
     stream = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(6))

@@ -7,15 +7,19 @@ Keys stay in time order, as the attention op expects (key j at index j, r row p 
 Lk - 1 - p), in a sliding buffer: each layer owns a (B, capacity, H, D) buffer holding the memory
 in rows [start, end); a step writes its new rows at [end, end + L) in place and attends to the view
 [start, end + L); the memory then becomes the last ``mem_len`` rows. When a step would run past
-the buffer, the memory (mem_len rows) is moved to the front once. The capacity is
+the buffer, the memory (mem_len rows) is moved to the front, in place. The capacity is
 mem_len + L + slack, slack = max(L, mem_len // 8): a move every (L + slack) / L steps, amortised to
 at most 8 rows copied per new row (wt103, generation: ~1 MB a token against the ~1.3 GB of weights
 and memory it reads; evaluation: ~1 % of a segment's time), while the buffers hold at most
 1.25 mem_len + 2 L rows instead of 2 mem_len + L. Nothing is concatenated per step.
 
-Position projections: with clamp_len fixed, the embedding of distance d does not depend on klen,
-and for any klen the rows needed are the last klen rows of the longest sequence (distances klen-1
-… 0). So each layer's ``r_net(pos_emb)`` is computed once for the largest klen seen and sliced.
+Position projections (``PositionKeys``, one per model, shared by all its caches): with clamp_len
+fixed, the embedding of distance d does not depend on klen, and for any klen the rows needed are
+the last klen rows of the longest sequence (distances klen-1 … 0). So each layer's
+``r_net(pos_emb)`` is computed once for the largest klen seen and sliced, and kept across calls
+(``generate`` and ``evaluate`` make a new cache per call) for as long as the weights it was made
+from are unchanged: the key holds each weight's storage and version counter, which every in-place
+update (an optimizer step, ``load_state_dict``) bumps. Only computed without autograd is kept.
 
 The cache is exact: it stores what the uncached forward would recompute from the same inputs.
 """
@@ -53,16 +57,21 @@ class LayerKV:
         self.start = max(self.start, self.end - mem_len)
 
     def _make_room(self, L: int) -> None:
-        M = self.mlen
+        M, gap = self.mlen, self.start
         if M + L > self.k.shape[1]:                  # a step longer than the buffer: grow it
             bigger = (self.k.shape[0], 2 * M + L, *self.k.shape[2:])
             k, v = self.k.new_empty(bigger), self.v.new_empty(bigger)
+            k[:, :M], v[:, :M] = self.k[:, self.start : self.end], self.v[:, self.start : self.end]
+            self.k, self.v = k, v
         else:
-            k, v = self.k, self.v
-        # clone: source and destination may overlap
-        k[:, :M] = self.k[:, self.start : self.end].clone()
-        v[:, :M] = self.v[:, self.start : self.end].clone()
-        self.k, self.v, self.start, self.end = k, v, 0, M
+            # move rows [gap, gap + M) to [0, M) in place, front to back in pieces of at most `gap`
+            # rows: no piece overlaps its own source, and nothing is allocated (a temporary copy of
+            # the memory costs page faults: at batch 4 that made every move ~6x slower)
+            for lo in range(0, M, gap):
+                hi = min(lo + gap, M)
+                self.k[:, lo:hi] = self.k[:, gap + lo : gap + hi]
+                self.v[:, lo:hi] = self.v[:, gap + lo : gap + hi]
+        self.start, self.end = 0, M
 
 
 class InferenceCache:
@@ -74,8 +83,6 @@ class InferenceCache:
         self.bsz, self.mem_len = bsz, mem_len
         capacity = mem_len + step_hint + max(step_hint, mem_len // 8)     # see the module docstring
         self.layers = [LayerKV(bsz, capacity, n_head, d_head, dtype, device) for _ in range(n_layer)]
-        self._positions: Optional[list] = None       # per layer (Lk_max, H, D)
-        self._positions_key = None                   # (clamp_len, dtype, device) they were made with
 
     @property
     def mlen(self) -> int:
@@ -89,13 +96,28 @@ class InferenceCache:
         if mem_len != self.mem_len:
             raise ValueError(f"the inference cache was made for mem_len {self.mem_len}, the model now has {mem_len}")
 
-    def positions(self, klen: int, rows: int, key, make) -> list:
-        """Per layer (klen, H, D) position keys; ``make(rows)`` computes them for ``rows`` >= klen rows
-        (the longest klen this cache will see) when the stored ones are too short or stale."""
-        if self._positions is None or self._positions_key != key or self._positions[0].shape[0] < klen:
-            self._positions, self._positions_key = make(rows), key
-        return [r[r.shape[0] - klen :] for r in self._positions]
-
     def commit(self, new_rows: int) -> None:
         for layer in self.layers:
             layer.commit(new_rows, self.mem_len)
+
+
+class PositionKeys:
+    """A model's projected position embeddings, kept while the key they were made with holds."""
+
+    def __init__(self):
+        self._rows: Optional[list] = None            # per layer (Lk_max, H, D)
+        self._key = None
+
+    def get(self, klen: int, rows: int, key, make) -> list:
+        """Per layer (klen, H, D) position keys; ``make(rows)`` computes them for ``rows`` >= klen rows
+        (the longest klen expected) when the stored ones are too short or their key differs. Kept
+        only when made without autograd (a kept graph would outlive its step)."""
+        if self._rows is None or self._key != key or self._rows[0].shape[0] < klen:
+            made = make(rows)
+            if torch.is_grad_enabled():
+                return [r[r.shape[0] - klen :] for r in made]
+            self._rows, self._key = made, key
+        return [r[r.shape[0] - klen :] for r in self._rows]
+
+    def clear(self) -> None:
+        self._rows = self._key = None

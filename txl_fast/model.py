@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from txl_fast.cache import InferenceCache
+from txl_fast.cache import InferenceCache, PositionKeys
 from txl_fast.config import TransfoXLConfig
 from txl_fast.modules import (
     AdaptiveEmbedding,
@@ -196,10 +196,16 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             for _ in range(config.n_layer)
         )
         self.pos_emb = PositionalEmbedding(self.d_model)
+        self._positions = PositionKeys()                 # the cached forward's r_net(pos_emb), see txl_fast.cache
         self.init_weights()
 
     def get_input_embeddings(self):
         return self.word_emb
+
+    def clear_position_cache(self) -> None:
+        """Free the projected position embeddings the cached forward keeps between calls (wt103:
+        18 x 1728 x 1024 floats, 127 MB); they are rebuilt on the next cached call."""
+        self._positions.clear()
 
     def reset_memory_length(self, mem_len: int) -> None:
         self.mem_len = mem_len
@@ -241,18 +247,26 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             cache.commit(self.mem_len)
         return cache
 
-    def _position_keys(self, cache: InferenceCache, klen: int, qlen: int) -> list:
-        """Per layer (klen, H, D) projected position embeddings, from the cache when possible."""
+    def _position_keys(self, klen: int, qlen: int) -> list:
+        """Per layer (klen, H, D) projected position embeddings, kept between calls while the weights are unchanged."""
         p = self._param()
 
         def make(n):
-            pos_seq = torch.arange(n - 1, -1, -1.0, device=p.device, dtype=p.dtype)
-            if self.clamp_len > 0:
-                pos_seq = pos_seq.clamp(max=self.clamp_len)
-            pos_emb = self.pos_emb(pos_seq)                                        # (n, d)
-            return [layer.dec_attn.r_net(pos_emb).view(n, self.n_head, self.d_head) for layer in self.layers]
+            # distances n-1 … 0; with clamp_len every distance >= clamp_len is clamp_len, so only
+            # the last clamp_len + 1 rows differ: they are projected, the first row repeated above
+            # them (the rows projecting every distance would give; wt103: 1001 of 1728 projected)
+            distinct = min(n, self.clamp_len + 1) if self.clamp_len > 0 else n
+            pos_seq = torch.arange(distinct - 1, -1, -1.0, device=p.device, dtype=p.dtype)
+            pos_emb = self.pos_emb(pos_seq)                                        # (distinct, d)
+            keys = []
+            for layer in self.layers:
+                r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head)
+                keys.append(torch.cat([r[:1].expand(n - distinct, -1, -1), r]))     # (n, H, D)
+            return keys
 
-        return cache.positions(klen, max(klen, self.mem_len + qlen), (self.clamp_len, p.dtype, p.device), make)
+        weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]
+        key = (self.clamp_len, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
+        return self._positions.get(klen, max(klen, self.mem_len + qlen), key, make)
 
     def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         bsz, qlen = word_emb.shape[:2]
@@ -261,7 +275,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError("the inference cache is for evaluation: call model.eval() first")
         mlen = cache.mlen
         window = self.attention_window(qlen, mlen)
-        positions = self._position_keys(cache, mlen + qlen, qlen)
+        positions = self._position_keys(mlen + qlen, qlen)
         core_out = word_emb
         for layer, kv, r in zip(self.layers, cache.layers, positions):
             core_out = layer.forward_cached(core_out, r, kv, window)
@@ -427,6 +441,9 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
 
     def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128):
         return self.transformer.new_cache(bsz, init, step_hint)
+
+    def clear_position_cache(self) -> None:
+        self.transformer.clear_position_cache()
 
     def reset_memory_length(self, mem_len: int) -> None:
         self.transformer.reset_memory_length(mem_len)
