@@ -227,6 +227,11 @@ def test_position_keys_are_kept_across_caches_until_the_weights_change():
     assert kept._rows is None
     model(ids, cache=model.new_cache(2))                                       # autograd on: not kept
     assert kept._rows is None
+    with torch.no_grad():
+        model(ids, cache=model.new_cache(2))
+    r_net.grad = None
+    model(ids, cache=model.new_cache(2)).prediction_scores.sum().backward()  # nor taken from the store
+    assert r_net.grad is not None and r_net.grad.abs().sum() > 0
 
 
 def test_evaluate_and_generate_cached_equal_uncached():

@@ -19,7 +19,7 @@ the last klen rows of the longest sequence (distances klen-1 … 0). So each lay
 ``r_net(pos_emb)`` is computed once for the largest klen seen and sliced, and kept across calls
 (``generate`` and ``evaluate`` make a new cache per call) for as long as the weights it was made
 from are unchanged: the key holds each weight's storage and version counter, which every in-place
-update (an optimizer step, ``load_state_dict``) bumps. Only computed without autograd is kept.
+update (an optimizer step, ``load_state_dict``) bumps. Only used with autograd off.
 
 The cache is exact: it stores what the uncached forward would recompute from the same inputs.
 """
@@ -110,13 +110,13 @@ class PositionKeys:
 
     def get(self, klen: int, rows: int, key, make) -> list:
         """Per layer (klen, H, D) position keys; ``make(rows)`` computes them for ``rows`` >= klen rows
-        (the longest klen expected) when the stored ones are too short or their key differs. Kept
-        only when made without autograd (a kept graph would outlive its step)."""
+        (the longest klen expected) when the stored ones are too short or their key differs. With
+        autograd on they are made afresh and neither kept nor taken from the store: a kept graph
+        would outlive its step, and stored keys carry no gradient to ``r_net``."""
+        if torch.is_grad_enabled():
+            return [r[r.shape[0] - klen :] for r in make(rows)]
         if self._rows is None or self._key != key or self._rows[0].shape[0] < klen:
-            made = make(rows)
-            if torch.is_grad_enabled():
-                return [r[r.shape[0] - klen :] for r in made]
-            self._rows, self._key = made, key
+            self._rows, self._key = make(rows), key
         return [r[r.shape[0] - klen :] for r in self._rows]
 
     def clear(self) -> None:
