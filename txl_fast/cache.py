@@ -66,7 +66,8 @@ class LayerKV:
         else:
             # move rows [gap, gap + M) to [0, M) in place, front to back in pieces of at most `gap`
             # rows: no piece overlaps its own source, and nothing is allocated (a temporary copy of
-            # the memory costs page faults: at batch 4 that made every move ~6x slower)
+            # the memory is fresh pages to fault in: wt103 at batch 4, 18 layers, 130-800 ms a move
+            # with it, 69 ms without; 2.4 s in the profile of a whole segment)
             for lo in range(0, M, gap):
                 hi = min(lo + gap, M)
                 self.k[:, lo:hi] = self.k[:, gap + lo : gap + hi]

@@ -114,7 +114,7 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
 # stays near this machine's 32 MiB L3 and under glibc's 32 MiB mmap threshold (larger blocks are
 # fresh pages, faulted in on every call), and (1, h, ...) slices merge into bmm batches without
 # copies of k, v and r. Measured at the wt103 shape by scripts/bench_torch_attention.py (numbers in
-# benchmarks/RESULTS.md): about 2x faster at batch 4 for eval steps, 8x for decode steps.
+# benchmarks/RESULTS.md): about 2.5x faster at batch 4 for eval steps, 6x for decode steps.
 SCORE_CHUNK = 2**21
 
 
