@@ -9,24 +9,15 @@ column-major (a (in, out) contiguous tensor seen transposed). Medians of 9 passe
 ms per product. The last line is a plain reduction over the same bytes: the read-bandwidth ceiling
 a one-row product could reach.
 """
-import time
-
 import torch
 import torch.nn.functional as F
 
-
-def median_s(fn, reps: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2]
+from txl_fast.bench.machine import median_time
 
 
 def best_ms(fn, n: int) -> float:
-    return min(median_s(fn) for _ in range(3)) / n * 1e3
+    """ms per product: the best of 3 medians of 9 passes, each pass running ``n`` products."""
+    return min(median_time(fn, reps=9) for _ in range(3)) / n * 1e3
 
 
 def main() -> None:

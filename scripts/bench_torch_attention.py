@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import time
 
 import torch
+
+from txl_fast.bench.machine import median_time
 
 ra = importlib.import_module("txl_fast.ops.rel_attention")     # the module, not the re-exported function
 H, D, MEM = 16, 64, 1600
 
 
 def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2] * 1e3
+    return median_time(fn, reps=reps) * 1e3
 
 
 def main() -> None:
