@@ -1,40 +1,57 @@
-"""nn.Linear's weight layout and the speed of the dense products of a decode step and a segment.
+"""The dense products of a decode step and of a segment: ``F.linear`` against ``ops.split_linear``.
 
-    python scripts/bench_gemv.py
+    python scripts/bench_gemv.py [--rounds 9]
 
-For each wt103 layer shape (qkv 3072 x 1024, feed-forward 4096 x 1024 and 1024 x 4096), six fp32
-weights (together larger than the L3), inputs of 1, 128 and 512 rows, 2 threads: ``F.linear``
-with the weight in nn.Linear's row-major (out, in) layout and with the same values stored
-column-major (a (in, out) contiguous tensor seen transposed). Medians of 9 passes, the best of 3;
-ms per product. The last line is a plain reduction over the same bytes: the read-bandwidth ceiling
-a one-row product could reach.
+For each wt103 layer shape (qkv 3072 x 1024, o_net 1024 x 1024, feed-forward 4096 x 1024 and
+1024 x 4096), 18 fp32 weights as in the model (together far larger than the L3, so every product
+reads its weight from memory), inputs of 1 to 512 rows, 2 threads. The two ways alternate, pass
+by pass; medians over the passes, ms per product and, for the one-row product, the weight bytes
+read per second. The last line is a plain reduction over the same bytes: the read-bandwidth
+ceiling a one-row product could reach. ``ops.linear`` takes split_linear up to MAX_ROWS rows.
 """
+import argparse
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
-from txl_fast.bench.machine import median_time
+from txl_fast.ops.linear import MAX_ROWS, split_linear
 
 
-def best_ms(fn, n: int) -> float:
-    """ms per product: the best of 3 medians of 9 passes, each pass running ``n`` products."""
-    return min(median_time(fn, reps=9) for _ in range(3)) / n * 1e3
+def per_product_ms(fns: dict, n: int, rounds: int) -> dict:
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()                                                                    # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) / n * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args()
     torch.set_num_threads(2)
-    print("| weight (out, in) | rows | row-major ms | column-major ms | row-major GB/s (1 row) |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"ops.linear uses split_linear up to {MAX_ROWS} rows\n")
+    print("| weight (out, in) | rows | F.linear ms | split_linear ms | speed-up | F.linear GB/s | split GB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
-        for shape in [(3072, 1024), (4096, 1024), (1024, 4096)]:
-            row_major = [torch.randn(*shape) for _ in range(6)]
-            col_major = [w.t().contiguous().t() for w in row_major]
-            for rows in (1, 128, 512):
+        for shape in [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)]:
+            weights = [torch.randn(*shape) for _ in range(18)]
+            for rows in (1, 4, 16, 64, 128, 512):
                 x = torch.randn(rows, shape[1])
-                a = best_ms(lambda: [F.linear(x, w) for w in row_major], 6)
-                b = best_ms(lambda: [F.linear(x, w) for w in col_major], 6)
-                rate = f"{shape[0] * shape[1] * 4 / a / 1e6:.1f}" if rows == 1 else ""
-                print(f"| {shape} | {rows} | {a:.2f} | {b:.2f} | {rate} |")
-            ceiling = row_major[0].numel() * 4 / best_ms(lambda: [w.sum() for w in row_major], 6) / 1e6
+                ms = per_product_ms({"F.linear": lambda: [F.linear(x, w) for w in weights],
+                                     "split": lambda: [split_linear(x, w) for w in weights]}, 18, args.rounds)
+                a, b = ms["F.linear"], ms["split"]
+                rates = (f"{shape[0] * shape[1] * 4 / a / 1e6:.1f} | {shape[0] * shape[1] * 4 / b / 1e6:.1f}"
+                         if rows == 1 else " | ")
+                print(f"| {shape} | {rows} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {rates} |", flush=True)
+            ceiling = weights[0].numel() * 4 / per_product_ms({"sum": lambda: [w.sum() for w in weights]}, 18,
+                                                             args.rounds)["sum"] / 1e6
         print(f"\nW.sum() over the same weights: {ceiling:.1f} GB/s")
 
 

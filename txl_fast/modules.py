@@ -42,10 +42,16 @@ class PositionwiseFF(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_epsilon)
         self.pre_lnorm = pre_lnorm
 
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """CoreNet's computation, through ``ops.linear`` (fast for the few rows of a decode step)."""
+        first, _, inner_drop, second, out_drop = self.CoreNet
+        x = inner_drop(torch.relu(ops.linear(x, first.weight, first.bias)))          # (B, L, d_inner)
+        return out_drop(ops.linear(x, second.weight, second.bias))                   # (B, L, d)
+
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         if self.pre_lnorm:
-            return inp + self.CoreNet(self.layer_norm(inp))
-        return self.layer_norm(inp + self.CoreNet(inp))
+            return inp + self.core(self.layer_norm(inp))
+        return self.layer_norm(inp + self.core(inp))
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):
@@ -80,7 +86,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         return f"n_head={self.n_head}, d_head={self.d_head}, pre_lnorm={self.pre_lnorm}"
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv_net(self.layer_norm(x) if self.pre_lnorm else x)          # (B, L, 3*H*D)
+        return ops.linear(self.layer_norm(x) if self.pre_lnorm else x, self.qkv_net.weight)   # (B, L, 3*H*D)
 
     def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
         B, Lq, _ = h.shape
@@ -115,7 +121,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             out = out * head_mask[:, None]
             prob = None if prob is None else prob * head_mask[:, None, None]
 
-        attn_out = self.drop(self.o_net(out.reshape(B, Lq, H * D)))                # (B, Lq, d)
+        attn_out = self.drop(ops.linear(out.reshape(B, Lq, H * D), self.o_net.weight))   # (B, Lq, d)
         out = h + attn_out if self.pre_lnorm else self.layer_norm(h + attn_out)
         return out, prob
 
@@ -172,7 +178,7 @@ class AdaptiveEmbedding(nn.Module):
         if self.div_val == 1:
             embed = self.emb_layers[0](inp)
             if self.d_proj != self.d_embed:
-                embed = nn.functional.linear(embed, self.emb_projs[0])
+                embed = ops.linear(embed, self.emb_projs[0])
             return embed * self.emb_scale
         return self._clustered(inp)
 
@@ -185,7 +191,7 @@ class AdaptiveEmbedding(nn.Module):
             rows = ((inp_flat >= start) & (inp_flat < end)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            emb_i = nn.functional.linear(self.emb_layers[i](inp_flat[rows] - start), self.emb_projs[i])
+            emb_i = ops.linear(self.emb_layers[i](inp_flat[rows] - start), self.emb_projs[i])
             emb_flat = emb_flat.index_copy(0, rows, emb_i)
         return emb_flat.view(*inp.shape, self.d_proj) * self.emb_scale
 

@@ -1,0 +1,64 @@
+"""``ops.linear``: the few-row product as a batched matmul over weight row blocks, against F.linear
+in float64 (values and every gradient), and which inputs take it."""
+import importlib
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_rel_close
+from txl_fast import ops
+linear_module = importlib.import_module("txl_fast.ops.linear")     # the module, not the function
+
+# (leading shape of x, K, N): one decode row, a batch of them, the most rows taken, odd sizes
+CASES = [((1, 1), 37, 54), ((3, 1), 20, 12), ((2, 5), 9, 30), ((linear_module.MAX_ROWS,), 16, 22)]
+
+
+def _counting_bmm():
+    """Patches torch.bmm and torch.baddbmm with counting wrappers: did the split path run?"""
+    return (mock.patch.object(torch, "bmm", wraps=torch.bmm), mock.patch.object(torch, "baddbmm", wraps=torch.baddbmm))
+
+
+@pytest.mark.parametrize("lead,K,N", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_path_matches_f_linear(lead, K, N, with_bias, dtype):
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(*lead, K, generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64)
+    b = torch.randn(N, generator=g, dtype=torch.float64) if with_bias else None
+    dout = torch.randn(*lead, N, generator=g, dtype=torch.float64)
+    ours = [t.to(dtype, copy=True).requires_grad_() for t in (x, w, b) if t is not None]
+    refs = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    bmm, baddbmm = _counting_bmm()
+    with bmm as bmm_calls, baddbmm as baddbmm_calls:
+        out = ops.linear(*ours)
+    assert bmm_calls.call_count + baddbmm_calls.call_count == 1, "the split path did not run"
+    ref = F.linear(*refs)
+    out.backward(dout.to(dtype))
+    ref.backward(dout)
+    assert_rel_close(out, ref, dtype, "out")
+    for name, t, rt in zip(("dx", "dweight", "dbias"), ours, refs):
+        assert_rel_close(t.grad, rt.grad, dtype, name)
+
+
+@pytest.mark.parametrize("why,x,w", [
+    ("more rows than MAX_ROWS", torch.randn(linear_module.MAX_ROWS + 1, 8), torch.randn(6, 8)),
+    ("odd output size", torch.randn(2, 8), torch.randn(7, 8)),
+    ("weight not contiguous", torch.randn(2, 8), torch.randn(8, 6).t()),
+    ("no rows", torch.randn(0, 8), torch.randn(6, 8)),
+])
+def test_other_inputs_are_f_linear(why, x, w):
+    bmm, baddbmm = _counting_bmm()
+    with bmm as bmm_calls, baddbmm as baddbmm_calls:
+        out = ops.linear(x, w)
+    assert bmm_calls.call_count + baddbmm_calls.call_count == 0, why
+    assert torch.equal(out, F.linear(x, w))
+
+
+def test_bad_shapes_raise_as_f_linear_does():
+    with pytest.raises(RuntimeError):
+        ops.linear(torch.randn(1, 5), torch.randn(6, 8))
+    with pytest.raises(RuntimeError):
+        ops.linear(torch.randn(1, 8), torch.randn(6, 8), torch.randn(5))
