@@ -200,6 +200,7 @@ def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(mo
         k, v = kv.extend(new, -new)
         history = torch.cat([history, new], 1)[:, -(mem_len + L):]
         assert torch.equal(k, history) and torch.equal(v, -history)
+        assert k.stride(1) == v.stride(1) == 4, "one head's keys/values are not a contiguous block"
         kv.commit(L, mem_len)
         history = history[:, -mem_len:]
     assert any(gap < rows for gap, rows in moves), "no move overlapped its source"

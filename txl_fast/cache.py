@@ -4,9 +4,12 @@ Per layer, the projected keys and values of the memory (the last ``mem_len`` pos
 once per model the projected position embeddings ``r_net(pos_emb)`` of each layer.
 
 Keys stay in time order, as the attention op expects (key j at index j, r row p for distance
-Lk - 1 - p), in a sliding buffer: each layer owns a (B, capacity, H, D) buffer holding the memory
-in rows [start, end); a step writes its new rows at [end, end + L) in place and attends to the view
-[start, end + L); the memory then becomes the last ``mem_len`` rows. When a step would run past
+Lk - 1 - p), in a sliding buffer: each layer owns a head-major (B, H, capacity, D) buffer holding
+the memory in rows [start, end); a step writes its new rows at [end, end + L) in place and attends
+to the (B, Lk, H, D) view of [start, end + L); the memory then becomes the last ``mem_len`` rows.
+Head-major, each head's keys are one contiguous block, which a decode step's per-head products
+read faster than rows strided by H * D (wt103 decode, 18 layers: 9.9 -> 7.1 ms for q.k and
+9.4 -> 6.9 ms for p.v; the position keys are stored the same way). When a step would run past
 the buffer, the memory (mem_len rows) is moved to the front, in place. The capacity is
 mem_len + L + slack, slack = max(L, mem_len // 8): a move every (L + slack) / L steps, amortised to
 at most 8 rows copied per new row (wt103, generation: ~1 MB a token against the ~1.3 GB of weights
@@ -34,7 +37,7 @@ class LayerKV:
     """Keys and values of one layer's memory, time-ordered in a sliding buffer."""
 
     def __init__(self, bsz: int, capacity: int, n_head: int, d_head: int, dtype, device):
-        self.k = torch.empty(bsz, capacity, n_head, d_head, dtype=dtype, device=device)
+        self.k = torch.empty(bsz, n_head, capacity, d_head, dtype=dtype, device=device)     # head-major
         self.v = torch.empty_like(self.k)
         self.start = self.end = 0
 
@@ -45,11 +48,12 @@ class LayerKV:
     def extend(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, L, H, D) new keys/values after the memory; return the (B, mlen + L, H, D) views."""
         L = k_new.shape[1]
-        if self.end + L > self.k.shape[1]:
+        if self.end + L > self.k.shape[2]:
             self._make_room(L)
-        self.k[:, self.end : self.end + L] = k_new
-        self.v[:, self.end : self.end + L] = v_new
-        return self.k[:, self.start : self.end + L], self.v[:, self.start : self.end + L]
+        self.k[:, :, self.end : self.end + L] = k_new.transpose(1, 2)
+        self.v[:, :, self.end : self.end + L] = v_new.transpose(1, 2)
+        rows = slice(self.start, self.end + L)
+        return self.k[:, :, rows].transpose(1, 2), self.v[:, :, rows].transpose(1, 2)
 
     def commit(self, new_rows: int, mem_len: int) -> None:
         """After a step of ``new_rows`` rows: keep the last ``mem_len`` rows as memory."""
@@ -58,10 +62,10 @@ class LayerKV:
 
     def _make_room(self, L: int) -> None:
         M, gap = self.mlen, self.start
-        if M + L > self.k.shape[1]:                  # a step longer than the buffer: grow it
-            bigger = (self.k.shape[0], 2 * M + L, *self.k.shape[2:])
-            k, v = self.k.new_empty(bigger), self.v.new_empty(bigger)
-            k[:, :M], v[:, :M] = self.k[:, self.start : self.end], self.v[:, self.start : self.end]
+        if M + L > self.k.shape[2]:                  # a step longer than the buffer: grow it
+            B, H, _, D = self.k.shape
+            k, v = self.k.new_empty(B, H, 2 * M + L, D), self.v.new_empty(B, H, 2 * M + L, D)
+            k[:, :, :M], v[:, :, :M] = self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
             self.k, self.v = k, v
         else:
             # move rows [gap, gap + M) to [0, M) in place, front to back in pieces of at most `gap`
@@ -70,8 +74,8 @@ class LayerKV:
             # with it, 69 ms without; 2.4 s in the profile of a whole segment)
             for lo in range(0, M, gap):
                 hi = min(lo + gap, M)
-                self.k[:, lo:hi] = self.k[:, gap + lo : gap + hi]
-                self.v[:, lo:hi] = self.v[:, gap + lo : gap + hi]
+                self.k[:, :, lo:hi] = self.k[:, :, gap + lo : gap + hi]
+                self.v[:, :, lo:hi] = self.v[:, :, gap + lo : gap + hi]
         self.start, self.end = 0, M
 
 

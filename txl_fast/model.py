@@ -261,7 +261,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             keys = []
             for layer in self.layers:
                 r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head)
-                keys.append(torch.cat([r[:1].expand(n - distinct, -1, -1), r]))     # (n, H, D)
+                keys.append(torch.cat([r[:1].expand(n - distinct, -1, -1), r])     # (n, H, D) views of
+                            .transpose(0, 1).contiguous().transpose(0, 1))      # head-major storage
             return keys
 
         weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]
