@@ -89,15 +89,19 @@ def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
     the matmul outputs. A hidden entry holds finfo.min + content, which is finfo.min itself in fp32,
     fp64 and bf16 for any |content| < 1e31 (and may round to -inf in fp16): either way its
     probability is 0, as a visible key (distance 0) is left in every row. Only window 0 hides
-    every key: HF's rows of finfo.min are then uniform, as is the constant row used here.
+    every key: HF's rows of finfo.min are then uniform, as is the constant row used here. A single
+    query that sees every key needs neither shift nor mask.
     """
     B, H, Lq, Lk = q.shape[0], q.shape[2], q.shape[1], k.shape[1]
     qh = q.transpose(1, 2)                                                      # (B, H, Lq, D)
-    position = rel_shift(((qh + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0))   # (B, H, Lq, Lk) view
-    visible = visibility_mask(Lq, Lk, window, q.device)
-    score = torch.where(visible, position, torch.finfo(position.dtype).min)    # (B, H, Lq, Lk) contiguous
+    position = ((qh + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0)         # (B, H, Lq, Lk), unshifted
+    if Lq == 1 and (window is None or window >= Lk):
+        score = position                # one query that sees every key (a decode step): no shift, no mask
+    else:
+        visible = visibility_mask(Lq, Lk, window, q.device)
+        score = torch.where(visible, rel_shift(position), torch.finfo(position.dtype).min)   # contiguous
     content_q = ((qh + r_w_bias[:, None]) * scale).reshape(B * H, Lq, -1)       # (B*H, Lq, D)
-    score = torch.baddbmm(score.view(B * H, Lq, Lk), content_q, k.permute(0, 2, 3, 1).reshape(B * H, -1, Lk))
+    score = torch.baddbmm(score.reshape(B * H, Lq, Lk), content_q, k.permute(0, 2, 3, 1).reshape(B * H, -1, Lk))
     score = score.view(B, H, Lq, Lk)
     return score.fill_(0) if window == 0 else score           # window 0: zero gradients, as HF's
 
@@ -120,7 +124,12 @@ SCORE_CHUNK = 2**21
 
 def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time: the same
-    arithmetic as ``_torch_rel_attention`` on slices small enough to stay in cache."""
+    arithmetic as ``_torch_rel_attention`` on slices small enough to stay in cache. Keys that no
+    query sees (distance >= window from the last query too) are dropped first: they would only add
+    zero probabilities, and a decode step with HF's same_length window is then left with no mask."""
+    if window:
+        first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
+        k, v, r = k[:, first:], v[:, first:], r[first:]
     B, Lq, H, D = q.shape
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
