@@ -1,5 +1,5 @@
-"""``ops.linear``: the few-row product as a batched matmul over weight row blocks, against F.linear
-in float64 (values and every gradient), and which inputs take it."""
+"""``ops.linear``: the product as a batched matmul over weight row blocks (one per thread), against
+F.linear in float64 (values and every gradient), and which inputs take it."""
 import importlib
 from unittest import mock
 
@@ -11,8 +11,17 @@ from helpers import assert_rel_close
 from txl_fast import ops
 linear_module = importlib.import_module("txl_fast.ops.linear")     # the module, not the function
 
-# (leading shape of x, K, N): one decode row, a batch of them, the most rows taken, odd sizes
+# (leading shape of x, K, N): one decode row, a batch of them, a segment, the most rows taken; odd sizes
 CASES = [((1, 1), 37, 54), ((3, 1), 20, 12), ((2, 5), 9, 30), ((linear_module.MAX_ROWS,), 16, 22)]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The split path uses one weight block per thread: run every test with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _counting_bmm():
@@ -48,8 +57,11 @@ def test_split_path_matches_f_linear(lead, K, N, with_bias, dtype):
     ("odd output size", torch.randn(2, 8), torch.randn(7, 8)),
     ("weight not contiguous", torch.randn(2, 8), torch.randn(8, 6).t()),
     ("no rows", torch.randn(0, 8), torch.randn(6, 8)),
+    ("one thread", torch.randn(2, 8), torch.randn(6, 8)),
 ])
 def test_other_inputs_are_f_linear(why, x, w):
+    if why == "one thread":
+        torch.set_num_threads(1)
     bmm, baddbmm = _counting_bmm()
     with bmm as bmm_calls, baddbmm as baddbmm_calls:
         out = ops.linear(x, w)

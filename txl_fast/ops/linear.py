@@ -1,16 +1,17 @@
-"""``F.linear`` for a few rows at a time (decode steps) on the CPU, at memory bandwidth.
+"""``F.linear`` for up to a few hundred rows on the CPU: decode steps and cached segments.
 
     linear(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)
 
-A decode step multiplies one row per sequence by every weight matrix: products that only have to
-read the weights once. MKL runs ``F.linear``'s one-row product at 13-19 GB/s on this machine's
-2 threads, no faster than on one thread. ``split_linear`` computes the same product as one batched
-matmul over SPLIT row blocks of the weight (a view: nothing is copied), one block per thread,
-and reads the same bytes at 19-23 GB/s (a plain reduction over them: 26-29 GB/s). Measured by
-``scripts/bench_gemv.py`` (numbers in benchmarks/RESULTS.md): faster up to 64 rows, mixed at
-128, slower at 512; hence MAX_ROWS. Each output is the same dot product as F.linear's, summed
-in another order (fp32: ~1e-7 relative). Elsewhere (more rows, other devices, weights that are
-not contiguous) ``linear`` is ``F.linear``.
+``split_linear`` computes the product as one batched matmul over row blocks of the weight (a
+view: nothing is copied), one block per thread, so each thread reads only its own share of the
+weight. With 2 threads (``python scripts/bench_gemv.py``, wt103 shapes, numbers in
+benchmarks/RESULTS.md) it is 1.2-1.5x faster than ``F.linear`` for one row (MKL's one-row product
+reads 10-19 GB/s, no faster than on one thread; the split one 13-23 GB/s, against 26-31 GB/s for
+a plain reduction over the same bytes), about 2x for 4-16 rows, 1.3x for the 128 rows of a
+cached segment, 1.07x for 512, and 0.92-1.0x for HF's 1728; hence MAX_ROWS. Each output is the
+same dot product as F.linear's, summed in another order (fp32: ~1e-7 relative). Elsewhere (more
+rows, one thread, other devices, weights that are not contiguous or do not split evenly)
+``linear`` is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -19,27 +20,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SPLIT = 2            # row blocks of the weight: one per thread of this machine
-MAX_ROWS = 64        # above this, F.linear's blocked matmul is as fast or faster
+MAX_ROWS = 512       # measured faster up to here; slower at 1728
 
 
-def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T + bias as a (SPLIT, N / SPLIT, K) batched matmul; weight contiguous, N % SPLIT == 0."""
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: int) -> torch.Tensor:
+    """x @ weight.T + bias as a (blocks, N / blocks, K) batched matmul; weight contiguous, N % blocks == 0."""
     N, K = weight.shape
     rows = x.numel() // K
-    blocks = weight.view(SPLIT, N // SPLIT, K)                                   # (S, N/S, K)
-    xt = x.reshape(rows, K).t().expand(SPLIT, K, rows)                          # (S, K, rows), no copy
-    if bias is None:
-        out = torch.bmm(blocks, xt)                                             # (S, N/S, rows)
-    else:
-        out = torch.baddbmm(bias.view(SPLIT, N // SPLIT, 1), blocks, xt)
-    return out.view(N, rows).t().reshape(*x.shape[:-1], N)                     # (..., N)
+    w = weight.view(blocks, N // blocks, K)                                       # (S, N/S, K)
+    xt = x.reshape(rows, K).t().expand(blocks, K, rows)                          # (S, K, rows), no copy
+    out = torch.bmm(w, xt) if bias is None else torch.baddbmm(bias.view(blocks, N // blocks, 1), w, xt)
+    return out.view(N, rows).t().reshape(*x.shape[:-1], N)                      # (S, N/S, rows) -> (..., N)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     N, K = weight.shape
     rows = x.numel() // K if K else 0
-    if (x.device.type == "cpu" and 0 < rows <= MAX_ROWS and N % SPLIT == 0 and weight.is_contiguous()
-            and x.shape[-1] == K and (bias is None or bias.shape == (N,))):
-        return split_linear(x, weight, bias)
+    blocks = torch.get_num_threads()
+    if (x.device.type == "cpu" and blocks > 1 and 0 < rows <= MAX_ROWS and N % blocks == 0
+            and weight.is_contiguous() and x.shape[-1] == K and (bias is None or bias.shape == (N,))):
+        return split_linear(x, weight, bias, blocks)
     return F.linear(x, weight, bias)
