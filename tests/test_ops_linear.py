@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from helpers import assert_rel_close
 from txl_fast import ops
+
 linear_module = importlib.import_module("txl_fast.ops.linear")     # the module, not the function
 
 # (leading shape of x, K, N): one decode row, a batch of them, a segment, the most rows taken; odd sizes

@@ -260,9 +260,9 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             pos_emb = self.pos_emb(pos_seq)                                        # (distinct, d)
             keys = []
             for layer in self.layers:
-                r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head)
-                keys.append(torch.cat([r[:1].expand(n - distinct, -1, -1), r])     # (n, H, D) views of
-                            .transpose(0, 1).contiguous().transpose(0, 1))      # head-major storage
+                r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head).transpose(0, 1)
+                head_major = torch.cat([r[:, :1].expand(-1, n - distinct, -1), r], dim=1)    # (H, n, D)
+                keys.append(head_major.transpose(0, 1))                                    # (n, H, D) view
             return keys
 
         weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]

@@ -43,7 +43,7 @@ class PositionwiseFF(nn.Module):
         self.pre_lnorm = pre_lnorm
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
-        """CoreNet's computation, through ``ops.linear`` (fast for the few rows of a decode step)."""
+        """CoreNet's computation, through ``ops.linear`` (faster for a decode step's or a cached segment's rows)."""
         first, _, inner_drop, second, out_drop = self.CoreNet
         x = inner_drop(torch.relu(ops.linear(x, first.weight, first.bias)))          # (B, L, d_inner)
         return out_drop(ops.linear(x, second.weight, second.bias))                   # (B, L, d)

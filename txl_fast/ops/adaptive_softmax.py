@@ -103,7 +103,7 @@ def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     (V_0, d) head weight with the cluster weight instead would copy the whole head matrix per call.
     """
     h0 = _project(hidden, projs[0])
-    head = linear(h0, weights[0], biases[0])                               # (N, V_0)
+    head = linear(h0, weights[0], biases[0])                                 # (N, V_0)
     if cluster_weight is not None:
         head = torch.cat([head, linear(h0, cluster_weight, cluster_bias)], dim=-1)
     return torch.log_softmax(head, dim=-1)
@@ -129,7 +129,7 @@ def _lse_and_pick(h, weight, bias, col):
     lse, pick = None, torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))
     for start in range(0, weight.shape[0], chunk):
-        z = linear(h, weight[start : start + chunk], bias[start : start + chunk])   # (n, <= chunk)
+        z = linear(h, weight[start : start + chunk], bias[start : start + chunk])     # (n, <= chunk)
         piece = torch.logsumexp(z, dim=1)
         lse = piece if lse is None else torch.logaddexp(lse, piece)
         inside = (col >= start) & (col < start + z.shape[1])
@@ -147,7 +147,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     lse, pick = _lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
     if cluster_weight is not None:
         # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
-        cluster_z = linear(h0, cluster_weight, cluster_bias)           # (N, C)
+        cluster_z = linear(h0, cluster_weight, cluster_bias)             # (N, C)
         lse = torch.logaddexp(lse, torch.logsumexp(cluster_z, dim=1))
         in_tail = (cluster_of > 0) & ~ignored
         at = cluster_z.gather(1, (cluster_of - 1).clamp(0, len(weights) - 2)[:, None]).squeeze(1)

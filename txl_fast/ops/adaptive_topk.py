@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import torch
 
 from txl_fast import backend, naive
-from txl_fast.ops.linear import linear
 from txl_fast.ops.adaptive_softmax import _project, check_inputs, cluster_bounds
+from txl_fast.ops.linear import linear
 
 CHUNK_ELEMENTS = 2**20           # logits per piece of the torch scan (4 MB in fp32), whatever the row count
 
@@ -38,7 +38,7 @@ def _scan_torch(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tu
     lse, best_z, best_ids = None, None, None
     chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))                               # words per piece
     for start in range(0, w.shape[0], chunk):
-        z = _acc(linear(h, w[start : start + chunk], b[start : start + chunk]))      # (n, <= chunk)
+        z = _acc(linear(h, w[start : start + chunk], b[start : start + chunk]))        # (n, <= chunk)
         z_top, ids_top = z.topk(min(k, z.shape[1]), dim=1)
         chunk_lse = torch.logsumexp(z, dim=1)
         if lse is None:
@@ -87,7 +87,7 @@ def adaptive_topk(
     word_lse, head_ids = _scan(h0, weights[0], biases[0], k)              # (N,), (N, min(k, V_0))
     if len(weights) == 1:
         return (_logits_at(h0, weights[0], biases[0], head_ids) - word_lse[:, None]).to(hidden.dtype), head_ids
-    cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))          # (N, C)
+    cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))            # (N, C)
     head_lse = torch.logaddexp(word_lse, torch.logsumexp(cluster_z, dim=1))
     cluster_logprob = cluster_z - head_lse[:, None]                       # (N, C)
 

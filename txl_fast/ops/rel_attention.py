@@ -124,7 +124,7 @@ SCORE_CHUNK = 2**21
 def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time: the same
     arithmetic as ``_torch_rel_attention`` on slices small enough to stay in cache. Keys that no
-    query sees (distance >= window from the last query too) are dropped first: they would only add
+    query sees (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities, and a decode step with HF's same_length window is then left with no mask."""
     if window:
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
