@@ -2,8 +2,9 @@
 
 Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
 r (Lk, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
-(q_i + w).r[j + Lq - 1 - i]), visible iff 0 <= i + mlen - j (< window)). ``txl_fast.naive`` is the
-literal validator.
+(q_i + w).r[j + Lq - 1 - i]), visible iff 0 <= i + mlen - j (< window)). The op's clamped
+(Lr, H, D) position keys reach the kernels written out to Lk rows (``full_positions``).
+``txl_fast.naive`` is the literal validator.
 
 Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
 ------------------------------------------------------------------------------------

@@ -39,8 +39,13 @@ def test_rel_attention_hand_count():
     # AC, BD, shifted BD, score, prob (Lq x Lk) and the padded BD (Lq x (Lk + 1)), each written and read
     assert hf.bytes == io + 2 * 4 * (5 * scores + B * H * Lq * (Lk + 1))
     torch_path = analytic.rel_attention(B, H, Lq, Lk, D, es=4, path="torch")
-    assert torch_path.bytes == io + 10 * 4 * scores
+    # raw position scores (Lq x Lk) and the position mask (Lq x (Lk + Lq - 1)), each written and read
+    assert torch_path.bytes == io + 2 * 4 * (scores + B * H * Lq * (Lk + Lq - 1))
     assert hf.flops == torch_path.flops == fused.flops
+    clamped = analytic.rel_attention(B, H, Lq, Lk, D, es=4, path="torch", position_rows=2)   # Lr 2 of 5
+    assert clamped.flops == fused.flops - 2 * B * H * Lq * (Lk - 2) * D
+    assert clamped.bytes == torch_path.bytes - 4 * (3 * H * D + 2 * B * H * Lq * 3)
+    assert analytic.rel_attention(B, H, Lq, Lk, D, es=4, path="fused", position_rows=2) == fused
     with pytest.raises(ValueError, match="path"):
         analytic.rel_attention(B, H, Lq, Lk, D, path="flash")
 
@@ -122,6 +127,7 @@ def test_fused_path_moves_fewer_bytes_than_hf():
 # ---- against torch's FLOP counter on a real forward ----------------------------------------------
 @pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
 def test_flops_match_torch_flop_counter(cached):
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = TransfoXLConfig(vocab_size=1000, cutoffs=[200, 500], d_model=64, d_embed=64, n_head=4, d_head=16,
@@ -130,11 +136,15 @@ def test_flops_match_torch_flop_counter(cached):
     model = TransfoXLLMHeadModel(cfg).eval()
     B, L = 2, 8
     ids = torch.randint(0, 200, (B, L))                       # every token in the head cluster
-    counter = FlopCounterMode(display=False)
+    # torch's counter has no formula for the CPU flash attention kernel the torch path runs: sdpa's
+    cpu_flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *args, **kwargs: flop_counter.sdpa_flop_count(q, k, v)}
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_flash)
     with torch.no_grad():
         if cached:
             cache = model.new_cache(B, "zeros")
-            model(ids, cache=cache)                           # position keys made once, before counting
+            for _ in range(4):                                # position keys made once; the zero memory
+                model(ids, cache=cache)                       # pushed out (its rows cost less)
             with counter:
                 model(ids, cache=cache)                       # full log-probs of every position
             expected = analytic.segment(cfg, B, L, 24, cached=True, labels=False, path="torch")

@@ -194,16 +194,43 @@ def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(mo
                                                                 make_room(self, L))[1])
     g = torch.Generator().manual_seed(7)
     mem_len, kv = 9, LayerKV(2, 12, 3, 4, torch.float64, "cpu")
-    history = torch.zeros(2, 0, 3, 4, dtype=torch.float64)
+    fill = torch.randn(2, 1, 3, 4, generator=g, dtype=torch.float64)
+    kv.fill(fill, -fill, 7)                                    # a filled start, as HF's zero memory
+    kv.commit(7, mem_len)
+    history, filled = fill.expand(2, 7, 3, 4), torch.ones(7, dtype=torch.bool)
     for L in (4, 3, 5, 1, 1, 2, 6, 1, 14, 3, 2, 1, 5):         # 14: longer than the buffer, which grows
         new = torch.randn(2, L, 3, 4, generator=g, dtype=torch.float64)
         k, v = kv.extend(new, -new)
         history = torch.cat([history, new], 1)[:, -(mem_len + L):]
+        filled = torch.cat([filled, torch.zeros(L, dtype=torch.bool)])[-(mem_len + L):]
         assert torch.equal(k, history) and torch.equal(v, -history)
+        assert kv.uniform_rows == int(filled.sum()), "filled rows miscounted"
         assert k.stride(1) == v.stride(1) == 4, "one head's keys/values are not a contiguous block"
         kv.commit(L, mem_len)
-        history = history[:, -mem_len:]
+        history, filled = history[:, -mem_len:], filled[-mem_len:]
     assert any(gap < rows for gap, rows in moves), "no move overlapped its source"
+    assert kv.uniform_rows == 0
+
+
+def test_zero_memory_is_scored_in_closed_form(monkeypatch):
+    """A zero-initialised cache tells attention how many leading memory rows are still the zero
+    row (``uniform_keys``), and the results equal the uncached path's."""
+    import txl_fast.modules
+
+    model = model_for(mem_len=12)
+    calls, attention = [], txl_fast.modules.ops.rel_attention
+
+    def recorded(*args, uniform_keys=0, **kwargs):
+        calls.append(uniform_keys)
+        return attention(*args, uniform_keys=uniform_keys, **kwargs)
+
+    monkeypatch.setattr(txl_fast.modules.ops, "rel_attention", recorded)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(9))
+    got = model.generate(prompt, 4)
+    per_step = calls[:: model.config.n_layer]
+    assert calls == [u for u in per_step for _ in range(model.config.n_layer)]
+    assert per_step == [12, 7, 6, 5]                          # 12 zero rows, then 5 of them pushed out
+    assert torch.equal(got, model.generate(prompt, 4, use_cache=False))
 
 
 def test_position_keys_are_kept_across_caches_until_the_weights_change():

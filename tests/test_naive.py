@@ -9,9 +9,10 @@ from txl_fast.ops.rel_attention import rel_shift
 
 
 def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
-    """Pure-Python loops over b, h, i, j, d: the paper's equation with no tensor algebra."""
+    """Pure-Python loops over b, h, i, j, d: the paper's equation with no tensor algebra; r's
+    rows are distances Lr - 1 … 0, larger distances clamped to row 0 (clamp_len)."""
     B, Lq, H, D = q.shape
-    Lk = k.shape[1]
+    Lk, Lr = k.shape[1], r.shape[0]
     mlen = Lk - Lq
     out = torch.zeros(B, Lq, H, D, dtype=torch.float64)
     for b in range(B):
@@ -23,7 +24,7 @@ def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
                     if dist < 0 or (window is not None and dist >= window):
                         scores.append(None)
                         continue
-                    p = Lk - 1 - dist
+                    p = Lr - 1 - min(dist, Lr - 1)
                     a = sum((q[b, i, h, x] + u[h, x]).item() * k[b, j, h, x].item() for x in range(D))
                     c = sum((q[b, i, h, x] + vb[h, x]).item() * r[p, h, x].item() for x in range(D))
                     scores.append(scale * (a + c))
@@ -39,12 +40,14 @@ def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
     return out
 
 
-@pytest.mark.parametrize("Lq,Lk,window", [(3, 5, None), (3, 5, 3), (1, 4, None), (4, 4, None), (2, 2, 0)])
-def test_rel_attention_matches_scalar_loops(Lq, Lk, window):
-    g = torch.Generator().manual_seed(Lq * 10 + Lk)
+@pytest.mark.parametrize("Lq,Lk,window,Lr", [(3, 5, None, 5), (3, 5, 3, 5), (1, 4, None, 4), (4, 4, None, 4),
+                                             (2, 2, 0, 2), (3, 7, None, 3), (1, 6, 5, 2), (4, 5, 3, 1)])
+def test_rel_attention_matches_scalar_loops(Lq, Lk, window, Lr):
+    """Lr < Lk: clamped position rows."""
+    g = torch.Generator().manual_seed(Lq * 10 + Lk + Lr)
     B, H, D = 2, 2, 3
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    q, k, v, r, u, vb = t(B, Lq, H, D), t(B, Lk, H, D), t(B, Lk, H, D), t(Lk, H, D), t(H, D), t(H, D)
+    q, k, v, r, u, vb = t(B, Lq, H, D), t(B, Lk, H, D), t(B, Lk, H, D), t(Lr, H, D), t(H, D), t(H, D)
     out, prob = naive.rel_attention(q, k, v, r, u, vb, 0.7, window)
     ref = scalar_rel_attention(q, k, v, r, u, vb, 0.7, window)
     assert (out - ref).abs().max() < 1e-12
@@ -53,10 +56,11 @@ def test_rel_attention_matches_scalar_loops(Lq, Lk, window):
 
 def test_rel_shift_index_formula():
     Lq, Lk = 4, 7
-    raw = torch.arange(2 * Lq * Lk, dtype=torch.float64).view(2, Lq, Lk)
+    raw = torch.arange(2 * Lq * (Lk + Lq - 1), dtype=torch.float64).view(2, Lq, Lk + Lq - 1)
     shifted = rel_shift(raw)
+    assert shifted.shape == (2, Lq, Lk)
     for i in range(Lq):
-        for j in range(i + Lk - Lq + 1):      # every causally visible key
+        for j in range(Lk):                   # every key: raw column j + Lq - 1 - i, in row i
             assert shifted[:, i, j].tolist() == raw[:, i, j + Lq - 1 - i].tolist()
 
 

@@ -28,15 +28,16 @@ K = pytest.importorskip("txl_fast.kernels.rel_attention")
 NAMES = ("q", "k", "v", "r", "r_w_bias", "r_r_bias")
 
 
-def make_inputs(B, Lq, mlen, H, D, dtype=torch.float64, seed=0, repeat_r=0):
-    """Random inputs in float64 (batch-first); ``repeat_r`` first rows of r equal (clamp_len-like)."""
+def make_inputs(B, Lq, mlen, H, D, dtype=torch.float64, seed=0, repeat_r=0, rows_r=None):
+    """Random inputs in float64 (batch-first); ``repeat_r`` first rows of r equal (clamp_len-like);
+    ``rows_r``: r has that many rows (the op's clamped layout) instead of Lk."""
     g = torch.Generator().manual_seed(seed)
     Lk = Lq + mlen
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    r = rnd(Lk, H, D)
+    r = rnd(rows_r or Lk, H, D)
     if repeat_r:
         r[:repeat_r] = r[repeat_r]
     return [rnd(B, Lq, H, D), rnd(B, Lk, H, D), rnd(B, Lk, H, D), r, rnd(H, D) * 0.5, rnd(H, D) * 0.5], rnd(B, Lq, H, D)
@@ -93,6 +94,14 @@ CASES = {
 def test_fp64_matches_naive(case, path):
     B, Lq, mlen, H, D, window, rep = CASES[case]
     inputs, dout = make_inputs(B, Lq, mlen, H, D, repeat_r=rep, seed=len(case))
+    check_all(inputs, dout, window, torch.float64)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_clamped_positions_match_naive(path, window):
+    """r with 6 rows for 21 keys (clamp_len 5): written out to Lk rows before the launch, the
+    clamped rows' gradients summed into row 0."""
+    inputs, dout = make_inputs(2, 9, 12, 2, 16, seed=11, rows_r=6)
     check_all(inputs, dout, window, torch.float64)
 
 
@@ -239,7 +248,7 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
         with pytest.raises(ValueError, match="dtype"):
             rel_attention(q, k.float(), v, r, u, w, scale=1.0)
         with pytest.raises(ValueError, match="r must be"):
-            rel_attention(q, k, v, r[1:], u, w, scale=1.0)
+            rel_attention(q, k, v, torch.cat([r, r[:1]]), u, w, scale=1.0)      # Lr > Lk
         with pytest.raises(ValueError, match="window"):
             rel_attention(q, k, v, r, u, w, scale=1.0, window=-1)
         with pytest.raises(ValueError, match="bfloat16"):

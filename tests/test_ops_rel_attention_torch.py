@@ -1,5 +1,8 @@
 """The torch backend of ``rel_attention`` against the float64 naive path, including its
-cache-sized chunks over (batch row, heads); output and every input's gradient."""
+cache-sized chunks over (batch row, heads). Both of its paths: with autograd (content matmul plus
+the position mask, softmax, value matmul) output and every input's gradient; without (the fused
+``scaled_dot_product_attention`` with the position mask, and the closed form of uniform keys)
+the output, with a check that the fused kernel is what ran."""
 import importlib
 
 import pytest
@@ -12,30 +15,58 @@ from txl_fast.ops import rel_attention
 ra = importlib.import_module("txl_fast.ops.rel_attention")     # the module, not the re-exported function
 NAMES = ("q", "k", "v", "r", "r_w_bias", "r_r_bias")
 
-# (B, Lq, mlen, H, D, window)
-CASES = {"no_window": (3, 13, 10, 5, 7, None), "window": (2, 11, 9, 3, 8, 6), "decode": (3, 1, 23, 5, 4, 9),
-         "window0_uniform": (2, 7, 0, 3, 4, 0)}
+# (B, Lq, mlen, H, D, window, Lr, uniform_keys): Lr rows of r (clamped distances when < Lk)
+CASES = {
+    "no_window": (3, 13, 10, 5, 7, None, 23, 0),
+    "window": (2, 11, 9, 3, 8, 6, 20, 0),
+    "decode": (3, 1, 23, 5, 4, 9, 24, 0),
+    "window0_uniform": (2, 7, 0, 3, 4, 0, 7, 0),          # no key visible: uniform rows, as HF
+    "clamped": (2, 9, 14, 3, 4, None, 6, 0),
+    "clamped_window": (2, 9, 14, 3, 4, 12, 6, 0),
+    "clamped_past_window": (2, 3, 7, 3, 4, 2, 8, 0),     # the dropped keys leave fewer than Lr distances
+    "zero_memory_prompt": (2, 6, 17, 3, 4, 16, 11, 15),  # some uniform keys dropped, the rest kept
+    "zero_memory_decode": (1, 1, 30, 5, 4, 30, 11, 25),
+    "uniform_all_dropped": (2, 5, 12, 3, 4, 6, 17, 4),
+    "uniform_but_the_last": (2, 4, 3, 2, 4, None, 7, 6),
+}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("chunk,dtype", [(None, torch.float64), (1, torch.float64), (150, torch.float64),
-                                         (None, torch.float32), (150, torch.float16)])
-@pytest.mark.parametrize("layout", ["time_major", "head_major"])
-def test_torch_path_matches_naive(case, chunk, dtype, layout, monkeypatch):
-    """chunk: the default; one head per chunk; 2 heads (H = 5 -> 3 groups). layout: how k, v and r
-    are stored (HF's time-major tensors; the inference cache's head-major buffers)."""
-    B, Lq, mlen, H, D, window = CASES[case]
-    if chunk is not None:
-        monkeypatch.setattr(ra, "SCORE_CHUNK", chunk * Lq * (Lq + mlen))
-    g = torch.Generator().manual_seed(len(case) + (chunk or 0))
-    shapes = [(B, Lq, H, D), (B, Lq + mlen, H, D), (B, Lq + mlen, H, D), (Lq + mlen, H, D), (H, D), (H, D)]
+def make_inputs(case, layout, seed):
+    """float64 inputs of a case; k, v and r stored as HF's time-major tensors (the uncached
+    models) or as the inference cache's head-major buffers, passed as batch-first views."""
+    B, Lq, mlen, H, D, window, Lr, _ = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Lq, H, D), (B, Lq + mlen, H, D), (B, Lq + mlen, H, D), (Lr, H, D), (H, D), (H, D)]
     inputs = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
-    if layout == "time_major":         # passed as batch-first views, as the uncached models do
+    if layout == "time_major":
         inputs[:3] = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:3]]
-    else:                              # (B, H, L, D) and (H, L, D) storage, as the inference cache's
+    else:
         inputs[1:3] = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs[1:3]]
         inputs[3] = inputs[3].transpose(0, 1).contiguous().transpose(0, 1)
-    dout = torch.randn(B, Lq, H, D, generator=g, dtype=torch.float64)
+    return inputs, torch.randn(B, Lq, H, D, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused kernel (scaled_dot_product_attention)."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: (calls.append(1), sdpa(*a, **kw))[1])
+    return calls
+
+
+CHUNKS = [(None, torch.float64), (1, torch.float64), (150, torch.float64), (None, torch.float32), (150, torch.float16)]
+
+
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[-1] == 0])
+@pytest.mark.parametrize("chunk,dtype", CHUNKS)
+@pytest.mark.parametrize("layout", ["time_major", "head_major"])
+def test_autograd_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fused_calls):
+    """chunk: the default; one head per chunk; 2 heads (H = 5 -> 3 groups)."""
+    B, Lq, mlen, H, D, window, _, _ = CASES[case]
+    if chunk is not None:
+        monkeypatch.setattr(ra, "SCORE_CHUNK", chunk * Lq * (Lq + mlen))
+    inputs, dout = make_inputs(case, layout, seed=len(case) + (chunk or 0))
     ours = [x.to(dtype, copy=True).requires_grad_() for x in inputs]
     with backend.use_backend("torch"):
         out = rel_attention(*ours, scale=D**-0.5, window=window)
@@ -43,6 +74,66 @@ def test_torch_path_matches_naive(case, chunk, dtype, layout, monkeypatch):
     refs = [x.clone().requires_grad_() for x in inputs]
     ref = naive.rel_attention(*refs, D**-0.5, window)[0]
     ref.backward(dout)
+    assert not fused_calls
     assert_rel_close(out, ref, dtype, "out")
     for name, x, rx in zip(NAMES, ours, refs):
         assert_rel_close(x.grad, rx.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("chunk,dtype", CHUNKS)
+@pytest.mark.parametrize("layout", ["time_major", "head_major"])
+def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fused_calls):
+    """Without autograd. With ``uniform_keys=n`` the first n keys and values are given *different*:
+    the output must be naive's on inputs whose first n rows are all row n - 1 (the row the closed
+    form reads), which only the closed form gives."""
+    B, Lq, mlen, H, D, window, _, n = CASES[case]
+    if chunk is not None:
+        monkeypatch.setattr(ra, "SCORE_CHUNK", chunk * Lq * (Lq + mlen))
+    inputs, _ = make_inputs(case, layout, seed=len(case) + (chunk or 0))
+    with torch.no_grad(), backend.use_backend("torch"):
+        out = rel_attention(*[x.to(dtype) for x in inputs], scale=D**-0.5, window=window, uniform_keys=n)
+
+    def uniform(x):                                      # (B, Lk, H, D): rows [0, n) all row n - 1
+        return torch.cat([x[:, n - 1 : n].expand(-1, n, -1, -1), x[:, n:]], dim=1) if n else x
+
+    q, k, v, r, u, w = inputs
+    ref = naive.rel_attention(q, uniform(k), uniform(v), r, u, w, D**-0.5, window)[0]
+    assert fused_calls or window == 0                    # window 0: no key visible, the rows' mean value
+    assert_rel_close(out, ref, dtype, "out")
+
+
+def test_every_key_uniform():
+    """uniform_keys = Lk: no key left for the content matmul. (Outputs only: with one key and one
+    value every score gradient is zero, and relative errors of zero are noise.)"""
+    g = torch.Generator().manual_seed(3)
+    q, kv, r, u, w = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(2, 4, 2, 3), (2, 1, 2, 3),
+                                                                                  (4, 2, 3), (2, 3), (2, 3)])
+    k, v = kv.expand(2, 4, 2, 3), -kv.expand(2, 4, 2, 3)
+    with backend.use_backend("torch"):
+        out = rel_attention(q, k, v, r, u, w, scale=0.5, uniform_keys=4)
+    assert_rel_close(out, naive.rel_attention(q, k, v, r, u, w, 0.5, None)[0], torch.float64, "out")
+
+
+def test_full_positions_writes_out_the_clamped_rows():
+    r = torch.randn(4, 2, 3, dtype=torch.float64)
+    full = ra.full_positions(r, 7)
+    assert full.shape == (7, 2, 3)
+    for p in range(7):                                   # row p: distance 6 - p, clamped to 3
+        assert torch.equal(full[p], r[3 - min(6 - p, 3)])
+    assert ra.full_positions(r, 4) is r
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(r=(8, 2, 4)), r"1 <= Lr <= Lk=7"),
+    (dict(r=(0, 2, 4)), r"1 <= Lr <= Lk=7"),
+    (dict(uniform_keys=8), r"uniform_keys must be an int in \[0, Lk=7\]"),
+    (dict(uniform_keys=-1), r"uniform_keys must be an int"),
+    (dict(uniform_keys=2.0), r"uniform_keys must be an int"),
+])
+def test_bad_promises_raise(change, match):
+    shapes = dict(q=(1, 3, 2, 4), k=(1, 7, 2, 4), v=(1, 7, 2, 4), r=(5, 2, 4), r_w_bias=(2, 4), r_r_bias=(2, 4))
+    shapes.update({name: s for name, s in change.items() if name != "uniform_keys"})
+    tensors = [torch.randn(*s) for s in shapes.values()]
+    with pytest.raises(ValueError, match=match):
+        rel_attention(*tensors, scale=0.5, uniform_keys=change.get("uniform_keys", 0))

@@ -16,10 +16,17 @@ at most 8 rows copied per new row (wt103, generation: ~1 MB a token against the 
 and memory it reads; evaluation: ~1 % of a segment's time), while the buffers hold at most
 1.25 mem_len + 2 L rows instead of 2 mem_len + L. Nothing is concatenated per step.
 
+HF's zero-filled initial memory is written out like any other, and its rows are also counted
+(``LayerKV.uniform_rows``: every one holds the projection of the same zero row) while they stay in
+the memory, so that attention scores them in closed form (the op's ``uniform_keys``). A
+128-token prompt leaves 1472 such rows of wt103's 1600, and a short generation never gets past
+them: a decode step then multiplies only the real rows' keys and values.
+
 Position projections (``PositionKeys``, one per model, shared by all its caches): with clamp_len
 fixed, the embedding of distance d does not depend on klen, and for any klen the rows needed are
-the last klen rows of the longest sequence (distances klen-1 … 0). So each layer's
-``r_net(pos_emb)`` is computed once for the largest klen seen and sliced, and kept across calls
+the last ones of the longest sequence (distances klen-1 … 0, or clamp_len … 0 when clamp_len
+is shorter: the attention op clamps larger distances). So each layer's ``r_net(pos_emb)`` is
+computed once for the largest klen seen (at most clamp_len + 1 rows) and sliced, and kept across calls
 (``generate`` and ``evaluate`` make a new cache per call) for as long as the weights it was made
 from are unchanged: the key holds each weight's storage and version counter, which every in-place
 update (an optimizer step, ``load_state_dict``) bumps. Only used with autograd off.
@@ -40,6 +47,7 @@ class LayerKV:
         self.k = torch.empty(bsz, n_head, capacity, d_head, dtype=dtype, device=device)     # head-major
         self.v = torch.empty_like(self.k)
         self.start = self.end = 0
+        self.uniform_end = 0                # rows [start, uniform_end) are copies of one filled row
 
     @property
     def mlen(self) -> int:
@@ -54,6 +62,19 @@ class LayerKV:
         self.v[:, :, self.end : self.end + L] = v_new.transpose(1, 2)
         rows = slice(self.start, self.end + L)
         return self.k[:, :, rows].transpose(1, 2), self.v[:, :, rows].transpose(1, 2)
+
+    def fill(self, k_row: torch.Tensor, v_row: torch.Tensor, rows: int) -> None:
+        """Start the memory as ``rows`` copies of one (B, 1, H, D) key/value row (HF's zero memory):
+        written out, and counted by ``uniform_rows`` while they stay in the memory."""
+        B, _, H, D = k_row.shape
+        self.extend(k_row.expand(B, rows, H, D), v_row.expand(B, rows, H, D))
+        self.uniform_end = self.end + rows
+
+    @property
+    def uniform_rows(self) -> int:
+        """How many leading rows of the views ``extend`` returns are the filled row (attention's
+        ``uniform_keys``: they are scored in closed form)."""
+        return max(0, self.uniform_end - self.start)
 
     def commit(self, new_rows: int, mem_len: int) -> None:
         """After a step of ``new_rows`` rows: keep the last ``mem_len`` rows as memory."""
@@ -77,6 +98,7 @@ class LayerKV:
                 self.k[:, :, lo:hi] = self.k[:, :, gap + lo : gap + hi]
                 self.v[:, :, lo:hi] = self.v[:, :, gap + lo : gap + hi]
         self.start, self.end = 0, M
+        self.uniform_end = max(0, self.uniform_end - gap)
 
 
 class InferenceCache:
@@ -114,8 +136,8 @@ class PositionKeys:
         self._key = None
 
     def get(self, klen: int, rows: int, key, make) -> list:
-        """Per layer (klen, H, D) position keys; ``make(rows)`` computes them for ``rows`` >= klen rows
-        (the longest klen expected) when the stored ones are too short or their key differs. With
+        """Per layer (klen, H, D) position keys (distances klen - 1 … 0); ``make(rows)`` computes
+        ``rows`` >= klen of them (the longest expected) when the stored ones are too short or their key differs. With
         autograd on they are made afresh and neither kept nor taken from the store: a kept graph
         would outlive its step, and stored keys carry no gradient to ``r_net``."""
         if torch.is_grad_enabled():

@@ -243,31 +243,29 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             with torch.no_grad():
                 for layer, kv in zip(self.layers, cache.layers):
                     _, k, v = layer.dec_attn._heads(zero).view(1, 1, 3, self.n_head, self.d_head).unbind(2)
-                    kv.extend(k.expand(bsz, self.mem_len, -1, -1), v.expand(bsz, self.mem_len, -1, -1))
+                    kv.fill(k.expand(bsz, 1, -1, -1), v.expand(bsz, 1, -1, -1), self.mem_len)
             cache.commit(self.mem_len)
         return cache
 
     def _position_keys(self, klen: int, qlen: int) -> list:
-        """Per layer (klen, H, D) projected position embeddings, kept between calls while the weights are unchanged."""
+        """Per layer (Lr, H, D) projected position embeddings of distances Lr - 1 … 0: Lr = klen, or
+        clamp_len + 1 when that is less (the attention op takes row 0 for every larger distance,
+        wt103: 1001 rows instead of 1728). Kept between calls while the weights are unchanged."""
         p = self._param()
 
         def make(n):
-            # distances n-1 … 0; with clamp_len every distance >= clamp_len is clamp_len, so only
-            # the last clamp_len + 1 rows differ: they are projected, the first row repeated above
-            # them (the rows projecting every distance would give; wt103: 1001 of 1728 projected)
-            distinct = min(n, self.clamp_len + 1) if self.clamp_len > 0 else n
-            pos_seq = torch.arange(distinct - 1, -1, -1.0, device=p.device, dtype=p.dtype)
-            pos_emb = self.pos_emb(pos_seq)                                        # (distinct, d)
-            keys = []
-            for layer in self.layers:
-                r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head).transpose(0, 1)
-                head_major = torch.cat([r[:, :1].expand(-1, n - distinct, -1), r], dim=1)    # (H, n, D)
-                keys.append(head_major.transpose(0, 1))                                    # (n, H, D) view
-            return keys
+            pos_seq = torch.arange(n - 1, -1, -1.0, device=p.device, dtype=p.dtype)
+            pos_emb = self.pos_emb(pos_seq)                                                  # (n, d)
+            # (n, H, D) views of head-major (H, n, D) storage: one head's keys are one block
+            return [layer.dec_attn.r_net(pos_emb).view(n, self.n_head, self.d_head).transpose(0, 1).contiguous()
+                    .transpose(0, 1) for layer in self.layers]
 
         weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]
         key = (self.clamp_len, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
-        return self._positions.get(klen, max(klen, self.mem_len + qlen), key, make)
+        longest = max(klen, self.mem_len + qlen)                       # the klen of a full memory
+        if self.clamp_len > 0:
+            klen, longest = min(klen, self.clamp_len + 1), min(longest, self.clamp_len + 1)
+        return self._positions.get(klen, longest, key, make)
 
     def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         bsz, qlen = word_emb.shape[:2]

@@ -105,9 +105,9 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         B, Lq, _ = h.shape
         q, k_new, v_new = self._heads(h).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
         k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)
-        return self._attend(h, q, k, v, r, window, None, False)[0]
+        return self._attend(h, q, k, v, r, window, None, False, kv.uniform_rows)[0]
 
-    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions):
+    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0):
         B, Lq, H, D = q.shape
         prob = None
         if output_attentions or (self.training and self.dropatt.p > 0):
@@ -116,7 +116,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
                 dropout_p=self.dropatt.p if self.training else 0.0,
             )
         else:
-            out = ops.rel_attention(q, k, v, r, self.r_w_bias, self.r_r_bias, scale=self.scale, window=window)
+            out = ops.rel_attention(q, k, v, r, self.r_w_bias, self.r_r_bias, scale=self.scale, window=window,
+                                    uniform_keys=uniform_keys)
         if head_mask is not None:                       # a per-head scale of the probabilities
             out = out * head_mask[:, None]
             prob = None if prob is None else prob * head_mask[:, None, None]

@@ -7,9 +7,10 @@ the projected adaptive softmax (Grave et al. 2017, as used by Transformer-XL):
 Relative attention, for query i (0 <= i < qlen) and key j (0 <= j < klen = mlen + qlen):
 
     d(i, j)      = i + mlen - j                     relative distance, >= 0 when visible
-    r_d          = r[klen - 1 - d]                  r holds one row per distance, row p for d = klen-1-p
-                                                    (that is HF's pos_seq = [klen-1, ..., 0]; clamp_len
-                                                    is applied when r is built, see model.py)
+    r_d          = r[Lr - 1 - min(d, Lr - 1)]       r holds one row per distance, row p for d = Lr-1-p,
+                                                    larger distances clamped to row 0: Lr = klen is HF's
+                                                    pos_seq = [klen-1, ..., 0] (its clamp_len applied
+                                                    when r is built), Lr = clamp_len + 1 the clamp here
     score(i, j)  = scale * ( (q_i + u) . k_j   +   (q_i + v) . r_d(i,j) )
                            ^ content term (a)+(c)    ^ position term (b)+(d)
     visible(i,j) = d >= 0  and  (window is None or d < window)
@@ -49,7 +50,8 @@ def rel_attention(
     q:  (B, Lq, H, D)   queries of the current segment
     k:  (B, Lk, H, D)   keys of memory + segment, Lk = mlen + Lq
     v:  (B, Lk, H, D)   values
-    r:  (Lk, H, D)      projected position embeddings, row p for distance Lk - 1 - p
+    r:  (Lr, H, D)      projected position embeddings, row p for distance Lr - 1 - p, Lr <= Lk;
+                        distances >= Lr - 1 use row 0
     r_w_bias, r_r_bias: (H, D)   u and v of the paper
     window: a key is visible only if its distance is < window (HF's same_length mask)
     returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
@@ -63,7 +65,8 @@ def rel_attention(
     visible = distance >= 0
     if window is not None:
         visible = visible & (distance < window)
-    r_ij = r[(Lk - 1 - distance).clamp(0, Lk - 1)]                    # (Lq, Lk, H, D), one row per (i, j)
+    Lr = r.shape[0]
+    r_ij = r[Lr - 1 - distance.clamp(0, Lr - 1)]                      # (Lq, Lk, H, D), one row per (i, j)
 
     content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
     position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)

@@ -15,9 +15,9 @@ Counting rules (used everywhere below):
 
 Paths of the relative attention (``path=``):
   ``fused``  one kernel (txl_fast.kernels): reads q, k, v, r, writes out and the row log-sum-exp.
-  ``torch``  txl_fast's PyTorch path (ops/rel_attention.py): content and raw position scores
-             written, added in place, masked in place, softmax written, read by the PV product:
-             10 passes over the (B, H, Lq, Lk) scores.
+  ``torch``  txl_fast's PyTorch inference path (ops/rel_attention.py): the raw position scores
+             (B, H, Lq, Lr) written and read, the position mask (B, H, Lq, Lk + Lq - 1) written
+             and read by scaled_dot_product_attention, which fuses the content scores, softmax and PV.
   ``hf``     HF 4.35: AC, BD, the padded BD copy, the shifted BD, the score and the probabilities
              as six (Lq, Lk, B, H) tensors, each written and read.
 The adaptive softmax has ``fused`` (weights and hidden read once, the result written) and ``hf``
@@ -132,22 +132,26 @@ def feed_forward(rows: int, d_model: int, d_inner: int, es: int = 4) -> Cost:
 
 
 def rel_attention(batch: int, n_head: int, qlen: int, klen: int, d_head: int, es: int = 4,
-                  path: str = "fused") -> Cost:
-    """Relative attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) and r (Lk, H, D).
+                  path: str = "fused", position_rows: Optional[int] = None) -> Cost:
+    """Relative attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) and r (Lr, H, D).
 
-    FLOPs: three products of Lq·Lk·D per (batch, head) — content QKᵀ, position Q·Rᵀ, PV — plus 5 per
-    score for the softmax. Bytes: q, k, v, r, out (+ the fp32 row log-sum-exp for ``fused``), plus the
-    score-sized intermediates of the unfused paths (see the module docstring).
+    FLOPs: content QKᵀ and PV, Lq·Lk·D each per (batch, head), and the position product Q·Rᵀ,
+    Lq·Lr·D (the torch path multiplies the Lr = ``position_rows`` distinct rows of a clamped r,
+    default Lk; the fused kernels and HF every key's), plus 5 per score for the softmax. Bytes: q,
+    k, v, r, out (+ the fp32 row log-sum-exp for ``fused``), plus the intermediates of the unfused
+    paths (see the module docstring).
     """
     if path not in ATTENTION_PATHS:
         raise ValueError(f"path must be one of {ATTENTION_PATHS}, got {path!r}")
     scores = batch * n_head * qlen * klen
-    flops = 3 * 2.0 * scores * d_head + 5.0 * scores
-    io = es * (2 * batch * qlen * n_head * d_head + 2 * batch * klen * n_head * d_head + klen * n_head * d_head)
+    rows = klen if path != "torch" or position_rows is None else position_rows
+    flops = 2 * 2.0 * scores * d_head + 2.0 * batch * n_head * qlen * rows * d_head + 5.0 * scores
+    io = es * (2 * batch * qlen * n_head * d_head + 2 * batch * klen * n_head * d_head + rows * n_head * d_head)
     if path == "fused":
         return Cost(flops, io + 4 * batch * n_head * qlen)
     if path == "torch":
-        return Cost(flops, io + 10 * es * scores)
+        position, mask = batch * n_head * qlen * rows, batch * n_head * qlen * (klen + qlen - 1)
+        return Cost(flops, io + 2 * es * (position + mask))
     padded = batch * n_head * qlen * (klen + 1)
     return Cost(flops, io + 2 * es * (5 * scores + padded))
 
@@ -262,7 +266,9 @@ def segment(cfg, batch: int, qlen: int, mlen: int, *, cached: bool, labels: bool
         layer.add("r_net", linear(klen, d, H * D, es) + Cost(0.0, es * klen * d))   # + the sinusoids
         # torch.cat([mems, h]) per layer, then the new memory: cat + slice of the layer's input
         layer.add("mems", Cost(0.0, es * 2 * batch * klen * d * 2))
-    layer.add("attention", rel_attention(batch, H, qlen, klen, D, es, path))
+    # the cache passes the clamp_len + 1 distinct position keys; HF's layout has one per key
+    distinct = min(klen, cfg.clamp_len + 1) if cached and cfg.clamp_len > 0 else klen
+    layer.add("attention", rel_attention(batch, H, qlen, klen, D, es, path, position_rows=distinct))
     layer.add("o_net", linear(rows, H * D, d, es))
     layer.add("layer_norm", add_layer_norm(rows, d, es) * 2)
     layer.add("ff", feed_forward(rows, d, cfg.d_inner, es))

@@ -192,12 +192,16 @@ def _rel_attention_triton_grad(ctx, grad, _grad_m, _grad_l):
 _rel_attention_triton.register_autograd(_rel_attention_triton_grad, setup_context=_rel_attention_triton_setup)
 
 
-def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None) -> Tensor:
+def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
+                  uniform_keys: int = 0) -> Tensor:
     """``txl_fast.ops.rel_attention`` through ``txl_fast::rel_attention_triton`` on the triton
-    backend, through ``txl_fast::rel_attention`` otherwise."""
+    backend, through ``txl_fast::rel_attention`` otherwise. ``uniform_keys`` is checked, then left
+    unused: the operators compute the same result without the promise."""
     if _on_triton(q):
-        _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window)
+        _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
+        r = _ra.full_positions(r, k.shape[1])          # the kernels take a row for every distance
         return torch.ops.txl_fast.rel_attention_triton(q, k, v, r, r_w_bias, r_r_bias, float(scale), window)[0]
+    _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
     return torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, float(scale), window)
 
 

@@ -1,17 +1,25 @@
 """Relative-position attention (Transformer-XL), batch-first.
 
-    q: (B, Lq, H, D)   k, v: (B, Lk, H, D)   r: (Lk, H, D)   r_w_bias, r_r_bias: (H, D)
+    q: (B, Lq, H, D)   k, v: (B, Lk, H, D)   r: (Lr, H, D), 1 <= Lr <= Lk   r_w_bias, r_r_bias: (H, D)
     -> out (B, Lq, H, D)
 
-with Lk = mlen + Lq, row p of r the projected position embedding of distance Lk - 1 - p, and
-the score of query i and key j
+with Lk = mlen + Lq, row p of r the projected position embedding of distance Lr - 1 - p, every
+distance >= Lr - 1 taking row 0 (Transformer-XL's clamp_len: Lr = clamp_len + 1 passes only the
+distinct rows; Lr = Lk is HF's unclamped layout), and the score of query i and key j
 
-    scale * ( (q_i + r_w_bias) . k_j  +  (q_i + r_r_bias) . r[j + Lq - 1 - i] )
+    scale * ( (q_i + r_w_bias) . k_j  +  (q_i + r_r_bias) . r[Lr - 1 - min(d, Lr - 1)] )
 
 over the visible keys: distance d = i + mlen - j with 0 <= d (causal, memory included) and,
 when ``window`` is given, d < window (HF's same_length mask). Invisible scores take the
 dtype's most negative finite value, as in HF, so a row with no visible key is uniform.
 ``txl_fast.naive.rel_attention`` states the same maths literally.
+
+``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
+one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path
+then scores them in closed form from row n-1 (a row no window hides while any of them is
+visible): one content product for all n, their position terms as usual, and their share of the
+output as one value times their summed probability. The other paths compute the same result
+without the promise.
 
 HF's time-major tensors ``(L, B, H, D)`` are passed as ``x.transpose(0, 1)`` views: every path
 works through strides and copies nothing.
@@ -28,16 +36,19 @@ from txl_fast import backend, naive
 def rel_shift(position_raw: torch.Tensor) -> torch.Tensor:
     """The Transformer-XL relative shift as a strided view, no pad-and-copy.
 
-    position_raw: (..., Lq, Lk), entry [i, p] = (q_i + v) . r[p].
-    returns the view (..., Lq, Lk) with  shifted[i, j] = position_raw[i, j + Lq - 1 - i].
+    position_raw: (..., Lq, Lk + Lq - 1), column p the score of distance Lk - 1 - p (so the last
+    Lq - 1 columns are the negative distances, the future keys).
+    returns the view (..., Lq, Lk) with shifted[i, j] = position_raw[i, j + Lq - 1 - i], the score
+    of distance i + (Lk - Lq) - j.
 
-    Entry [i, j] sits at flat offset (Lq - 1) + i * (Lk - 1) + j of each (Lq, Lk) block, inside the
-    block for every (i, j). It is exact where j <= i + Lk - Lq (every causally visible key) and reads
-    a neighbouring row's value elsewhere, where the causal mask overwrites it.
+    Entry [i, j] sits at flat offset (Lq - 1) + i * (W - 1) + j of each (Lq, W) block, W the raw
+    width: inside row i for every (i, j), so every entry is exact, and a mask written into the raw
+    columns (a window's far distances, the future) is a mask of the view.
     """
     x = position_raw.contiguous()
-    *batch, Lq, Lk = x.shape
-    return x.as_strided((*batch, Lq, Lk), (*x.stride()[:-2], Lk - 1, 1), x.storage_offset() + Lq - 1)
+    *batch, Lq, W = x.shape
+    Lk = W - Lq + 1
+    return x.as_strided((*batch, Lq, Lk), (*x.stride()[:-2], W - 1, 1), x.storage_offset() + Lq - 1)
 
 
 def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, cols: slice = slice(None)) -> torch.Tensor:
@@ -50,7 +61,7 @@ def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, cols: slice
     return visible
 
 
-def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window) -> None:
+def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0) -> None:
     """Raise a ValueError naming the problem; nothing has run yet when this raises."""
     tensors = {"q": q, "k": k, "v": v, "r": r, "r_w_bias": r_w_bias, "r_r_bias": r_r_bias}
     for name, t in tensors.items():
@@ -72,45 +83,96 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window) -> None:
         raise ValueError(f"rel_attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Lq < 1 or Lk < Lq:
         raise ValueError(f"rel_attention: need 1 <= Lq <= Lk (Lk = memory + Lq), got Lq={Lq}, Lk={Lk}")
-    if r.shape != (Lk, H, D):
-        raise ValueError(f"rel_attention: r must be (Lk={Lk}, H={H}, D={D}), got {tuple(r.shape)}")
+    if r.dim() != 3 or not 1 <= r.shape[0] <= Lk or r.shape[1:] != (H, D):
+        raise ValueError(f"rel_attention: r must be (Lr, H={H}, D={D}) with 1 <= Lr <= Lk={Lk}, got {tuple(r.shape)}")
     for name in ("r_w_bias", "r_r_bias"):
         if tensors[name].shape != (H, D):
             raise ValueError(f"rel_attention: {name} must be (H={H}, D={D}), got {tuple(tensors[name].shape)}")
     if window is not None and (not isinstance(window, int) or window < 0):
         raise ValueError(f"rel_attention: window must be None or an int >= 0, got {window!r}")
+    if not isinstance(uniform_keys, int) or not 0 <= uniform_keys <= Lk:
+        raise ValueError(f"rel_attention: uniform_keys must be an int in [0, Lk={Lk}], got {uniform_keys!r}")
+
+
+def full_positions(r: torch.Tensor, Lk: int) -> torch.Tensor:
+    """(Lr, H, D) position keys -> the (Lk, H, D) rows of every distance Lk - 1 … 0, the clamped
+    ones repeating row 0 (a copy; autograd sums their gradients into row 0)."""
+    Lr = r.shape[0]
+    return r if Lr == Lk else torch.cat([r[:1].expand(Lk - Lr, -1, -1), r])
+
+
+def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
+    """The position term as an additive attention mask (B, H, Lq, Lk): scale · (q_i + r_r_bias) . r_d
+    for the visible (i, j), finfo.min for the hidden ones (HF's fill).
+
+    Built as the raw scores of every distance Lk - 1 … -(Lq - 1) in one (B, H, Lq, Lk + Lq - 1)
+    buffer, seen through ``rel_shift``: finfo.min for distances >= window, the clamped distances'
+    one score (column 0 of the product, which covers only the Lr distinct rows of r: wt103 eval,
+    1001 of 1727), the product, finfo.min for the negative distances. One write of the buffer,
+    no boolean mask.
+
+    uniform_keys = n > 0: keys 0 .. n-1 are one key, so they enter the softmax as that key with
+    the log-sum-exp of their n position scores; that column (n - 1) is overwritten with it and
+    the view from key n - 1 on is returned, (B, H, Lq, Lk - n + 1).
+    """
+    B, Lq, H, _ = q.shape
+    Lr, lowest = r.shape[0], torch.finfo(q.dtype).min
+    position = ((q.transpose(1, 2) + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0)        # (B, H, Lq, Lr)
+    far = max(0, Lk - window) if window is not None else 0      # raw columns of distances >= window
+    fill = position.new_full((1, 1, 1, 1), lowest)
+    raw = torch.cat([fill.expand(B, H, Lq, far),
+                     position[..., :1].expand(B, H, Lq, max(0, Lk - Lr - far)),     # distances > Lr - 1
+                     position[..., max(0, far - (Lk - Lr)) :],
+                     fill.expand(B, H, Lq, Lq - 1)], dim=-1)                         # (B, H, Lq, Lk + Lq - 1)
+    mask = rel_shift(raw)                                                            # (B, H, Lq, Lk)
+    n = uniform_keys
+    if n:
+        mask[..., n - 1] = torch.logsumexp(mask[..., :n], dim=-1)
+        mask = mask[..., n - 1 :]
+    return mask
 
 
 def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
-    """Masked scores (B, H, Lq, Lk), the efficient PyTorch way.
-
-    The scale is folded into the two query terms (scale·(a + b) = scale·a + scale·b). The content
-    matmul writes the scores, the rel-shifted position term (a strided view of its matmul's
-    output) is added in place, and only the key columns that some query may not see are masked:
-    the causal triangle after the memory (j > mlen) and, with a window, the triangle at the start
-    (j < Lq + mlen - window). One full-size pass besides the matmul outputs, and no fresh tensor
-    besides the two products: 5.6 against 9.6 ms for the earlier where-then-baddbmm (8 heads of a
-    wt103 segment; a cached eval segment 1.15-1.23 s against 1.37-1.38 s, alternated in one process).
-    Hidden entries hold finfo.min, as in HF, so a row with no visible key (window 0) is uniform.
+    """Masked scores (B, H, Lq, Lk), differentiable: the content matmul writes the scores and the
+    position mask (``_position_mask``) is added in place. The scale is folded into the two query
+    terms (scale·(a + b) = scale·a + scale·b). Hidden entries hold finfo.min (content + finfo.min
+    rounds to it), as in HF, so a row with no visible key (window 0) is uniform.
     """
-    B, H, Lq, Lk = q.shape[0], q.shape[2], q.shape[1], k.shape[1]
-    qh = q.transpose(1, 2)                                                      # (B, H, Lq, D)
-    content_q = ((qh + r_w_bias[:, None]) * scale).reshape(B * H, Lq, -1)       # (B*H, Lq, D)
-    score = torch.bmm(content_q, k.permute(0, 2, 3, 1).reshape(B * H, -1, Lk)).view(B, H, Lq, Lk)
-    score.add_(rel_shift(((qh + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0)))   # (B, H, Lq, Lk)
-    mlen, lowest = Lk - Lq, torch.finfo(score.dtype).min
-    for cols in (slice(mlen + 1, Lk), slice(0, 0 if window is None else min(Lk, Lq + mlen - window))):
-        if cols.start < cols.stop:
-            score[..., cols].masked_fill_(~visibility_mask(Lq, Lk, window, q.device, cols), lowest)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    content_q = ((q.transpose(1, 2) + r_w_bias[:, None]) * scale).reshape(B * H, Lq, D)     # (B*H, Lq, D)
+    score = torch.bmm(content_q, k.permute(0, 2, 3, 1).reshape(B * H, D, Lk)).view(B, H, Lq, Lk)
+    score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window))
     return score.fill_(0) if window == 0 else score           # window 0: zero gradients, as HF's
 
 
 def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0):
+    """-> out (B, Lq, H, D), probabilities (B, H, Lq, Lk)."""
     prob = torch.softmax(_torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window), dim=-1)
     if dropout_p > 0:
         prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
     out = (prob @ v.transpose(1, 2)).transpose(1, 2)                            # (B, Lq, H, D)
     return out, prob
+
+
+def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0):
+    """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
+
+    Its fused kernel (on the CPU, a blocked flash attention) computes the content scores, adds the
+    mask, and does the softmax and the value product tile by tile: of the Lq x Lk arrays only
+    the position mask is written. Keys 0 .. uniform_keys - 1 enter as key uniform_keys - 1 with
+    their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
+    The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
+    """
+    if window == 0:     # no key visible: HF's uniform rows (fp16 cannot say it: content + finfo.min keeps the content)
+        return v.mean(dim=1, keepdim=True).expand(q.shape)
+    first = max(uniform_keys - 1, 0)
+    mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)    # (B, H, Lq, Lk - first)
+    # the kernel reads rows of D contiguous values: ops.linear's queries are column-major
+    content_q = (q.transpose(1, 2) + r_w_bias[:, None]).contiguous()                   # (B, H, Lq, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        content_q, k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
 
 
 # Score elements per chunk of the output-only torch path: 2**21 fp32 (8 MiB) with its temporaries
@@ -121,26 +183,35 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
 SCORE_CHUNK = 2**21
 
 
-def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window):
-    """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time: the same
-    arithmetic as ``_torch_rel_attention`` on slices small enough to stay in cache. Keys that no
-    query sees (distance >= window even from query 0, the closest) are dropped first: they would only add
-    zero probabilities, and a decode step with HF's same_length window is then left with no mask."""
+def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0):
+    """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
+    small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
+    ``_torch_rel_attention``, which ignores ``uniform_keys``. Keys that no
+    query sees (distance >= window even from query 0, the closest) are dropped first: they would
+    only add zero probabilities. (The drop removes the largest distances; r keeps its clamped row
+    0 while it is longer than them.)"""
     if window:
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
-        k, v, r = k[:, first:], v[:, first:], r[first:]
+        k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
+        r = r[max(0, r.shape[0] - k.shape[1]) :]                    # distances up to the new Lk - 1
+    inputs = (q, k, v, r, r_w_bias, r_r_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        def attend(*chunk):
+            return _torch_rel_attention(*chunk, scale, window)[0]
+    else:
+        def attend(*chunk):
+            return _torch_fused_out(*chunk, scale, window, uniform_keys)
     B, Lq, H, D = q.shape
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
     if B == 1 and heads >= H:
-        return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
+        return attend(*inputs)
     out = q.new_empty(q.shape)
     for b in range(B):
         for h in range(0, H, heads):
             rows, cols = slice(b, b + 1), slice(h, h + heads)
-            out[rows, :, cols] = _torch_rel_attention(
-                q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols], r_w_bias[cols], r_r_bias[cols],
-                scale, window)[0]
+            out[rows, :, cols] = attend(q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols],
+                                        r_w_bias[cols], r_r_bias[cols])
     return out
 
 
@@ -171,15 +242,16 @@ class RelAttentionFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None) -> torch.Tensor:
+def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
+                  uniform_keys: int = 0) -> torch.Tensor:
     """Fused relative attention on the current backend; shapes in the module docstring."""
-    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window)
+    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
     name = backend.resolve(q)
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
-    if name == "triton":
-        return RelAttentionFunction.apply(q, k, v, r, r_w_bias, r_r_bias, scale, window)
-    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window)
+    if name == "triton":         # the kernels index r by distance up to Lk - 1: clamped rows written out
+        return RelAttentionFunction.apply(q, k, v, full_positions(r, k.shape[1]), r_w_bias, r_r_bias, scale, window)
+    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys)
 
 
 def rel_attention_with_probs(
