@@ -30,7 +30,7 @@ def inputs(bsz: int, lq: int, uniform: int):
     q = x.view(bsz, lq, 3, H, D)[:, :, 0]
     k, v = (torch.randn(bsz, H, lk + 200, D)[:, :, :lk].transpose(1, 2) for _ in range(2))
     if uniform:
-        k[:, :uniform], v[:, :uniform] = k[:, :1], v[:, :1]
+        k[:, :uniform], v[:, :uniform] = k[:, :1].clone(), v[:, :1].clone()
     r = torch.randn(H, CLAMP + 1, D).transpose(0, 1)
     return q, k, v, r, torch.randn(H, D), torch.randn(H, D)
 

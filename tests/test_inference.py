@@ -185,6 +185,29 @@ def test_cached_forward_equals_uncached(name, init, backend):
             assert cache.mlen == (0 if mems is None else mems[0].shape[0])
 
 
+@pytest.mark.parametrize("name", ["default", "long_mem_clamp"])
+def test_cached_forward_on_triton_equals_uncached(name):
+    """The kernels (interpreted) on the cache: the position keys are stored written out to a row
+    per distance for them (clamp_len + 1 distinct rows for the torch path)."""
+    pytest.importorskip("triton")
+    from txl_fast import use_backend
+
+    model = model_for(name)
+    g = torch.Generator().manual_seed(4)
+    mems, cache, stored = model.init_mems(2), model.new_cache(2, "zeros", step_hint=2), model.transformer._positions
+    with torch.no_grad():
+        for L in (5, 1, 3):
+            ids = torch.randint(0, 97, (2, L), generator=g)
+            ref = model(ids, mems=mems)
+            mems = ref.mems
+            with use_backend("triton"):
+                got = model(ids, cache=cache)
+            assert (got.prediction_scores - ref.prediction_scores).abs().max() <= 1e-5
+            assert stored._rows[0].shape[0] >= model.config.mem_len + L > model.config.clamp_len + 1   # written out
+        model(ids, cache=cache)                                                   # torch: the distinct rows
+        assert stored._rows[0].shape[0] == model.config.clamp_len + 1
+
+
 def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(monkeypatch):
     from txl_fast.cache import LayerKV
 
@@ -210,6 +233,8 @@ def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(mo
         history, filled = history[:, -mem_len:], filled[-mem_len:]
     assert any(gap < rows for gap, rows in moves), "no move overlapped its source"
     assert kv.uniform_rows == 0
+    with pytest.raises(ValueError, match="empty memory"):
+        kv.fill(fill, -fill, 2)
 
 
 def test_zero_memory_is_scored_in_closed_form(monkeypatch):

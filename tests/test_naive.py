@@ -57,8 +57,10 @@ def test_rel_attention_matches_scalar_loops(Lq, Lk, window, Lr):
 def test_rel_shift_index_formula():
     Lq, Lk = 4, 7
     raw = torch.arange(2 * Lq * (Lk + Lq - 1), dtype=torch.float64).view(2, Lq, Lk + Lq - 1)
-    shifted = rel_shift(raw)
+    shifted = rel_shift(raw, Lk)
     assert shifted.shape == (2, Lq, Lk)
+    with pytest.raises(ValueError, match="klen \\+ Lq - 1"):
+        rel_shift(raw[..., 1:], Lk)                      # one distance short
     for i in range(Lq):
         for j in range(Lk):                   # every key: raw column j + Lq - 1 - i, in row i
             assert shifted[:, i, j].tolist() == raw[:, i, j + Lq - 1 - i].tolist()

@@ -28,6 +28,7 @@ CASES = {
     "zero_memory_decode": (1, 1, 30, 5, 4, 30, 11, 25),
     "uniform_all_dropped": (2, 5, 12, 3, 4, 6, 17, 4),
     "uniform_but_the_last": (2, 4, 3, 2, 4, None, 7, 6),
+    "uniform_clamped_no_window": (2, 5, 12, 3, 4, None, 6, 9),
 }
 
 
@@ -71,7 +72,7 @@ def test_autograd_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fu
     with backend.use_backend("torch"):
         out = rel_attention(*ours, scale=D**-0.5, window=window)
     out.backward(dout.to(dtype))
-    refs = [x.clone().requires_grad_() for x in inputs]
+    refs = [x.to(dtype).double().requires_grad_() for x in inputs]      # float64 on the same rounded inputs
     ref = naive.rel_attention(*refs, D**-0.5, window)[0]
     ref.backward(dout)
     assert not fused_calls
@@ -81,7 +82,7 @@ def test_autograd_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fu
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("chunk,dtype", CHUNKS)
+@pytest.mark.parametrize("chunk,dtype", CHUNKS + [(None, torch.bfloat16)])    # (bf16 autograd: dk 1.2e-2 off)
 @pytest.mark.parametrize("layout", ["time_major", "head_major"])
 def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fused_calls):
     """Without autograd. With ``uniform_keys=n`` the first n keys and values are given *different*:
@@ -97,22 +98,23 @@ def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, f
     def uniform(x):                                      # (B, Lk, H, D): rows [0, n) all row n - 1
         return torch.cat([x[:, n - 1 : n].expand(-1, n, -1, -1), x[:, n:]], dim=1) if n else x
 
-    q, k, v, r, u, w = inputs
+    q, k, v, r, u, w = (x.to(dtype).double() for x in inputs)          # float64 on the same rounded inputs
     ref = naive.rel_attention(q, uniform(k), uniform(v), r, u, w, D**-0.5, window)[0]
     assert fused_calls or window == 0                    # window 0: no key visible, the rows' mean value
     assert_rel_close(out, ref, dtype, "out")
 
 
-def test_every_key_uniform():
-    """uniform_keys = Lk: no key left for the content matmul. (Outputs only: with one key and one
-    value every score gradient is zero, and relative errors of zero are noise.)"""
+def test_every_key_uniform(fused_calls):
+    """uniform_keys = Lk: no key left beside the one the closed form reads (key Lk - 1; the others
+    are given different). Outputs only: with one key and one value every score gradient is zero."""
     g = torch.Generator().manual_seed(3)
-    q, kv, r, u, w = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(2, 4, 2, 3), (2, 1, 2, 3),
-                                                                                  (4, 2, 3), (2, 3), (2, 3)])
-    k, v = kv.expand(2, 4, 2, 3), -kv.expand(2, 4, 2, 3)
-    with backend.use_backend("torch"):
+    q, k, v, r, u, w = (torch.randn(*s, generator=g, dtype=torch.float64)
+                        for s in [(2, 4, 2, 3), (2, 4, 2, 3), (2, 4, 2, 3), (4, 2, 3), (2, 3), (2, 3)])
+    with torch.no_grad(), backend.use_backend("torch"):
         out = rel_attention(q, k, v, r, u, w, scale=0.5, uniform_keys=4)
-    assert_rel_close(out, naive.rel_attention(q, k, v, r, u, w, 0.5, None)[0], torch.float64, "out")
+    last = naive.rel_attention(q, k[:, 3:].expand(2, 4, 2, 3), v[:, 3:].expand(2, 4, 2, 3), r, u, w, 0.5, None)[0]
+    assert fused_calls
+    assert_rel_close(out, last, torch.float64, "out")
 
 
 def test_full_positions_writes_out_the_clamped_rows():

@@ -3,8 +3,8 @@
 Per layer, the projected keys and values of the memory (the last ``mem_len`` positions), and
 once per model the projected position embeddings ``r_net(pos_emb)`` of each layer.
 
-Keys stay in time order, as the attention op expects (key j at index j, r row p for distance
-Lk - 1 - p), in a sliding buffer: each layer owns a head-major (B, H, capacity, D) buffer holding
+Keys stay in time order, as the attention op expects (key j at index j; r row p for distance
+Lr - 1 - p, larger distances clamped to row 0), in a sliding buffer: each layer owns a head-major (B, H, capacity, D) buffer holding
 the memory in rows [start, end); a step writes its new rows at [end, end + L) in place and attends
 to the (B, Lk, H, D) view of [start, end + L); the memory then becomes the last ``mem_len`` rows.
 Head-major, each head's keys are one contiguous block, which a decode step's per-head products
@@ -66,6 +66,8 @@ class LayerKV:
     def fill(self, k_row: torch.Tensor, v_row: torch.Tensor, rows: int) -> None:
         """Start the memory as ``rows`` copies of one (B, 1, H, D) key/value row (HF's zero memory):
         written out, and counted by ``uniform_rows`` while they stay in the memory."""
+        if self.mlen:
+            raise ValueError("LayerKV.fill starts an empty memory; this one holds rows")
         B, _, H, D = k_row.shape
         self.extend(k_row.expand(B, rows, H, D), v_row.expand(B, rows, H, D))
         self.uniform_end = self.end + rows

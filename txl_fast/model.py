@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from txl_fast import backend
 from txl_fast.cache import InferenceCache, PositionKeys
 from txl_fast.config import TransfoXLConfig
 from txl_fast.modules import (
@@ -204,7 +205,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
 
     def clear_position_cache(self) -> None:
         """Free the projected position embeddings the cached forward keeps between calls (wt103:
-        18 x 1728 x 1024 floats, 127 MB); they are rebuilt on the next cached call."""
+        18 x 1001 x 1024 floats, 74 MB; 127 MB written out for the Triton kernels); they are
+        rebuilt on the next cached call."""
         self._positions.clear()
 
     def reset_memory_length(self, mem_len: int) -> None:
@@ -247,23 +249,30 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             cache.commit(self.mem_len)
         return cache
 
-    def _position_keys(self, klen: int, qlen: int) -> list:
+    def _position_keys(self, klen: int, qlen: int, written_out: bool) -> list:
         """Per layer (Lr, H, D) projected position embeddings of distances Lr - 1 … 0: Lr = klen, or
         clamp_len + 1 when that is less (the attention op takes row 0 for every larger distance,
-        wt103: 1001 rows instead of 1728). Kept between calls while the weights are unchanged."""
+        wt103: 1001 rows instead of 1728), or always klen when ``written_out`` (the Triton kernels
+        index a row per distance: stored so, they are not written out at every call). Kept
+        between calls while the weights are unchanged."""
         p = self._param()
+        clamped = self.clamp_len > 0 and not written_out
 
         def make(n):
-            pos_seq = torch.arange(n - 1, -1, -1.0, device=p.device, dtype=p.dtype)
-            pos_emb = self.pos_emb(pos_seq)                                                  # (n, d)
-            # (n, H, D) views of head-major (H, n, D) storage: one head's keys are one block
-            return [layer.dec_attn.r_net(pos_emb).view(n, self.n_head, self.d_head).transpose(0, 1).contiguous()
-                    .transpose(0, 1) for layer in self.layers]
+            distinct = min(n, self.clamp_len + 1) if self.clamp_len > 0 else n
+            pos_seq = torch.arange(distinct - 1, -1, -1.0, device=p.device, dtype=p.dtype)
+            pos_emb = self.pos_emb(pos_seq)                                                  # (distinct, d)
+            keys = []
+            for layer in self.layers:
+                r = layer.dec_attn.r_net(pos_emb).view(distinct, self.n_head, self.d_head).transpose(0, 1)
+                # (n, H, D) views of head-major (H, n, D) storage: one head's keys are one block
+                keys.append(torch.cat([r[:, :1].expand(-1, n - distinct, -1), r], dim=1).transpose(0, 1))
+            return keys
 
         weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]
-        key = (self.clamp_len, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
+        key = (self.clamp_len, written_out, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
         longest = max(klen, self.mem_len + qlen)                       # the klen of a full memory
-        if self.clamp_len > 0:
+        if clamped:
             klen, longest = min(klen, self.clamp_len + 1), min(longest, self.clamp_len + 1)
         return self._positions.get(klen, longest, key, make)
 
@@ -274,7 +283,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError("the inference cache is for evaluation: call model.eval() first")
         mlen = cache.mlen
         window = self.attention_window(qlen, mlen)
-        positions = self._position_keys(mlen + qlen, qlen)
+        positions = self._position_keys(mlen + qlen, qlen, written_out=backend.resolve(word_emb) == "triton")
         core_out = word_emb
         for layer, kv, r in zip(self.layers, cache.layers, positions):
             core_out = layer.forward_cached(core_out, r, kv, window)

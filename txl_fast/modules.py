@@ -101,7 +101,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
 
     def forward_cached(self, h, r, kv, window=None):
         """Inference with an inference-cache layer ``kv`` (txl_fast.cache.LayerKV) holding the memory's
-        keys and values: only the new rows are projected. r: (mlen + Lq, H, D) position keys."""
+        keys and values: only the new rows are projected. r: (Lr, H, D) position keys of distances
+        Lr - 1 … 0 (Lr = min(mlen + Lq, clamp_len + 1), or mlen + Lq written out for the kernels)."""
         B, Lq, _ = h.shape
         q, k_new, v_new = self._heads(h).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
         k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)

@@ -197,11 +197,10 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     """``txl_fast.ops.rel_attention`` through ``txl_fast::rel_attention_triton`` on the triton
     backend, through ``txl_fast::rel_attention`` otherwise. ``uniform_keys`` is checked, then left
     unused: the operators compute the same result without the promise."""
+    _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
     if _on_triton(q):
-        _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
         r = _ra.full_positions(r, k.shape[1])          # the kernels take a row for every distance
         return torch.ops.txl_fast.rel_attention_triton(q, k, v, r, r_w_bias, r_r_bias, float(scale), window)[0]
-    _ra.check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
     return torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, float(scale), window)
 
 

@@ -15,11 +15,11 @@ dtype's most negative finite value, as in HF, so a row with no visible key is un
 ``txl_fast.naive.rel_attention`` states the same maths literally.
 
 ``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
-one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path
-then scores them in closed form from row n-1 (a row no window hides while any of them is
-visible): one content product for all n, their position terms as usual, and their share of the
-output as one value times their summed probability. The other paths compute the same result
-without the promise.
+one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path,
+when no gradient is wanted, then takes them in closed form from row n-1 (a row no window hides
+while any of them is visible): one key whose position score is the log-sum-exp of their n
+position scores. Every other path (autograd, naive, triton) computes over all keys and gives the
+same result when the promise holds; a broken promise changes only the closed form's result.
 
 HF's time-major tensors ``(L, B, H, D)`` are passed as ``x.transpose(0, 1)`` views: every path
 works through strides and copies nothing.
@@ -33,28 +33,28 @@ import torch
 from txl_fast import backend, naive
 
 
-def rel_shift(position_raw: torch.Tensor) -> torch.Tensor:
+def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
     """The Transformer-XL relative shift as a strided view, no pad-and-copy.
 
-    position_raw: (..., Lq, Lk + Lq - 1), column p the score of distance Lk - 1 - p (so the last
-    Lq - 1 columns are the negative distances, the future keys).
-    returns the view (..., Lq, Lk) with shifted[i, j] = position_raw[i, j + Lq - 1 - i], the score
-    of distance i + (Lk - Lq) - j.
+    position_raw: (..., Lq, klen + Lq - 1), column p the score of distance klen - 1 - p (so the
+    last Lq - 1 columns are the negative distances, the future keys).
+    returns the view (..., Lq, klen) with shifted[i, j] = position_raw[i, j + Lq - 1 - i], the
+    score of distance i + (klen - Lq) - j.
 
     Entry [i, j] sits at flat offset (Lq - 1) + i * (W - 1) + j of each (Lq, W) block, W the raw
     width: inside row i for every (i, j), so every entry is exact, and a mask written into the raw
     columns (a window's far distances, the future) is a mask of the view.
     """
+    *batch, Lq, W = position_raw.shape
+    if W != klen + Lq - 1:
+        raise ValueError(f"rel_shift: raw scores of {W} distances, need klen + Lq - 1 = {klen + Lq - 1}")
     x = position_raw.contiguous()
-    *batch, Lq, W = x.shape
-    Lk = W - Lq + 1
-    return x.as_strided((*batch, Lq, Lk), (*x.stride()[:-2], W - 1, 1), x.storage_offset() + Lq - 1)
+    return x.as_strided((*batch, Lq, klen), (*x.stride()[:-2], W - 1, 1), x.storage_offset() + Lq - 1)
 
 
-def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, cols: slice = slice(None)) -> torch.Tensor:
-    """(Lq, Lk) bool, True where query i may attend key j (distance i + Lk - Lq - j in [0, window));
-    only the key columns ``cols`` when given."""
-    distance = torch.arange(Lq, device=device)[:, None] + (Lk - Lq) - torch.arange(Lk, device=device)[cols][None, :]
+def visibility_mask(Lq: int, Lk: int, window: Optional[int], device) -> torch.Tensor:
+    """(Lq, Lk) bool, True where query i may attend key j (distance i + Lk - Lq - j in [0, window))."""
+    distance = torch.arange(Lq, device=device)[:, None] + (Lk - Lq) - torch.arange(Lk, device=device)[None, :]
     visible = distance >= 0
     if window is not None:
         visible &= distance < window
@@ -124,7 +124,7 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
                      position[..., :1].expand(B, H, Lq, max(0, Lk - Lr - far)),     # distances > Lr - 1
                      position[..., max(0, far - (Lk - Lr)) :],
                      fill.expand(B, H, Lq, Lq - 1)], dim=-1)                         # (B, H, Lq, Lk + Lq - 1)
-    mask = rel_shift(raw)                                                            # (B, H, Lq, Lk)
+    mask = rel_shift(raw, Lk)                                                        # (B, H, Lq, Lk)
     n = uniform_keys
     if n:
         mask[..., n - 1] = torch.logsumexp(mask[..., :n], dim=-1)
@@ -135,8 +135,9 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
 def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
     """Masked scores (B, H, Lq, Lk), differentiable: the content matmul writes the scores and the
     position mask (``_position_mask``) is added in place. The scale is folded into the two query
-    terms (scale·(a + b) = scale·a + scale·b). Hidden entries hold finfo.min (content + finfo.min
-    rounds to it), as in HF, so a row with no visible key (window 0) is uniform.
+    terms (scale·(a + b) = scale·a + scale·b). Hidden entries hold content + finfo.min: in fp32 and
+    fp64 that rounds to finfo.min, as HF's fill; their probability is 0 in every dtype while a key is
+    visible, and window 0 (no key visible) gets HF's zeros, hence uniform rows.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -178,8 +179,9 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
 # Score elements per chunk of the output-only torch path: 2**21 fp32 (8 MiB) with its temporaries
 # stays near this machine's 32 MiB L3 and under glibc's 32 MiB mmap threshold (larger blocks are
 # fresh pages, faulted in on every call), and (1, h, ...) slices merge into bmm batches without
-# copies of k, v and r. Measured at the wt103 shape by scripts/bench_torch_attention.py (numbers in
-# benchmarks/RESULTS.md): about 2.5x faster at batch 4 for eval steps, 6x for decode steps.
+# copies of k, v and r. Measured at the wt103 shape on the explicit arithmetic (numbers in
+# benchmarks/RESULTS.md): about 2.5x faster at batch 4 for eval steps, 6x for decode steps; the
+# fused path's position mask is the same size, and per batch row at batch 4 it is again faster.
 SCORE_CHUNK = 2**21
 
 
@@ -244,7 +246,8 @@ class RelAttentionFunction(torch.autograd.Function):
 
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
                   uniform_keys: int = 0) -> torch.Tensor:
-    """Fused relative attention on the current backend; shapes in the module docstring."""
+    """Fused relative attention on the current backend; shapes, the clamped r and ``uniform_keys``
+    (a promise about the inputs, see there) in the module docstring."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
     name = backend.resolve(q)
     if name == "naive":
