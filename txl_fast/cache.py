@@ -4,8 +4,9 @@ Per layer, the projected keys and values of the memory (the last ``mem_len`` pos
 once per model the projected position embeddings ``r_net(pos_emb)`` of each layer.
 
 Keys stay in time order, as the attention op expects (key j at index j; r row p for distance
-Lr - 1 - p, larger distances clamped to row 0), in a sliding buffer: each layer owns a head-major (B, H, capacity, D) buffer holding
-the memory in rows [start, end); a step writes its new rows at [end, end + L) in place and attends
+Lr - 1 - p, larger distances clamped to row 0), in a sliding buffer: each layer owns a head-major
+(B, H, capacity, D) buffer holding the memory in rows [start, end); a step writes its new rows at
+[end, end + L) in place and attends
 to the (B, Lk, H, D) view of [start, end + L); the memory then becomes the last ``mem_len`` rows.
 Head-major, each head's keys are one contiguous block, which a decode step's per-head products
 read faster than rows strided by H * D (wt103 decode, 18 layers: 9.9 -> 7.1 ms for q.k and
@@ -26,8 +27,8 @@ Position projections (``PositionKeys``, one per model, shared by all its caches)
 fixed, the embedding of distance d does not depend on klen, and for any klen the rows needed are
 the last ones of the longest sequence (distances klen-1 … 0, or clamp_len … 0 when clamp_len
 is shorter: the attention op clamps larger distances). So each layer's ``r_net(pos_emb)`` is
-computed once for the largest klen seen (at most clamp_len + 1 rows) and sliced, and kept across calls
-(``generate`` and ``evaluate`` make a new cache per call) for as long as the weights it was made
+computed once for the largest klen seen (at most clamp_len + 1 rows) and sliced, and kept across
+calls (``generate`` and ``evaluate`` make a new cache per call) for as long as the weights it was made
 from are unchanged: the key holds each weight's storage and version counter, which every in-place
 update (an optimizer step, ``load_state_dict``) bumps. Only used with autograd off.
 
@@ -139,7 +140,8 @@ class PositionKeys:
 
     def get(self, klen: int, rows: int, key, make) -> list:
         """Per layer (klen, H, D) position keys (distances klen - 1 … 0); ``make(rows)`` computes
-        ``rows`` >= klen of them (the longest expected) when the stored ones are too short or their key differs. With
+        ``rows`` >= klen of them (the longest expected) when the stored ones are too short or their
+        key differs. With
         autograd on they are made afresh and neither kept nor taken from the store: a kept graph
         would outlive its step, and stored keys carry no gradient to ``r_net``."""
         if torch.is_grad_enabled():

@@ -165,14 +165,14 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
     The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
     """
-    if window == 0:     # no key visible: HF's uniform rows (fp16 cannot say it: content + finfo.min keeps the content)
+    if window == 0:     # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
         return v.mean(dim=1, keepdim=True).expand(q.shape)
-    first = max(uniform_keys - 1, 0)
-    mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)    # (B, H, Lq, Lk - first)
+    keys = slice(max(uniform_keys - 1, 0), None)             # the uniform block as its last key
+    mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)    # (B, H, Lq, keys)
     # the kernel reads rows of D contiguous values: ops.linear's queries are column-major
     content_q = (q.transpose(1, 2) + r_w_bias[:, None]).contiguous()                   # (B, H, Lq, D)
     out = torch.nn.functional.scaled_dot_product_attention(
-        content_q, k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2), attn_mask=mask, scale=scale)
+        content_q, k[:, keys].transpose(1, 2), v[:, keys].transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
