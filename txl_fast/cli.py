@@ -108,7 +108,7 @@ def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
     protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
                 "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
     stored = _stored_protocol(model_dir)
-    protocol.update(stored)
+    protocol.update({k: v for k, v in stored.items() if k in protocol})
     source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
     if args.preset:
         from txl_fast.inference import PRESETS  # noqa: PLC0415
@@ -268,21 +268,26 @@ def cmd_train(args) -> int:
     import torch  # noqa: PLC0415
 
     from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel  # noqa: PLC0415
-    from txl_fast.checkpoint import CONFIG  # noqa: PLC0415
-    from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
-    from txl_fast.train import STATE_JSON, TrainConfig, default_corpus, train  # noqa: PLC0415
+    from txl_fast.checkpoint import CONFIG, SAFETENSORS  # noqa: PLC0415
+    from txl_fast.tokenizer import VOCAB_JSON, TransfoXLTokenizer  # noqa: PLC0415
+    from txl_fast.train import STATE_FILE, STATE_JSON, TrainConfig, default_corpus, train  # noqa: PLC0415
+
+    model_files = (CONFIG, SAFETENSORS, STATE_JSON, STATE_FILE, VOCAB_JSON, METRICS, HELDOUT)
 
     out = Path(args.out)
     _refuse_to_replace(out, "--out")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the model in --out, --overwrite replaces it: choose one")
-    holds_model = out.is_dir() and any((out / name).exists() for name in (CONFIG, "model.safetensors", STATE_JSON))
+    holds_model = out.is_dir() and any((out / name).exists() for name in model_files)
     if holds_model and not (args.resume or args.overwrite):
         raise ValueError(f"{out} already holds a model: --resume to continue its training, --overwrite to replace it")
     if args.resume:
         if not (out / STATE_JSON).is_file():
             raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
-        done = int(json.loads((out / STATE_JSON).read_text())["step"])
+        try:
+            done = int(json.loads((out / STATE_JSON).read_text())["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
         if args.steps < done:
             raise ValueError(f"{out} has already trained {done} steps: --steps {args.steps} must be at least that")
     if args.d_model % args.n_head:
@@ -318,6 +323,9 @@ def cmd_train(args) -> int:
                                  dropout=args.dropout)
     torch.manual_seed(args.seed)
     model = TransfoXLLMHeadModel(config)
+    if args.overwrite:                                 # the old model's files go, not only those rewritten
+        for name in model_files:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_vocabulary(out)
     if valid_ids is not None:
@@ -482,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-freq", type=POSITIVE, default=2, help="default: %(default)s")
     p.add_argument("--checkpoint-every", type=POSITIVE, default=200, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (its configuration: the size flags are not used)")
     p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.set_defaults(func=cmd_train)
 
