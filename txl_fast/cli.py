@@ -97,9 +97,13 @@ def _stored_protocol(model_dir: Path) -> dict:
     if not metrics.is_file():
         return {}
     try:
-        return json.loads(metrics.read_text(encoding="utf-8")).get("eval_protocol", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        data = json.loads(metrics.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{metrics} is not valid JSON: {e}") from None
+    protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
+    if not isinstance(protocol, dict):
+        raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
+    return protocol
 
 
 def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
@@ -150,7 +154,7 @@ def _encode_text(tok, text_file: str):
     path = Path(text_file)
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give a text file (or - for stdin)")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"text file {path} does not exist")
     try:
         return tok.encode_file(path, ordered=True, add_eos=True)

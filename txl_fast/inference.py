@@ -90,7 +90,7 @@ def available_memory(device: torch.device) -> Optional[int]:
 def check_cache_fits(transformer, bsz: int, mem_len: int, step: int) -> None:
     """Refuse, before allocating, an inference cache larger than the memory left on the model's device.
     Its buffers hold per layer keys and values of mem_len + step + max(step, mem_len // 8) rows."""
-    p = transformer._param()
+    p = next(transformer.parameters())
     rows = mem_len + step + max(step, mem_len // 8)
     need = 2 * transformer.n_layer * bsz * rows * transformer.n_head * transformer.d_head * p.element_size()
     free = available_memory(p.device)
