@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,279 @@ def test_convert_refuses_malicious_and_truncated_files(tmp_path, capsys):
     (src / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
     assert main(["convert", str(src), str(tmp_path / "dst3")]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the newcomer's path
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of an in-process call; argparse's errors exit (SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    err = err.strip()
+    assert err.startswith("txl-fast: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("\n".join((DEFAULT_MODEL / "heldout.txt").read_text().splitlines()[:12]) + "\n")
+    return path
+
+
+def tiny_train_args(out, text, *extra):
+    return ["train", "--out", str(out), "--text", str(text), "--d-model", "16", "--n-head", "2", "--n-layer", "1",
+            "--tgt-len", "8", "--batch-size", "4", "--warmup", "1", "--checkpoint-every", "2", "--heldout", "0.2",
+            "--threads", "1", *extra]
+
+
+def test_train_without_memory_saves_validates_and_eval_reuses_its_protocol(tmp_path, capsys):
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(tiny_train_args(out, text, "--mem-len", "0", "--steps", "3"), capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(stdout) and metrics["steps"] == 3 and metrics["valid_ppl"] > 1
+    assert metrics["eval_protocol"] == {"tgt_len": 8, "mem_len": 0, "clamp_len": 0, "same_length": False,
+                                        "batch_size": 1, "init_mems": "empty"}
+    assert (out / "heldout.txt").read_text() == "\n".join(TOY.splitlines()[int(len(TOY.splitlines()) * 0.8):]) + "\n"
+    # eval --model DIR: the stored protocol on the stored held-out text, the number train printed
+    code, stdout, err = run_cli(["eval", "--model", str(out), "--json", "--threads", "1"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["tgt_len"] == 8 and report["mem_len"] == 0 and report["text"] == str(out / "heldout.txt")
+    assert report["perplexity"] == pytest.approx(metrics["valid_ppl"], rel=1e-6)
+    assert report["tokens"] == metrics["valid_tokens"]
+    # explicit flags override it; --mem-len 0 on a model trained with memory works too
+    code, stdout, err = run_cli(["eval", "--model", str(out), "--json", "--tgt-len", "5", "--mem-len", "0"], capsys)
+    assert code == 0 and json.loads(stdout)["tgt_len"] == 5
+
+
+def test_eval_protocol_is_the_same_whichever_way_the_model_is_named(short_text, capsys):
+    reports = []
+    for argv in (["eval", str(short_text), "--json"], ["eval", str(short_text), "--json", "--model", str(DEFAULT_MODEL)]):
+        code, stdout, err = run_cli(argv, capsys)
+        assert code == 0, err
+        reports.append(json.loads(stdout))
+    stored = json.loads((DEFAULT_MODEL / "metrics.json").read_text())["eval_protocol"]
+    for report in reports:
+        assert {k: report[k] for k in stored} == stored
+    assert reports[0]["perplexity"] == reports[1]["perplexity"]
+
+
+def test_eval_explains_its_numbers_in_one_line(short_text, capsys):
+    code, stdout, err = run_cli(["eval", str(short_text)], capsys)
+    assert code == 0, err
+    line = stdout.strip()
+    assert "\n" not in line and line.startswith("perplexity ")
+    for part in ("exp(mean NLL)", "predicted tokens of", "<unk>", "training protocol", "tgt_len 64", "mem_len 64"):
+        assert part in line, line
+
+
+def test_train_refuses_to_replace_a_model(tmp_path, capsys):
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    out = tmp_path / "run"
+    assert run_cli(tiny_train_args(out, text, "--steps", "2"), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "2"), capsys)[::2],
+                          "already holds a model", "--resume", "--overwrite")
+    assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "1", "--resume"), capsys)[::2],
+                          "already trained 2 steps")
+    assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "4", "--resume", "--overwrite"),
+                                   capsys)[::2], "choose one")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before          # nothing touched
+    code, _, err = run_cli(tiny_train_args(out, text, "--steps", "3", "--overwrite", "--seed", "1"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "training_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--steps", "-1"], "argument --steps: -1 must be at least 1"),
+        (["--steps", "2", "--d-model", "18", "--n-head", "4"], "not divisible by --n-head 4"),
+        (["--steps", "2", "--mem-len", "-3"], "argument --mem-len: -3 must be at least 0"),
+        (["--steps", "2", "--heldout", "1.5"], "argument --heldout"),
+    ],
+)
+def test_train_bad_numbers(tmp_path, capsys, extra, needle):
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    assert_one_line_error(*run_cli(tiny_train_args(tmp_path / "run", text, *extra), capsys)[::2], needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_convert_refuse_an_existing_file_as_directory(tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    assert_one_line_error(*run_cli(tiny_train_args(target, text, "--steps", "2"), capsys)[::2], "existing file")
+    src = tmp_path / "src"
+    src.mkdir()
+    assert_one_line_error(*run_cli(["convert", str(src), str(target)], capsys)[::2], "existing file")
+    assert target.read_text() == "keep me"
+
+
+def _copy_default_model(tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(DEFAULT_MODEL, tmp_path / "model"))
+
+
+def test_model_directory_problems(tmp_path, capsys):
+    model = _copy_default_model(tmp_path)
+    (model / "config.json").write_text("{}")
+    assert_one_line_error(*run_cli(["info", "--model", str(model)], capsys)[::2], "lacks required fields")
+    model = _copy_default_model(tmp_path / "b")
+    from txl_fast.tokenizer import TransfoXLTokenizer
+
+    small = TransfoXLTokenizer(special=["<unk>", "<eos>"])
+    small.count_sents([[f"w{i}" for i in range(100)]])
+    small.build_vocab()
+    small.save_vocabulary(model)
+    assert_one_line_error(*run_cli(["eval", "--model", str(model)], capsys)[::2],
+                          f"{len(small)} symbols but the model 2,770")
+    assert_one_line_error(*run_cli(["info", "--model", str(model / "config.json")], capsys)[::2], "is a file")
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["eval", "DIR"], ["is a directory"]),
+        (["eval", "--device", "banana"], ["unknown device 'banana'"]),
+        (["eval", "--device", "cuda"], ["CUDA is not available"]),
+        (["eval", "TEXT", "--mem-len", "100000000", "--init-mems", "zeros"], ["mem_len 100000000 needs", "GiB"]),
+        (["eval", "TEXT", "--mem-len", "0", "--same-length", "on"], ["same_length needs a memory"]),
+        (["eval", "TEXT", "--char-level"], ["--char-level", "vocabulary is of words"]),
+        (["eval", "--tgt-len", "0"], ["argument --tgt-len: 0 must be at least 1"]),
+        (["generate", "--greedy", "--top-p", "0.5"], ["cannot be combined with --top-p"]),
+        (["generate", "--greedy", "--temperature", "0.5", "--top-k", "3"], ["--temperature, --top-k"]),
+    ],
+)
+def test_bad_input_is_one_line(argv, needles, tmp_path, short_text, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [{"DIR": str(tmp_path), "TEXT": str(short_text)}.get(a, a) for a in argv]
+    assert_one_line_error(*run_cli(argv, capsys)[::2], *needles)
+
+
+def test_eval_mem_len_beyond_the_text_needs_no_memory_for_it(short_text, capsys):
+    reports = []
+    for mem_len in ("100000000", "100000"):
+        code, stdout, err = run_cli(["eval", str(short_text), "--json", "--mem-len", mem_len], capsys)
+        assert code == 0, err
+        reports.append(json.loads(stdout))
+    assert reports[0]["perplexity"] == reports[1]["perplexity"]
+
+
+def test_eval_stdin_not_utf8_and_no_temporary_file_left(monkeypatch, tmp_path, capsys):
+    import io
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"fine line\n\xff\xfe broken\n")))
+    assert_one_line_error(*run_cli(["eval", "-"], capsys)[::2], "standard input is not UTF-8", "0xff")
+    text = "\n".join((DEFAULT_MODEL / "heldout.txt").read_text().splitlines()[:5]) + "\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    code, stdout, err = run_cli(["eval", "-", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["text"] == "standard input"
+    assert list(scratch.iterdir()) == []
+
+
+def test_eval_reports_and_warns_about_unknown_words(tmp_path, capsys):
+    import base64
+    import random
+
+    rng = random.Random(0)
+    noise = tmp_path / "noise.txt"
+    noise.write_text("\n".join(" ".join(base64.b64encode(rng.randbytes(6)).decode() for _ in range(8))
+                               for _ in range(20)) + "\n")
+    code, stdout, err = run_cli(["eval", str(noise), "--json"], capsys)
+    assert code == 0
+    assert json.loads(stdout)["unk_share"] > 0.5
+    assert err.startswith("txl-fast: warning:") and err.count("\n") == 1 and "<unk>" in err
+
+
+def test_generate_prints_detokenised_text(capsys):
+    from txl_fast import TransfoXLLMHeadModel
+    from txl_fast.tokenizer import TransfoXLTokenizer
+
+    code, stdout, err = run_cli(["generate", "It is", "--greedy", "--max-new-tokens", "25"], capsys)
+    assert code == 0, err
+    model = TransfoXLLMHeadModel.from_pretrained(DEFAULT_MODEL)
+    tok = TransfoXLTokenizer.from_pretrained(DEFAULT_MODEL)
+    prompt = tok.encode("It is")
+    new = model.generate(torch.tensor([prompt]), max_new_tokens=25, init_mems="empty")[0, len(prompt):].tolist()
+    lines, line = [], []
+    for i in new:
+        if i == tok.eos_token_id:
+            lines.append(line)
+            line = []
+        else:
+            line.append(i)
+    lines.append(line)
+    first = tok.decode(prompt + lines[0])
+    expected = "It is" + first[len(tok.decode(prompt)):] + "\n" + "".join(tok.decode(x) + "\n" for x in lines[1:])
+    assert stdout == expected
+    assert "<eos>" not in stdout and "@" not in stdout
+
+
+@pytest.mark.parametrize("command", [c for c in SUBCOMMANDS if c != "bench"])
+def test_threads_on_every_command(command, capsys):
+    from txl_fast.cli import physical_cores
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--threads" in out and f"here {physical_cores()}" in out
+    args = build_parser().parse_args([command, "--threads", "1"] + {"train": ["--out", "x"],
+                                                                   "convert": ["a", "b"]}.get(command, []))
+    assert args.threads == 1 and build_parser().parse_args(["info"]).threads == physical_cores() >= 1
+
+
+def test_threads_are_set(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["info", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sampling_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--temperature TEMPERATURE sampling temperature (default: 0.8)", "(default: 40)", "(default: 0.95)"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv", [["info"], ["eval", "TEXT", "--json"]])
+def test_closed_pipe_ends_quietly(argv, short_text):
+    import subprocess
+    import sys
+
+    argv = [str(short_text) if a == "TEXT" else a for a in argv]
+    code = "import sys; from txl_fast.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=DEFAULT_MODEL.parents[1],
+                            env={**os.environ, "PYTHONPATH": str(DEFAULT_MODEL.parents[1])})
+    proc.stdout.close()                                  # the reader leaves before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and err == ""

@@ -57,7 +57,8 @@ def test_evaluate_restores_the_models_protocol_and_zero_init():
     "kwargs,match",
     [
         (dict(tgt_len=0), "tgt_len must be a positive"),
-        (dict(mem_len=0), "mem_len must be a positive"),
+        (dict(mem_len=-1), "mem_len must be an integer >= 0"),
+        (dict(mem_len=0, same_length=True), "same_length needs a memory"),
         (dict(batch_size=-1), "batch_size must be a positive"),
         (dict(clamp_len=-1), "clamp_len must be"),
         (dict(init_mems="random"), "init_mems must be"),
@@ -67,6 +68,36 @@ def test_evaluate_restores_the_models_protocol_and_zero_init():
 def test_evaluate_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate(model_for(), torch.randint(0, 97, (40,)), **kwargs)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_evaluate_without_memory_scores_each_segment_alone(use_cache):
+    model = model_for()
+    stream = torch.randint(0, 97, (41,), generator=torch.Generator().manual_seed(5))
+    result = evaluate(model, stream, tgt_len=8, mem_len=0, clamp_len=5, same_length=False, progress=False,
+                      use_cache=use_cache)
+    model.transformer.same_length = False
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, 40, 8):
+            inp, tgt = stream[None, i : i + 8], stream[None, i + 1 : i + 9]
+            inp = inp[:, : tgt.shape[1]]
+            out = model.transformer(inp, mems=model.empty_mems(1))
+            total -= model.crit.log_prob(out.last_hidden_state[0]).gather(1, tgt.reshape(-1, 1)).sum().item()
+    assert result.tokens == 40 and math.isclose(result.nll, total / 40, rel_tol=1e-6)
+
+
+def test_evaluate_mem_len_beyond_the_stream_and_beyond_memory(monkeypatch):
+    model = model_for()
+    stream = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(6))
+    whole = evaluate(model, stream, tgt_len=8, mem_len=40, clamp_len=5, progress=False)
+    huge = evaluate(model, stream, tgt_len=8, mem_len=100_000_000, clamp_len=5, progress=False)
+    assert huge.nll == whole.nll                  # an empty memory never holds more than the stream
+    with pytest.raises(ValueError, match=r"mem_len 100000000 needs .* GiB of memory cache"):
+        evaluate(model, stream, tgt_len=8, mem_len=100_000_000, init_mems="zeros", progress=False)
+    monkeypatch.setattr("txl_fast.inference.available_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"0\.0 GiB is available on cpu: lower mem_len"):
+        evaluate(model, stream, tgt_len=8, mem_len=30, progress=False)
 
 
 def test_evaluate_bad_tokens():

@@ -159,6 +159,8 @@ def model32():
         (dict(input_ids=torch.tensor([[1.0, 2.0]])), r"int64"),
         (dict(input_ids=torch.tensor([1, 2])), r"\(B, L\)"),
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), r"non-empty"),
+        (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), r"empty batch"),
+        (dict(inputs_embeds=torch.zeros(0, 2, 32)), r"empty batch"),
         (dict(), r"exactly one of input_ids and inputs_embeds"),
         (dict(input_ids=torch.tensor([[1]]), inputs_embeds=torch.zeros(1, 1, 32)), r"exactly one"),
         (dict(inputs_embeds=torch.zeros(1, 2, 31)), r"inputs_embeds must be"),
@@ -199,11 +201,35 @@ def test_bad_mems_raise(model32, mems, match):
         (dict(d_embed=4, div_val=4), "empty embedding"),
         (dict(attn_type=1), "attn_type"),
         (dict(dropout=1.5), "dropout"),
+        (dict(d_model=33, d_embed=33, n_head=2, d_head=16), "d_model must be even"),
     ],
 )
 def test_impossible_configs_raise(over, match):
     with pytest.raises(ValueError, match=match):
         TransfoXLConfig(**config_kwargs("default", **over))
+
+
+def test_heads_need_not_cover_d_model_as_in_hf():
+    """HF projects d_model -> 3 * n_head * d_head, so n_head * d_head != d_model is a valid model."""
+    model = make_model(d_model=34, d_embed=34, n_head=2, d_head=16)
+    assert model(torch.tensor([[1, 2, 3]])).prediction_scores.shape == (1, 3, 97)
+
+
+def test_config_json_must_state_the_sizes(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="lacks required fields: vocab_size, cutoffs, d_model"):
+        TransfoXLLMHeadModel.from_pretrained(tmp_path)         # before building HF's 285M default model
+
+
+def test_non_finite_weights_are_refused(tmp_path, model32):
+    model32.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["transformer.layers.0.pos_ff.CoreNet.0.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"NaN or inf values in: transformer\.layers\.0\.pos_ff\.CoreNet\.0\.weight"):
+        TransfoXLLMHeadModel.from_pretrained(tmp_path)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, model32):
@@ -244,6 +270,35 @@ def test_pickled_bin_with_code_is_refused(tmp_path, model32):
     torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="refused"):
         TransfoXLLMHeadModel.from_pretrained(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _SystemCall:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
+@pytest.mark.parametrize("protocol", range(6))
+def test_code_in_a_bin_is_named_and_the_unsafe_advice_dropped(tmp_path, model32, protocol, zip_format):
+    import pickle
+
+    model32.config.to_json_file(tmp_path / "config.json")
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "x": _SystemCall(tmp_path / "pwned")}, path, pickle_protocol=protocol,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):    # torch's own text carries the advice
+        torch.load(path, weights_only=True)
+    with pytest.raises(ValueError) as e:
+        TransfoXLLMHeadModel.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "holds code or objects that are not tensors" in msg and ("posix.system" in msg or "nt.system" in msg)
+    assert "weights_only" not in msg and "\n" not in msg
     assert not (tmp_path / "pwned").exists()
 
 

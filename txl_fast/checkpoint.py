@@ -6,13 +6,19 @@
     pytorch_model.bin                 legacy torch.save file: read with torch.load(weights_only=True) only
 
 Loading checks every key and shape against the model before copying anything: missing keys
-(other than tied copies), unexpected keys and shape mismatches are a ValueError naming them.
+(other than tied copies), unexpected keys, shape mismatches and NaN/inf values are a ValueError
+naming them. A .bin that torch's weights-only loader refuses is named for what it holds (the
+pickle globals outside torch, read with ``pickletools`` and never run), not for torch's advice to
+load it unrestricted.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -36,16 +42,66 @@ def _read_safetensors(path: Path) -> dict:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 
 
+# globals a tensors-only torch.save file may name besides torch's own
+_TENSOR_FILE_GLOBALS = {"collections.OrderedDict", "_codecs.encode"}
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+
+
+def _pickle_globals(raw: bytes) -> list[str]:
+    """Every global ("module.name") the pickles of a torch.save file name (zip or legacy format),
+    found by reading the opcodes with ``pickletools.genops``: nothing is imported or run."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    except zipfile.BadZipFile:
+        blobs = [raw]                         # legacy format: a run of pickles, then raw storages
+    names = []
+    for blob in blobs:
+        stream = io.BytesIO(blob)
+        while stream.tell() < len(blob):
+            strings, memo, last = [], {}, None          # string pushes, memo index -> string, last string pushed
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        names.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        names.append(".".join(strings[-2:]))
+                    if op.name in _STRING_OPS:
+                        last = arg
+                        strings.append(arg)
+                        continue
+                    if op.name == "MEMOIZE" and last is not None:
+                        memo[len(memo)] = last
+                    elif op.name.endswith("PUT") and last is not None:
+                        memo[arg] = last
+                    elif op.name.endswith("GET") and arg in memo:
+                        strings.append(memo[arg])
+                        continue
+                    last = None
+            except (ValueError, EOFError, UnicodeDecodeError):
+                break                                   # past the pickles (storage bytes) or corrupt
+    return names
+
+
 def _read_torch_bin(path: Path) -> dict:
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():        # torch warns about pickle protocols above 2; the checks below speak
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message suggests weights_only=False, which would run the file's code: keep only the cause
-        cause = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise ValueError(
-            f"{path} was refused: not a tensors-only PyTorch checkpoint (corrupt, or it holds objects that "
-            f"would run code when unpickled): {cause}"
-        ) from None
+        # torch's message advises weights_only=False, which would run the file's code: name what it holds
+        foreign = sorted({g for g in _pickle_globals(path.read_bytes())
+                          if not g.startswith("torch") and g not in _TENSOR_FILE_GLOBALS})
+        if foreign:
+            raise ValueError(
+                f"{path} was refused unread: it holds code or objects that are not tensors (it names "
+                f"{', '.join(foreign)}); only tensors-only checkpoints are loaded: ask for a safetensors copy"
+            ) from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the doc")
+                      and not ln.startswith("Weights only load failed")), "unreadable pickle")
+        raise ValueError(f"{path} was refused: not a tensors-only PyTorch checkpoint (corrupt, or it holds "
+                         f"objects that are not tensors): {cause}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -111,6 +167,9 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
         problems.append(f"mis-shaped keys: {'; '.join(wrong)}")
     if problems:
         raise ValueError("checkpoint does not match the model: " + " | ".join(problems))
+    non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise ValueError(f"checkpoint holds NaN or inf values in: {', '.join(non_finite)}")
     model.load_state_dict(state, strict=False)      # strictness checked above (tied copies may be absent)
 
 

@@ -1,12 +1,16 @@
 """The ``txl-fast`` command line: argument parsing and printing only; the work is done elsewhere.
 
-    txl-fast eval [--model DIR] [FILE|-]        perplexity of a text (default: the embedded model on its held-out text)
-    txl-fast generate [PROMPT]                  continue a prompt, tokens printed as they come
+    txl-fast eval [--model DIR] [FILE|-]        perplexity of a text (default: the model's held-out text, scored
+                                                with the protocol stored with the model)
+    txl-fast generate [PROMPT]                  continue a prompt, detokenised text printed line by line
     txl-fast train --out DIR [--text FILE]      train a model (default corpus: Python's documentation topics)
     txl-fast info [--model DIR]                 parameters, configuration, memory
     txl-fast convert SRC DST                    HF directory (pickled .bin + vocab.pkl) -> safetensors + vocab.json
     txl-fast kernels                            ahead-of-time compile report of the Triton kernels (sm_80, sm_90)
     txl-fast bench [--full] [--json P] [--plot P] the benchmark suite vs HF (txl_fast.bench.runner)
+
+Every command takes --threads (default: the physical cores). Errors are one line on stderr
+starting "txl-fast: error:", exit code 2.
 """
 from __future__ import annotations
 
@@ -19,6 +23,57 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
+HELDOUT = "heldout.txt"             # the text held out of its training
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+UNK_WARN_SHARE = 0.05
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once): distinct (package, core)
+    pairs of /proc/cpuinfo among the allowed CPUs; the allowed CPUs where that is unknown."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu = set(), {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in list(f) + [""]:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("processor", "physical id", "core id"):
+                    cpu[key] = value.strip()
+                elif not key and cpu:
+                    if "core id" in cpu and int(cpu["processor"]) in allowed:
+                        cores.add((cpu.get("physical id"), cpu["core id"]))
+                    cpu = {}
+    except (OSError, ValueError):
+        cores = set()
+    return len(cores) or len(allowed)
+
+
+def _check_device(name: str):
+    import torch  # noqa: PLC0415
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _model_dir(name) -> Path:
+    model_dir = Path(name) if name else DEFAULT_MODEL
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist" if not model_dir.exists()
+                                else f"--model {model_dir} is a file: give the model's directory")
+    return model_dir
 
 
 def _load(model_dir: Path, dtype: str, device: str):
@@ -27,15 +82,89 @@ def _load(model_dir: Path, dtype: str, device: str):
     from txl_fast import TransfoXLLMHeadModel  # noqa: PLC0415
     from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
 
+    device = _check_device(device)
+    tok = TransfoXLTokenizer.from_pretrained(model_dir)
     model = TransfoXLLMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
-    return model, TransfoXLTokenizer.from_pretrained(model_dir)
+    if len(tok) != model.config.vocab_size:
+        raise ValueError(f"the vocabulary in {model_dir} has {len(tok):,} symbols but the model "
+                         f"{model.config.vocab_size:,}: they do not belong together")
+    return model, tok
 
 
-def _default_protocol(model_dir: Path) -> dict:
-    metrics = model_dir / "metrics.json"
-    if metrics.is_file():
-        return json.loads(metrics.read_text()).get("eval_protocol", {})
-    return {}
+def _stored_protocol(model_dir: Path) -> dict:
+    """The evaluation protocol a trained model was validated with (metrics.json), or {}."""
+    metrics = model_dir / METRICS
+    if not metrics.is_file():
+        return {}
+    try:
+        data = json.loads(metrics.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{metrics} is not valid JSON: {e}") from None
+    protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
+    if not isinstance(protocol, dict):
+        raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
+    return protocol
+
+
+def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
+    """The evaluation protocol and where it came from: the one stored with the model (else the
+    model's config with tgt_len 128), then --preset, then explicit flags."""
+    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
+                "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
+    stored = _stored_protocol(model_dir)
+    protocol.update({k: v for k, v in stored.items() if k in protocol})
+    source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
+    if args.preset:
+        from txl_fast.inference import PRESETS  # noqa: PLC0415
+
+        protocol.update(PRESETS[args.preset])
+        source = f"the paper's {args.preset} protocol"
+    flags = {k: getattr(args, k) for k in ("tgt_len", "mem_len", "clamp_len", "batch_size", "init_mems")
+             if getattr(args, k) is not None}
+    if args.same_length is not None:
+        flags["same_length"] = args.same_length == "on"
+    protocol.update(flags)
+    if protocol["mem_len"] == 0 and args.same_length is None:
+        protocol["same_length"] = False                 # HF's same_length mask needs a memory
+    if flags:
+        source += ", flags " + ", ".join(sorted(flags))
+    return protocol, source
+
+
+def _read_stdin_text() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _encode_text(tok, text_file: str):
+    """The id stream of a text file, or of stdin for "-" (through a private temporary directory,
+    removed whatever happens)."""
+    import tempfile  # noqa: PLC0415
+
+    if text_file == "-":
+        text = _read_stdin_text()
+        with tempfile.TemporaryDirectory(prefix="txl-fast-") as tmp:
+            path = Path(tmp) / "stdin.txt"
+            path.write_text(text, encoding="utf-8")
+            return tok.encode_file(path, ordered=True, add_eos=True)
+    path = Path(text_file)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give a text file (or - for stdin)")
+    if not path.exists():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    try:
+        return tok.encode_file(path, ordered=True, add_eos=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte at offset {e.start})") from None
+
+
+def _is_char_vocabulary(tok) -> bool:
+    special = set(tok.all_special_tokens)
+    return all(len(sym) == 1 for sym in tok.idx2sym if sym not in special)
 
 
 def _peak_rss_mb() -> float:
@@ -45,45 +174,43 @@ def _peak_rss_mb() -> float:
 def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
-    from txl_fast import PRESETS, evaluate, use_backend  # noqa: PLC0415
+    from txl_fast import evaluate, use_backend  # noqa: PLC0415
 
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
-    model, tok = _load(model_dir, args.dtype, args.device)
-    protocol = {"tgt_len": 128, "mem_len": model.config.mem_len, "clamp_len": model.config.clamp_len,
-                "same_length": model.config.same_length, "batch_size": 1, "init_mems": "empty"}
-    if args.preset:
-        protocol.update(PRESETS[args.preset])
-    elif not args.model:
-        protocol.update(_default_protocol(model_dir))
-    for key in ("tgt_len", "mem_len", "clamp_len", "batch_size", "init_mems"):
-        if getattr(args, key) is not None:
-            protocol[key] = getattr(args, key)
-    if args.same_length is not None:
-        protocol["same_length"] = args.same_length == "on"
-    text_file = args.file or (str(model_dir / "heldout.txt") if not args.model else None)
+    model_dir = _model_dir(args.model)
+    text_file = args.file or (str(model_dir / HELDOUT) if (model_dir / HELDOUT).is_file() else None)
     if text_file is None:
-        raise ValueError("give a text FILE (or - for stdin) to evaluate this model on")
-    if text_file == "-":
-        import tempfile  # noqa: PLC0415
-
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write(sys.stdin.read())
-        text_file = f.name
-    ids = tok.encode_file(text_file, ordered=True, add_eos=True)
+        raise ValueError(f"{model_dir} holds no {HELDOUT}: give a text FILE (or - for stdin) to evaluate")
+    model, tok = _load(model_dir, args.dtype, args.device)
+    if args.char_level and not _is_char_vocabulary(tok):
+        raise ValueError("--char-level reports bits per character, but this model's vocabulary is of words: "
+                         "its perplexity is per word")
+    protocol, source = _protocol(args, model_dir, model.config)
+    ids = _encode_text(tok, text_file)
+    unk = tok.unk_token_id
+    unk_share = float((ids == unk).double().mean()) if unk is not None and ids.numel() else 0.0
     with use_backend(args.backend), torch.no_grad():
         result = evaluate(model, ids, char_level=args.char_level, progress=None if not args.json else False,
                           **protocol)
-    report = {"model": str(model_dir), "text": text_file, "tokens": result.tokens, "nll": result.nll,
-              "perplexity": result.perplexity, "bpc": result.bpc, "tokens_per_s": result.tokens_per_s,
-              "seconds": result.seconds, "peak_rss_mb": _peak_rss_mb(), "backend": args.backend,
-              "dtype": args.dtype, **protocol}
+    if unk_share > UNK_WARN_SHARE:
+        print(f"txl-fast: warning: {unk_share:.1%} of the tokens are <unk> (words outside the vocabulary): "
+              "predicting <unk> is easy, so this perplexity flatters the model", file=sys.stderr)
+    text_name = "standard input" if text_file == "-" else text_file
+    report = {"model": str(model_dir), "text": text_name, "tokens": result.tokens, "unk_share": unk_share,
+              "nll": result.nll, "perplexity": result.perplexity, "bpc": result.bpc,
+              "tokens_per_s": result.tokens_per_s, "seconds": result.seconds, "peak_rss_mb": _peak_rss_mb(),
+              "backend": args.backend, "dtype": args.dtype, "threads": args.threads, "protocol_source": source,
+              **protocol}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        extra = f"  bpc {result.bpc:.4f}" if result.bpc is not None else ""
-        print(f"perplexity {result.perplexity:.3f}{extra}  ({result.tokens} tokens, {result.tokens_per_s:.0f} tokens/s, "
-              f"peak memory {report['peak_rss_mb']:.0f} MB; tgt_len {protocol['tgt_len']}, mem_len {protocol['mem_len']}, "
-              f"clamp_len {protocol['clamp_len']}, same_length {protocol['same_length']}, backend {args.backend})")
+        measure = f"bits per character {result.bpc:.4f}" if result.bpc is not None else \
+            f"perplexity {result.perplexity:.2f}"
+        print(f"{measure} = exp(mean NLL) over {result.tokens:,} predicted tokens of {text_name} "
+              f"({unk_share:.1%} <unk>); protocol from {source}: segments of tgt_len {protocol['tgt_len']}, "
+              f"memory mem_len {protocol['mem_len']} carried across them, clamp_len {protocol['clamp_len']}, "
+              f"same_length {'on' if protocol['same_length'] else 'off'}, {protocol['init_mems']} start, "
+              f"batch {protocol['batch_size']}; {result.tokens_per_s:,.0f} tokens/s, "
+              f"peak memory {report['peak_rss_mb']:.0f} MB, backend {args.backend}")
     return 0
 
 
@@ -92,26 +219,51 @@ def cmd_generate(args) -> int:
 
     from txl_fast import use_backend  # noqa: PLC0415
 
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    chosen = {k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None}
+    if args.greedy and chosen:
+        raise ValueError(f"--greedy takes the most likely token: it cannot be combined with "
+                         f"{', '.join('--' + k.replace('_', '-') for k in chosen)}")
+    sampling = {**SAMPLING, **chosen}
+    model_dir = _model_dir(args.model)
     model, tok = _load(model_dir, args.dtype, args.device)
-    ids = tok.encode(args.prompt)
-    if not ids:
+    prompt_ids = tok.encode(args.prompt)
+    if not prompt_ids:
         raise ValueError("the prompt is empty after tokenisation")
     generator = torch.Generator().manual_seed(args.seed)
-    print(args.prompt, end="", flush=True)
-
     eos = tok.eos_token_id
+    print(args.prompt, end="", flush=True)
+    line: list[int] = []                               # the ids of the line being generated
 
-    def stream(token):                              # print each token as it is produced
+    def show(ids: list[int], first: bool) -> str:
+        """Detokenised text of a line's ids; the first line continues the prompt (detokenised with
+        it, so that "The" + [",", "a"] prints "The, a")."""
+        if not first:
+            return tok.decode(ids)
+        prompt_text, text = tok.decode(prompt_ids), tok.decode(prompt_ids + ids)
+        return text[len(prompt_text):] if text.startswith(prompt_text) else " " + tok.decode(ids)
+
+    state = {"first": True}
+
+    def stream(token):                               # a line is printed when its <eos> arrives
         token_id = int(token[0])
-        print("\n" if token_id == eos else " " + tok.decode([token_id]), end="", flush=True)
+        if token_id != eos:
+            line.append(token_id)
+            return
+        print(show(line, state["first"]), flush=True)
+        line.clear()
+        state["first"] = False
 
     with use_backend(args.backend):
-        model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                       init_mems="empty", streamer=stream)
-    print()
+        model.generate(torch.tensor([prompt_ids], device=next(model.parameters()).device),
+                       max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, generator=generator,
+                       init_mems="empty", streamer=stream, **sampling)
+    print(show(line, state["first"]) if line else "")
     return 0
+
+
+def _refuse_to_replace(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is an existing file: give a directory")
 
 
 def cmd_train(args) -> int:
@@ -120,10 +272,33 @@ def cmd_train(args) -> int:
     import torch  # noqa: PLC0415
 
     from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel  # noqa: PLC0415
-    from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
-    from txl_fast.train import TrainConfig, default_corpus, train  # noqa: PLC0415
+    from txl_fast.checkpoint import CONFIG, SAFETENSORS  # noqa: PLC0415
+    from txl_fast.tokenizer import VOCAB_JSON, TransfoXLTokenizer  # noqa: PLC0415
+    from txl_fast.train import STATE_FILE, STATE_JSON, TrainConfig, default_corpus, train  # noqa: PLC0415
+
+    model_files = (CONFIG, SAFETENSORS, STATE_JSON, STATE_FILE, VOCAB_JSON, METRICS, HELDOUT)
 
     out = Path(args.out)
+    _refuse_to_replace(out, "--out")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the model in --out, --overwrite replaces it: choose one")
+    holds_model = out.is_dir() and any((out / name).exists() for name in model_files)
+    if holds_model and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} already holds a model: --resume to continue its training, --overwrite to replace it")
+    if args.resume:
+        if not (out / STATE_JSON).is_file():
+            raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
+        try:
+            done = int(json.loads((out / STATE_JSON).read_text())["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
+        if args.steps < done:
+            raise ValueError(f"{out} has already trained {done} steps: --steps {args.steps} must be at least that")
+    if args.d_model % args.n_head:
+        raise ValueError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} "
+                         "(each head gets d_model / n_head dimensions)")
+    if args.text and not Path(args.text).is_file():
+        raise FileNotFoundError(f"text file {args.text} does not exist")
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
     lines = text.splitlines()
     split = int(len(lines) * (1 - args.heldout))
@@ -139,17 +314,28 @@ def cmd_train(args) -> int:
             tok.build_vocab()
         train_ids = tok.encode_file(train_file, ordered=True, add_eos=True)
         valid_ids = tok.encode_file(valid_file, ordered=True, add_eos=True) if split < len(lines) else None
-    vocab = len(tok)
-    cutoffs = [c for c in (vocab // 4, vocab // 2) if 0 < c < vocab] if vocab >= 8 else []
-    config = TransfoXLConfig(vocab_size=vocab, cutoffs=sorted(set(cutoffs)), d_model=args.d_model,
-                             d_embed=args.d_model, n_head=args.n_head, d_head=args.d_model // args.n_head,
-                             d_inner=4 * args.d_model, div_val=2 if cutoffs else 1, n_layer=args.n_layer,
-                             mem_len=args.mem_len, clamp_len=4 * args.mem_len, same_length=True,
-                             dropout=args.dropout)
+    if args.resume:
+        config = TransfoXLConfig.from_json_file(out / CONFIG)          # the model being continued
+    else:
+        vocab = len(tok)
+        cutoffs = [c for c in (vocab // 4, vocab // 2) if 0 < c < vocab] if vocab >= 8 else []
+        config = TransfoXLConfig(vocab_size=vocab, cutoffs=sorted(set(cutoffs)), d_model=args.d_model,
+                                 d_embed=args.d_model, n_head=args.n_head, d_head=args.d_model // args.n_head,
+                                 d_inner=4 * args.d_model, div_val=2 if cutoffs else 1, n_layer=args.n_layer,
+                                 mem_len=args.mem_len, clamp_len=4 * args.mem_len,
+                                 same_length=args.mem_len > 0,         # HF's same_length mask needs a memory
+                                 dropout=args.dropout)
     torch.manual_seed(args.seed)
     model = TransfoXLLMHeadModel(config)
+    if args.overwrite:                                 # the old model's files go, not only those rewritten
+        for name in model_files:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_vocabulary(out)
+    if valid_ids is not None:
+        (out / HELDOUT).write_text("\n".join(lines[split:]) + "\n", encoding="utf-8")
+    else:
+        (out / HELDOUT).unlink(missing_ok=True)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, tgt_len=args.tgt_len, lr=args.lr,
                       warmup=min(args.warmup, args.steps), seed=args.seed, checkpoint_every=args.checkpoint_every)
     metrics = train(model, train_ids, valid_ids, cfg, out_dir=str(out), resume=args.resume)
@@ -160,7 +346,7 @@ def cmd_train(args) -> int:
 def cmd_info(args) -> int:
     import dataclasses  # noqa: PLC0415
 
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    model_dir = _model_dir(args.model)
     model, tok = _load(model_dir, "float32", "cpu")
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -206,72 +392,123 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"txl-fast: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="txl-fast", description="Transformer-XL runtime with custom kernels.")
+    parser = _Parser(prog="txl-fast", description="Transformer-XL runtime with custom kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=POSITIVE, default=physical_cores(),
+                         help="CPU threads for torch (default: the physical cores, here %(default)s); "
+                              "another busy process on the machine slows every thread: use fewer then")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, parents=[threads])
 
     def model_args(p):
         p.add_argument("--model", help="checkpoint directory (config.json, model.safetensors, vocab.json); "
                                        "default: the embedded model")
-        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "naive"])
-        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "naive"],
+                       help="default: %(default)s")
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default: %(default)s")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
-    p = sub.add_parser("eval", help="perplexity of a text file or stdin")
-    p.add_argument("file", nargs="?", help="text file, or - for stdin (default: the embedded model's held-out text)")
+    p = command("eval", "perplexity of a text file or stdin")
+    p.add_argument("file", nargs="?", help=f"text file, or - for stdin (default: the model's {HELDOUT}, "
+                                            "the text held out of its training)")
     model_args(p)
     p.add_argument("--preset", choices=["wt103", "enwik8", "text8"], help="the paper's evaluation protocol")
-    p.add_argument("--tgt-len", dest="tgt_len", type=int)
-    p.add_argument("--mem-len", dest="mem_len", type=int)
-    p.add_argument("--clamp-len", dest="clamp_len", type=int)
-    p.add_argument("--same-length", dest="same_length", choices=["on", "off"])
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    protocol = "default: the protocol stored with the model (its training's), else its config and tgt_len 128"
+    p.add_argument("--tgt-len", dest="tgt_len", type=POSITIVE, help=f"segment length ({protocol})")
+    p.add_argument("--mem-len", dest="mem_len", type=NON_NEGATIVE, help="memory length, 0 for none")
+    p.add_argument("--clamp-len", dest="clamp_len", type=NON_NEGATIVE, help="largest relative distance, 0: no clamp")
+    p.add_argument("--same-length", dest="same_length", choices=["on", "off"],
+                   help="every query sees as many keys (off by itself with --mem-len 0)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE)
     p.add_argument("--init-mems", dest="init_mems", choices=["empty", "zeros"])
-    p.add_argument("--char-level", action="store_true", help="report bits per character")
+    p.add_argument("--char-level", action="store_true",
+                   help="report bits per character (character vocabularies only)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt")
-    p.add_argument("prompt", nargs="?", default="The")
+    p = command("generate", "continue a prompt")
+    p.add_argument("prompt", nargs="?", default="The", help="default: %(default)s")
     model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=30, help="default: %(default)s")
+    p.add_argument("--greedy", action="store_true",
+                   help="the most likely token at each step, instead of sampling")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature (default: {SAMPLING['temperature']})")
+    p.add_argument("--top-k", type=NON_NEGATIVE, help=f"sample among the k likeliest, 0: all "
+                                                       f"(default: {SAMPLING['top_k']})")
+    p.add_argument("--top-p", type=float, help=f"sample within the smallest set of this probability "
+                                               f"(default: {SAMPLING['top_p']})")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train", help="train a small model")
+    p = command("train", "train a small model")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--text", help="training text (default: Python's documentation topics)")
-    p.add_argument("--heldout", type=float, default=0.1, help="fraction of lines held out")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tgt-len", type=int, default=64)
-    p.add_argument("--mem-len", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--min-freq", type=int, default=2)
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--heldout", type=_fraction, default=0.1,
+                   help=f"fraction of lines held out, saved as {HELDOUT} (default: %(default)s)")
+    p.add_argument("--steps", type=POSITIVE, default=1000, help="total steps, resumed ones included (default: %(default)s)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="default: %(default)s")
+    p.add_argument("--tgt-len", type=POSITIVE, default=64, help="default: %(default)s")
+    p.add_argument("--mem-len", type=NON_NEGATIVE, default=64, help="0: no memory (default: %(default)s)")
+    p.add_argument("--d-model", type=POSITIVE, default=128, help="default: %(default)s")
+    p.add_argument("--n-head", type=POSITIVE, default=4, help="default: %(default)s")
+    p.add_argument("--n-layer", type=POSITIVE, default=4, help="default: %(default)s")
+    p.add_argument("--dropout", type=_fraction, default=0.1, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=100, help="default: %(default)s")
+    p.add_argument("--min-freq", type=POSITIVE, default=2, help="default: %(default)s")
+    p.add_argument("--checkpoint-every", type=POSITIVE, default=200, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (its configuration: the size flags are not used)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("info", help="model summary")
+    p = command("info", "model summary")
     p.add_argument("--model")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="HF TransfoXL directory -> config.json + model.safetensors + vocab.json")
+    p = command("convert", "HF TransfoXL directory -> config.json + model.safetensors + vocab.json")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("kernels", help="ahead-of-time compile report of the Triton kernels for sm_80 / sm_90")
+    p = command("kernels", "ahead-of-time compile report of the Triton kernels for sm_80 / sm_90")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_kernels)
 
@@ -287,10 +524,20 @@ def main(argv=None) -> int:
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+        code = args.func(args)
+        sys.stdout.flush()                 # a closed pipe shows here, inside the handler below
+        return code
     except (ValueError, FileNotFoundError) as e:
         print(f"txl-fast: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader left (`txl-fast info | head -1`): stop quietly, as Python's documentation advises,
+        # pointing stdout at /dev/null so that the interpreter's last flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -11,6 +11,9 @@ from typing import Any, Optional
 _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "_name_or_path"}
 # HF's `attribute_map` aliases.
 _ALIASES = {"n_token": "vocab_size", "hidden_size": "d_model", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+# The sizes a config.json must state (HF always writes them): without them the defaults would build
+# the 285M-parameter wt103 model from a file that never asked for it.
+REQUIRED_IN_FILE = ("vocab_size", "cutoffs", "d_model", "d_embed", "n_head", "d_head", "d_inner", "div_val", "n_layer")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class TransfoXLConfig:
 
         for name in ("vocab_size", "d_model", "d_embed", "n_head", "d_head", "d_inner", "div_val", "n_layer"):
             positive(name)
+        if self.d_model % 2:
+            # n_head * d_head may differ from d_model (as in HF), but the sinusoidal position
+            # embedding has d_model / 2 (sin, cos) pairs
+            raise ValueError(f"TransfoXLConfig.d_model must be even (sin/cos position pairs), got {self.d_model}")
         for name in ("mem_len", "clamp_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TransfoXLConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -126,6 +133,9 @@ class TransfoXLConfig:
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         if data.get("model_type", "transfo-xl") != "transfo-xl":
             raise ValueError(f"{path} describes a {data['model_type']!r} model, not 'transfo-xl'")
+        missing = [k for k in REQUIRED_IN_FILE if k not in {_ALIASES.get(key, key) for key in data}]
+        if missing:
+            raise ValueError(f"{path} lacks required fields: {', '.join(missing)}")
         try:
             return cls.from_dict(data)
         except TypeError as e:

@@ -15,6 +15,8 @@ def convert(src, dst) -> list[Path]:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source directory {src} does not exist")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"destination {dst} is an existing file: give a new directory")
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"destination {dst} exists and is not empty")
     config = TransfoXLConfig.from_json_file(src / CONFIG)

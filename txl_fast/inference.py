@@ -74,6 +74,31 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on ``device``: MemAvailable of /proc/meminfo on the CPU, the
+    driver's free memory on CUDA; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cache_fits(transformer, bsz: int, mem_len: int, step: int) -> None:
+    """Refuse, before allocating, an inference cache larger than the memory left on the model's device.
+    Its buffers hold per layer keys and values of mem_len + step + max(step, mem_len // 8) rows."""
+    p = next(transformer.parameters())
+    rows = mem_len + step + max(step, mem_len // 8)
+    need = 2 * transformer.n_layer * bsz * rows * transformer.n_head * transformer.d_head * p.element_size()
+    free = available_memory(p.device)
+    if free is not None and need > free:
+        raise ValueError(f"mem_len {mem_len} needs {need / 2**30:.1f} GiB of memory cache at batch size {bsz}, "
+                         f"{free / 2**30:.1f} GiB is available on {p.device}: lower mem_len")
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -90,15 +115,21 @@ def evaluate(
 ) -> EvalResult:
     """Mean NLL of a token stream under ``model`` (a TransfoXLLMHeadModel), paper protocol.
 
-    token_ids: (T,) int64. init_mems: "empty" (the original code: the first segment sees only
-    itself) or "zeros" (HF's zero-filled memory). progress: a tqdm bar; default when stderr is a terminal.
+    token_ids: (T,) int64. mem_len: 0 for a model without memory (each segment sees only itself).
+    init_mems: "empty" (the original code: the first segment sees only itself) or "zeros" (HF's
+    zero-filled memory). A cache that would not fit in the device's free memory is a ValueError.
+    progress: a tqdm bar; default when stderr is a terminal.
     """
-    for name, value in (("tgt_len", tgt_len), ("mem_len", mem_len), ("batch_size", batch_size)):
+    for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
         _positive(name, value)
-    if not isinstance(clamp_len, int) or clamp_len < 0:
-        raise ValueError(f"clamp_len must be an integer >= 0, got {clamp_len!r}")
+    for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: no memory / no clamp), got {value!r}")
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
+    if mem_len == 0 and same_length:
+        # HF's same_length mask is mem_len-relative: without a memory it hides every key
+        raise ValueError("same_length needs a memory: with mem_len 0 pass same_length=False")
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1 or token_ids.dtype != torch.int64:
         raise ValueError("token_ids must be a 1-D int64 tensor")
     rows = token_ids.numel() // batch_size
@@ -111,6 +142,11 @@ def evaluate(
     device = next(model.parameters()).device
     data = token_ids[: rows * batch_size].view(batch_size, rows)              # (B, T/B), contiguous rows
     transformer, crit = model.transformer, model.crit
+    if init_mems == "empty":
+        # a row's memory never holds more than its past: a longer mem_len gives the same numbers
+        mem_len = min(mem_len, rows)
+    if use_cache:
+        check_cache_fits(transformer, batch_size, mem_len, tgt_len)
     show = sys.stderr.isatty() if progress is None else progress
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()

@@ -384,8 +384,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.d_model:
                 raise ValueError(f"inputs_embeds must be (B, L, d_model={self.d_model}), got {tuple(inputs_embeds.shape)}")
-            if inputs_embeds.shape[1] == 0:
-                raise ValueError("inputs_embeds has an empty sequence")
+            if 0 in inputs_embeds.shape[:2]:
+                raise ValueError(f"inputs_embeds has an empty batch or sequence: shape {tuple(inputs_embeds.shape)}")
             p = self._param()
             if inputs_embeds.dtype != p.dtype or inputs_embeds.device != p.device:
                 raise ValueError(
@@ -394,6 +394,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             return inputs_embeds
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids has an empty batch: shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty int64/int32 tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.device != self._param().device:

@@ -5,7 +5,9 @@
 AdamW, linear warm-up then cosine decay, gradient clipping, memory carried across segments
 (the stream is cut into ``batch_size`` contiguous rows, as in the original code), a progress bar
 with loss and tokens/s, checkpoints (config.json + model.safetensors + training state) that
-resume exactly where they stopped, and an evaluation on the held-out split at the end.
+resume exactly where they stopped, and an evaluation on the held-out split at the end. With an
+output directory, ``metrics.json`` keeps the metrics and the evaluation protocol (``eval_protocol``:
+what ``txl-fast eval --model DIR`` uses by default), written before the final evaluation too.
 
 The default model's corpus is the English text of Python's own documentation topics
 (``pydoc_data.topics``, shipped with CPython under the PSF licence), see ``default_corpus``.
@@ -27,6 +29,7 @@ from txl_fast.inference import evaluate
 
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+METRICS_JSON = "metrics.json"
 
 
 @dataclass
@@ -86,6 +89,8 @@ def _resume(model, optimizer, directory: Path) -> int:
 def train(model, train_ids: torch.Tensor, valid_ids: Optional[torch.Tensor], cfg: TrainConfig,
           out_dir: Optional[str] = None, resume: bool = False, progress: Optional[bool] = None) -> dict:
     """Train ``model`` (a TransfoXLLMHeadModel) on a token stream; returns final metrics."""
+    if not isinstance(cfg.steps, int) or cfg.steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {cfg.steps!r}")
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -97,6 +102,8 @@ def train(model, train_ids: torch.Tensor, valid_ids: Optional[torch.Tensor], cfg
 
         load_state_dict_into(model, read_state_dict(out))
         step = _resume(model, optimizer, out)
+        if step > cfg.steps:
+            raise ValueError(f"{out} has already trained {step} steps, more than steps={cfg.steps}")
     data = _rows(train_ids, cfg.batch_size)
     n_segments = (data.shape[1] - 1 + cfg.tgt_len - 1) // cfg.tgt_len
     show = sys.stderr.isatty() if progress is None else progress
@@ -140,13 +147,21 @@ def train(model, train_ids: torch.Tensor, valid_ids: Optional[torch.Tensor], cfg
     model.eval()
     metrics = {"steps": step, "train_loss_last": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
                "train_tokens_per_s": tokens / max(1e-9, time.perf_counter() - start)}
+    c = model.config
+    metrics["eval_protocol"] = dict(tgt_len=cfg.tgt_len, mem_len=c.mem_len, clamp_len=c.clamp_len,
+                                    same_length=c.same_length and c.mem_len > 0,   # the mask needs a memory
+                                    batch_size=cfg.eval_batch_size, init_mems="empty")
+    _write_metrics(out, metrics)
     if valid_ids is not None:
-        cfg_model = model.config
-        result = evaluate(model, valid_ids, tgt_len=cfg.tgt_len, mem_len=cfg_model.mem_len,
-                          clamp_len=cfg_model.clamp_len, same_length=cfg_model.same_length,
-                          batch_size=cfg.eval_batch_size, progress=False)
-        metrics.update(valid_nll=result.nll, valid_ppl=result.perplexity)
+        result = evaluate(model, valid_ids, progress=False, **metrics["eval_protocol"])
+        metrics.update(valid_nll=result.nll, valid_ppl=result.perplexity, valid_tokens=result.tokens)
+        _write_metrics(out, metrics)
     return metrics
+
+
+def _write_metrics(out: Optional[Path], metrics: dict) -> None:
+    if out is not None:
+        (out / METRICS_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def default_corpus() -> str:
