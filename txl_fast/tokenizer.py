@@ -42,6 +42,7 @@ HF 4.35 behaviour found while pinning parity (tests/test_tokenizer.py), and what
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -49,7 +50,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-import sacremoses
 import torch
 
 from txl_fast.safe_pickle import load_legacy_pickle
@@ -69,6 +69,15 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
 # settings saved in vocab.json: everything that changes how text becomes ids
 _SETTINGS = ("special", "min_freq", "max_size", "lower_case", "delimiter", "never_split",
              "unk_token", "eos_token", "additional_special_tokens", "language")
+
+
+def _sacremoses():
+    """The sacremoses module, imported at the first tokenisation (about half a second)."""
+    try:
+        import sacremoses  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(f"tokenizing text needs sacremoses (pip install sacremoses): {e}") from e
+    return sacremoses
 
 
 def tokenize_numbers(tokens: Iterable[str]) -> list[str]:
@@ -131,9 +140,6 @@ class TransfoXLTokenizer:
         self.language = language
         self.never_split = list(never_split) if never_split is not None else self.all_special_tokens
 
-        self.moses_punct_normalizer = sacremoses.MosesPunctNormalizer(language)
-        self.moses_tokenizer = sacremoses.MosesTokenizer(language)
-        self.moses_detokenizer = sacremoses.MosesDetokenizer(language)
         # special tokens are cut out of the text before Moses sees it; longest first, as HF's trie
         specials = sorted(set(self.all_special_tokens), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
@@ -233,6 +239,20 @@ class TransfoXLTokenizer:
         self._set_vocab(idx2sym, None)
 
     # ---------------------------------------------------------------- text -> symbols -> ids
+
+    # Moses is built at first use: loading a vocabulary (`from_pretrained`, `len`, `txl-fast info`)
+    # needs no sacremoses
+    @functools.cached_property
+    def moses_punct_normalizer(self):
+        return _sacremoses().MosesPunctNormalizer(self.language)
+
+    @functools.cached_property
+    def moses_tokenizer(self):
+        return _sacremoses().MosesTokenizer(self.language)
+
+    @functools.cached_property
+    def moses_detokenizer(self):
+        return _sacremoses().MosesDetokenizer(self.language)
 
     def moses_pipeline(self, text: str) -> list[str]:
         text = self.moses_punct_normalizer.normalize(text)
