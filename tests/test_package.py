@@ -41,6 +41,19 @@ def test_import_does_not_load_the_compiler_the_tokenizer_or_triton():
     assert proc.stdout.strip() == "[]"
 
 
+def test_eval_and_generate_do_not_load_the_compiler_or_triton():
+    proc = run_python("""
+        import contextlib, io
+        from txl_fast.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["eval", "--tgt-len", "32", "--mem-len", "32"]) == 0     # clustered input and softmax
+            assert main(["generate", "--max-new-tokens", "3"]) == 0
+        print([m for m in ("torch._dynamo", "triton") if m in sys.modules])
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_import_the_torch_path_and_vocabularies_work_without_sacremoses_and_triton():
     proc = run_python("""
         import torch

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -97,10 +98,11 @@ def resolve(tensor: torch.Tensor, name: Optional[str] = None) -> str:
 
 
 def compile_disabled(reason: str) -> Callable:
-    """``torch.compiler.disable(fn, reason=reason)``, built at the first call rather than at import:
-    ``torch.compiler.disable`` imports ``torch._dynamo`` (about 1.7 s), which only a caller of
-    ``torch.compile`` needs. Under ``torch.compile`` the call breaks the graph and ``fn`` runs
-    eagerly, as with the decorator itself."""
+    """``torch.compiler.disable(fn, reason=reason)``, without importing the compiler to get it:
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (well over a second), which only a caller
+    of ``torch.compile`` needs. Until ``torch._dynamo`` is imported nothing can be compiling, and
+    ``fn`` is called as it is; from then on through the disabled wrapper, built once. Under
+    ``torch.compile`` the call breaks the graph and ``fn`` runs eagerly, as with the decorator."""
     def decorate(fn: Callable) -> Callable:
         disabled = None
 
@@ -108,6 +110,8 @@ def compile_disabled(reason: str) -> Callable:
         def call(*args, **kwargs):
             nonlocal disabled
             if disabled is None:
+                if "torch._dynamo" not in sys.modules:
+                    return fn(*args, **kwargs)
                 disabled = torch.compiler.disable(fn, reason=reason)
             return disabled(*args, **kwargs)
 
