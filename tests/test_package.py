@@ -88,7 +88,7 @@ def test_tokenizer_is_a_lazy_top_level_name():
     from txl_fast.tokenizer import TransfoXLTokenizer
 
     assert txl_fast.TransfoXLTokenizer is TransfoXLTokenizer
-    assert "TransfoXLTokenizer" in txl_fast.__all__
+    assert "TransfoXLTokenizer" in txl_fast.__all__ and "TransfoXLTokenizer" in dir(txl_fast)
     with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
         txl_fast.NoSuchThing
 

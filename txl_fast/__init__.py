@@ -60,3 +60,7 @@ def __getattr__(name: str):
 
         return TransfoXLTokenizer
     raise AttributeError(f"module 'txl_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "TransfoXLTokenizer"})
