@@ -54,7 +54,7 @@ def default_model_path() -> Path:
 
 
 def __getattr__(name: str):
-    # PEP 562: the tokenizer imports sacremoses, which `import txl_fast` should not pay for
+    # PEP 562: the tokenizer (and through it sacremoses) is imported at first use, not by `import txl_fast`
     if name == "TransfoXLTokenizer":
         from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
 
