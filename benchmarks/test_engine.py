@@ -3,7 +3,7 @@
 Quick mode (default, runs in CI in seconds): a small random model. ``TXL_BENCH_FULL=1`` uses the
 wt103 configuration (285M parameters, ~5 GB of RAM for both models, minutes per case). Each case
 also checks that both sides compute the same thing, so a benchmark cannot silently measure a wrong
-result. Side-by-side ratios for the README come from ``scripts/bench_engine.py``.
+result. Side-by-side ratios (benchmarks/RESULTS.md) come from ``benchmarks/bench_engine.py``.
 
     python -m pytest benchmarks -q                       # quick, timed
     python -m pytest benchmarks -q --benchmark-disable   # quick, each case once

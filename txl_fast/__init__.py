@@ -1,4 +1,10 @@
-"""txl_fast: a custom-kernel accelerated runtime for Transformer-XL (HF TransfoXL compatible)."""
+"""txl_fast: a custom-kernel accelerated runtime for Transformer-XL (HF TransfoXL compatible).
+
+``import txl_fast`` stays light: the tokenizer (sacremoses), torch's compiler (``torch._dynamo``)
+and triton are imported when first used. ``txl_fast.TransfoXLTokenizer`` is a lazy attribute.
+"""
+from pathlib import Path
+
 from txl_fast.backend import get_backend, set_backend, use_backend
 from txl_fast.config import TransfoXLConfig
 from txl_fast.inference import PRESETS, EvalResult, evaluate, generate
@@ -18,6 +24,8 @@ from txl_fast.patch import patch, unpatch
 
 __all__ = [
     "PRESETS",
+    "TransfoXLTokenizer",
+    "default_model_path",
     "EvalResult",
     "evaluate",
     "generate",
@@ -37,3 +45,22 @@ __all__ = [
     "use_backend",
 ]
 __version__ = "0.1.0"
+
+
+def default_model_path() -> Path:
+    """Directory of the small model shipped inside the package (config.json, model.safetensors,
+    vocab.json, heldout.txt): what ``txl-fast eval`` / ``generate`` use without ``--model``."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+def __getattr__(name: str):
+    # PEP 562: the tokenizer (and through it sacremoses) is imported at first use, not by `import txl_fast`
+    if name == "TransfoXLTokenizer":
+        from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
+
+        return TransfoXLTokenizer
+    raise AttributeError(f"module 'txl_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "TransfoXLTokenizer"})

@@ -2,6 +2,8 @@
 
 The choice is a context variable, so ``use_backend`` nests and is safe across threads.
 ``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports, ``torch`` otherwise.
+triton is an optional dependency (``pip install "txl_fast[triton]"``); without it an explicit
+``triton`` is a ValueError that says so, at ``set_backend`` / ``use_backend``.
 
 Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported); without it an explicit ``triton`` choice on CPU tensors is an error,
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
+import functools
 import os
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 
@@ -25,11 +28,14 @@ _backend: contextvars.ContextVar[str] = contextvars.ContextVar("txl_fast_backend
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        _require_triton()
     return name
 
 
 def set_backend(name: str) -> None:
-    """Set the backend for this thread/context: one of ``naive``, ``torch``, ``triton``, ``auto``."""
+    """Set the backend for this thread/context: one of ``naive``, ``torch``, ``triton``, ``auto``.
+    ``triton`` without triton installed is a ValueError saying how to install it."""
     _backend.set(_check_name(name))
 
 
@@ -47,11 +53,28 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None     # looked up, not imported
+TRITON_MISSING = 'backend \'triton\' needs triton, which is not installed here: pip install "txl_fast[triton]"'
+
+
+_triton_imports: Optional[bool] = None      # unknown until first needed
 
 
 def triton_available() -> bool:
-    return _TRITON_INSTALLED
+    """Whether triton imports. Tried once, when first needed (CUDA tensors on ``auto``, or an
+    explicit ``triton``), so that ``import txl_fast`` and CPU-only use never import it."""
+    global _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401, PLC0415
+            _triton_imports = True
+        except ImportError:
+            _triton_imports = False
+    return _triton_imports
+
+
+def _require_triton() -> None:
+    if not triton_available():
+        raise ValueError(TRITON_MISSING)
 
 
 def triton_interpreter() -> bool:
@@ -65,11 +88,33 @@ def resolve(tensor: torch.Tensor, name: Optional[str] = None) -> str:
     if name == "auto":
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if name == "triton":
-        if not triton_available():
-            raise RuntimeError("backend 'triton' was requested but triton is not installed")
+        _require_triton()
         if not tensor.is_cuda and not triton_interpreter():
             raise ValueError(
                 f"backend 'triton' needs CUDA tensors (got {tensor.device}); on the CPU set "
                 "TRITON_INTERPRET=1 before importing triton, or use the 'torch' backend"
             )
     return name
+
+
+def compile_disabled(reason: str) -> Callable:
+    """``torch.compiler.disable(fn, reason=reason)``, without importing the compiler to get it:
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (well over a second), which only a caller
+    of ``torch.compile`` needs. Until ``torch._dynamo`` is imported nothing can be compiling, and
+    ``fn`` is called as it is; from then on through the disabled wrapper, built once. Under
+    ``torch.compile`` the call breaks the graph and ``fn`` runs eagerly, as with the decorator."""
+    def decorate(fn: Callable) -> Callable:
+        disabled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal disabled
+            if disabled is None:
+                if "torch._dynamo" not in sys.modules:
+                    return fn(*args, **kwargs)
+                disabled = torch.compiler.disable(fn, reason=reason)
+            return disabled(*args, **kwargs)
+
+        return call
+
+    return decorate

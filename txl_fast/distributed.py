@@ -3,7 +3,7 @@
 Transformer-XL's memory is per row of the batch, so data parallelism splits the batch by rows
 and each rank carries the memory of its own rows (``mems`` of shape (mem_len, local_bsz, d_model));
 no memory crosses ranks. Training needs nothing from here: wrap the model in
-``torch.nn.parallel.DistributedDataParallel`` as any module (see README, "Drop-in use").
+``torch.nn.parallel.DistributedDataParallel`` as any module (see docs/drop-in.md, "Data parallel").
 
     torchrun --nproc_per_node=2 scripts/ddp_check.py     # gloo on CPU, nccl on GPUs
 

@@ -149,11 +149,18 @@ class TransfoXLPreTrainedModel(nn.Module):
 
         return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (tied tensors stored once, re-tied on load)."""
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """Write config.json and model.safetensors (tied tensors stored once, re-tied on load), and
+        the tokenizer's vocab.json when ``tokenizer`` is given: a directory ``from_pretrained``,
+        ``TransfoXLTokenizer.from_pretrained`` and ``txl-fast ... --model DIR`` all read."""
         from txl_fast import checkpoint
 
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model only "
+                             f"{self.config.vocab_size} ids: they do not belong together")
         checkpoint.save_pretrained(self, path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
 
 
 def _check_mems(mems, n_layer: int, bsz: int, d_model: int, ref: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from txl_fast import ops
+from txl_fast import backend, ops
 
 
 class PositionalEmbedding(nn.Module):
@@ -184,7 +184,7 @@ class AdaptiveEmbedding(nn.Module):
             return embed * self.emb_scale
         return self._clustered(inp)
 
-    @torch.compiler.disable(reason="rows per cluster are data-dependent: compiling would recompile per batch")
+    @backend.compile_disabled("rows per cluster are data-dependent: compiling would recompile per batch")
     def _clustered(self, inp: torch.Tensor) -> torch.Tensor:
         inp_flat = inp.reshape(-1)
         weight = self.emb_projs[0]

@@ -42,6 +42,7 @@ HF 4.35 behaviour found while pinning parity (tests/test_tokenizer.py), and what
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -49,7 +50,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-import sacremoses
 import torch
 
 from txl_fast.safe_pickle import load_legacy_pickle
@@ -69,6 +69,15 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
 # settings saved in vocab.json: everything that changes how text becomes ids
 _SETTINGS = ("special", "min_freq", "max_size", "lower_case", "delimiter", "never_split",
              "unk_token", "eos_token", "additional_special_tokens", "language")
+
+
+def _sacremoses():
+    """The sacremoses module, imported at the first tokenisation (about half a second)."""
+    try:
+        import sacremoses  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(f"tokenizing text needs sacremoses (pip install sacremoses): {e}") from e
+    return sacremoses
 
 
 def tokenize_numbers(tokens: Iterable[str]) -> list[str]:
@@ -131,9 +140,6 @@ class TransfoXLTokenizer:
         self.language = language
         self.never_split = list(never_split) if never_split is not None else self.all_special_tokens
 
-        self.moses_punct_normalizer = sacremoses.MosesPunctNormalizer(language)
-        self.moses_tokenizer = sacremoses.MosesTokenizer(language)
-        self.moses_detokenizer = sacremoses.MosesDetokenizer(language)
         # special tokens are cut out of the text before Moses sees it; longest first, as HF's trie
         specials = sorted(set(self.all_special_tokens), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
@@ -234,6 +240,20 @@ class TransfoXLTokenizer:
 
     # ---------------------------------------------------------------- text -> symbols -> ids
 
+    # Moses is built at first use: loading a vocabulary (`from_pretrained`, `len`, `txl-fast info`)
+    # needs no sacremoses
+    @functools.cached_property
+    def moses_punct_normalizer(self):
+        return _sacremoses().MosesPunctNormalizer(self.language)
+
+    @functools.cached_property
+    def moses_tokenizer(self):
+        return _sacremoses().MosesTokenizer(self.language)
+
+    @functools.cached_property
+    def moses_detokenizer(self):
+        return _sacremoses().MosesDetokenizer(self.language)
+
     def moses_pipeline(self, text: str) -> list[str]:
         text = self.moses_punct_normalizer.normalize(text)
         tokens = self.moses_tokenizer.tokenize(
@@ -284,18 +304,35 @@ class TransfoXLTokenizer:
     def encode(self, text: str, add_eos: bool = False, add_double_eos: bool = False) -> list[int]:
         return self.convert_tokens_to_ids(self.tokenize(text, add_eos=add_eos, add_double_eos=add_double_eos))
 
-    def encode_file(
-        self, path: Union[str, os.PathLike], ordered: bool = True, add_eos: bool = True, add_double_eos: bool = False
+    def encode_lines(
+        self, lines: Iterable[str], ordered: bool = True, add_eos: bool = True, add_double_eos: bool = False
     ) -> Union[torch.Tensor, list[torch.Tensor]]:
-        """Encode a UTF-8 corpus line by line: one LongTensor (`ordered`) or a list, one per line."""
+        """Encode text line by line, as `txl-fast eval` does a file: each line (its line end, if any,
+        dropped) tokenised on its own, `<eos>` appended to each (`add_eos`). One LongTensor
+        (`ordered`) or a list, one per line. `encode_file` and `txl-fast eval` go through here.
+        For a whole text: `encode_lines(text.splitlines())`."""
+        if isinstance(lines, str):
+            raise TypeError("encode_lines takes an iterable of lines, not one string; "
+                            "for a text use encode_lines(text.splitlines())")
         encoded = []
-        with open(path, "r", encoding="utf-8") as f:
-            for line in f:
-                ids = self.encode(line, add_eos=add_eos, add_double_eos=add_double_eos)
-                encoded.append(torch.tensor(ids, dtype=torch.long))
+        for n, line in enumerate(lines, 1):
+            if not isinstance(line, str):
+                raise TypeError(f"line {n} is a {type(line).__name__}, not a str")
+            line = line.rstrip("\r\n")
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"line {n} holds a line break inside it; split the text into lines first")
+            ids = self.encode(line, add_eos=add_eos, add_double_eos=add_double_eos)
+            encoded.append(torch.tensor(ids, dtype=torch.long))
         if ordered:
             return torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.long)
         return encoded
+
+    def encode_file(
+        self, path: Union[str, os.PathLike], ordered: bool = True, add_eos: bool = True, add_double_eos: bool = False
+    ) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """Encode a UTF-8 corpus line by line (`encode_lines`): the id stream `txl-fast eval` scores."""
+        with open(path, "r", encoding="utf-8") as f:
+            return self.encode_lines(f, ordered=ordered, add_eos=add_eos, add_double_eos=add_double_eos)
 
     # ---------------------------------------------------------------- ids -> text
 
@@ -354,6 +391,15 @@ class TransfoXLTokenizer:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(payload, f, ensure_ascii=False, indent=0)
         return str(path)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> tuple[str]:
+        """Write `vocab.json` into `save_directory` (created if missing), the file `from_pretrained`
+        and `txl-fast --model DIR` read; return its path as a 1-tuple, as HF does."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} exists and is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        return (self.save_vocabulary(directory),)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs) -> "TransfoXLTokenizer":

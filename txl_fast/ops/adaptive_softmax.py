@@ -138,7 +138,7 @@ def _lse_and_pick(h, weight, bias, col):
     return lse, pick
 
 
-@torch.compiler.disable(reason="rows per cluster are data-dependent: compiling would recompile per batch")
+@backend.compile_disabled("rows per cluster are data-dependent: compiling would recompile per batch")
 def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias):
     bounds = cluster_bounds(weights)
     cluster_of = torch.bucketize(target.contiguous(), torch.tensor(bounds[1:], device=target.device), right=True)  # (N,)

@@ -4,7 +4,7 @@
 
 ``split_linear`` computes the product as one batched matmul over row blocks of the weight (a
 view: nothing is copied), one block per thread, so each thread reads only its own share of the
-weight. With 2 threads (``python scripts/bench_gemv.py``, wt103 shapes, numbers in
+weight. With 2 threads (``python benchmarks/bench_gemv.py``, wt103 shapes, numbers in
 benchmarks/RESULTS.md) it is 1.2-1.5x faster than ``F.linear`` for one row (MKL's one-row product
 reads 10-19 GB/s, no faster than on one thread; the split one 13-23 GB/s, against 26-31 GB/s for
 a plain reduction over the same bytes), about 2x for 4-16 rows, 1.3x for the 128 rows of a

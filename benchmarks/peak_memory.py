@@ -1,6 +1,6 @@
 """Peak resident memory of evaluation, ours vs HF transformers 4.35, each side in a fresh process.
 
-    python scripts/peak_memory.py [--batch 1 4] [--segments 4] [--config wt103]
+    python benchmarks/peak_memory.py [--batch 1 4] [--segments 4] [--config wt103]
 
 One set of random weights (HF model -> save_pretrained; txl_fast loads the same files). Each child
 process loads its model, resets the kernel's high-water mark (``/proc/self/clear_refs``: 5), runs the

@@ -4,7 +4,7 @@ ops.adaptive_topk. Random weights; ``--tail-bias`` shifts the cluster logits: wi
 rarely win, as with a trained model on ordinary text) the tails are skipped; with +5 every tail is
 scanned (the worst case). Medians of alternated runs.
 
-    python scripts/bench_next_token.py --batch 1 8 --rounds 20
+    python benchmarks/bench_next_token.py --batch 1 8 --rounds 20
 """
 import argparse
 import statistics

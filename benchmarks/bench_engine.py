@@ -1,6 +1,6 @@
 """Ours vs HF transformers 4.35 on the wt103 configuration: evaluation and greedy generation.
 
-    python scripts/bench_engine.py [--segments 4] [--new-tokens 16] [--batch 1 4] [--rounds 2]
+    python benchmarks/bench_engine.py [--segments 4] [--new-tokens 16] [--batch 1 4] [--rounds 2]
 
 Same random weights (HF model -> save_pretrained -> txl_fast from_pretrained), fp32, the paper's
 wt103 protocol (tgt_len 128, mem_len 1600, clamp_len 1000, same_length), both warmed up, runs

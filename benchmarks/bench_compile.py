@@ -1,6 +1,6 @@
 """What torch.compile and patch() gain on this machine: LM-head forward (eval, labels, memory carried).
 
-    python scripts/bench_compile.py [--bsz 4] [--tgt-len 64] [--iters 10]
+    python benchmarks/bench_compile.py [--bsz 4] [--tgt-len 64] [--iters 10]
 
 Rows: HF TransfoXLLMHeadModel eager, the same patched by txl_fast.patch, txl_fast's model eager,
 and txl_fast's model under torch.compile (Inductor, torch backend). Reports tokens/s (median of

@@ -1,6 +1,6 @@
 """The dense products of a decode step and of a segment: ``F.linear`` against ``split_linear`` (2 blocks).
 
-    python scripts/bench_gemv.py [--rounds 9] [--rows 1 4 16 64 128 512]
+    python benchmarks/bench_gemv.py [--rounds 9] [--rows 1 4 16 64 128 512]
 
 For each wt103 layer shape (qkv 3072 x 1024, o_net 1024 x 1024, feed-forward 4096 x 1024 and
 1024 x 4096), 18 fp32 weights as in the model (together far larger than the L3, so every product

@@ -1,6 +1,6 @@
 """The torch path of rel_attention at the wt103 shapes: its explicit arithmetic vs the fused one.
 
-    python scripts/bench_torch_attention.py [--reps 10]
+    python benchmarks/bench_torch_attention.py [--reps 10]
 
 16 heads, d_head 64, memory 1600, clamp_len 1000 (1001 distinct position keys), same_length
 window, keys and values in the inference cache's head-major buffers, queries column-major as
