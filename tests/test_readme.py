@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from txl_fast.cli import build_parser
+from txl_fast.cli import SAMPLING, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -45,10 +45,14 @@ def test_setup_commands_are_what_ci_runs():
 
 
 def test_readme_states_the_sampling_defaults_of_the_cli():
+    """The defaults generate samples with (cli.SAMPLING: the flags default to None so that
+    ``--greedy`` can refuse them), as the README and ``--help`` state them."""
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    defaults = {a.dest: a.default for a in sub.choices["generate"]._actions}
-    stated = f"temperature {defaults['temperature']}, top-k {defaults['top_k']}, top-p {defaults['top_p']}"
+    helps = {a.dest: a.help for a in sub.choices["generate"]._actions}
+    stated = f"temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}"
     assert stated in README.replace("**", "")
+    for name in ("temperature", "top_k", "top_p"):
+        assert f"(default: {SAMPLING[name]})" in helps[name]
 
 
 def test_readme_explains_threads_on_a_busy_machine():
