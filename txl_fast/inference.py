@@ -216,9 +216,10 @@ def choose_next(crit, hidden: torch.Tensor, do_sample: bool, temperature: float,
 # sync); the output is cut where they all had, so the result is the same as looking at every step
 EOS_CHECK_EVERY = 16
 # generate(cuda_graph=True): spare rows in each layer's key/value buffer, so that the decode steps
-# cycle through GRAPH_SLACK + 2 cache layouts, one CUDA graph each (the last one moves the memory
-# to the front of its buffer: M rows copied every GRAPH_SLACK + 2 steps)
-GRAPH_SLACK = 30
+# cycle through GRAPH_SLACK + 2 cache layouts, one CUDA graph each, captured per generate() call
+# (the last one moves the memory to the front of its buffer: 2 M rows copied every GRAPH_SLACK + 2
+# steps; wt103 batch 1, fp16: ~30 MB a token against the ~650 MB of weights and memory a step reads)
+GRAPH_SLACK = 14
 
 
 def decode_step(transformer, crit, step_ids: torch.Tensor, state, do_sample: bool, top_k: int):
