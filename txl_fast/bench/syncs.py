@@ -23,13 +23,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # ATen ops (overload packets) whose result waits for the device's values
 SYNCING = frozenset({
     "_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "_unique", "_unique2",
-    "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount", "repeat_interleave", "allclose",
+    "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount", "allclose",
 })
 
 
 def _syncing(name: str, args, kwargs) -> bool:
     if name in SYNCING:
         return True
+    if name == "repeat_interleave":                               # tensor repeats: the output length is their sum
+        return isinstance(args[0 if len(args) == 1 else 1], torch.Tensor) and kwargs.get("output_size") is None
     if name in ("index", "index_put", "index_put_"):              # a boolean mask as an index: nonzero inside
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
     if name == "_to_copy":                                        # device -> host
