@@ -218,7 +218,8 @@ def roofline(ms: float, cost, ceilings: dict, es: int) -> dict:
     """The timing against its floor: max(FLOPs / matrix rate of the dtype, bytes / copy bandwidth)."""
     rate = ceilings["matmul_bf16_flops"] if es == 2 else ceilings["matmul_fp32_flops"]
     floor = max(cost.flops / rate, cost.bytes / ceilings["copy_bytes_per_s"])
-    return {"ms": round(ms, 4), "floor_ms": round(1e3 * floor, 4), "of_floor": round(1e3 * floor / ms, 3) if ms else None}
+    return {"ms": round(ms, 4), "floor_ms": round(1e3 * floor, 4),
+            "of_floor": round(1e3 * floor / ms, 3) if ms else None}
 
 
 # ---- stage 1: environment ------------------------------------------------------------------------
@@ -811,7 +812,8 @@ def time_host_per_step(S: dict, ceilings: dict, device, smoke: bool) -> dict:
             t0 = time.perf_counter()
             model.generate(prompt, h["tokens"], cuda_graph=graph)
             synchronize(device)
-            result[f"generate_tok_per_s{'_graph' if graph else ''}"] = round(h["tokens"] / (time.perf_counter() - t0), 1)
+            key = "generate_tok_per_s_graph" if graph else "generate_tok_per_s"   # graph: captures included
+            result[key] = round(h["tokens"] / (time.perf_counter() - t0), 1)
         with torch.no_grad():
             _, cand, cache = decode_step(model.transformer, model.crit, prompt, model.new_cache(1), False, 0)
             ids = cand[:, :1]
@@ -977,7 +979,7 @@ def print_table(records: list) -> None:
         if r["status"] == "error":
             summary = r["error"][:70]
         elif "errors" in r:
-            summary = "worst err " + f"{max(r['errors'].values()):.1e}" + (f"; {r['failures'][0]}" if r.get("failures") else "")
+            summary = f"worst err {max(r['errors'].values()):.1e}" + (f"; {r['failures'][0]}" if r.get("failures") else "")
         elif "worst_error" in r:
             summary = f"err {r['worst_error']:.1e}, compile {r['compile_s']} s"
         else:

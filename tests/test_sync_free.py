@@ -158,3 +158,33 @@ def test_steps_on_a_cache_fixed_for_graphs_equal_eager_generation(backend_name):
                     tokens.append(ids[:, 0])
     assert torch.equal(torch.stack(tokens, 1), expected[:, 5:])
     assert len(layouts) == 3 + 2
+
+
+def test_sync_free_adaptive_input_has_the_same_values_and_gradients():
+    """The CUDA formulation of the adaptive input is also the one training takes on CUDA."""
+    model = our_model("d_embed_div4", seed=7)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(9))
+    emb = model.transformer.word_emb
+    params = [p for p in emb.parameters()]
+    results = []
+    for force in (False, True):
+        with backend.force_sync_free() if force else contextlib.nullcontext():
+            out = emb(ids)
+        results.append((out, torch.autograd.grad((out * out.detach().sin()).sum(), params)))
+    (a, grads_a), (b, grads_b) = results
+    assert (a - b).abs().max() <= 1e-6
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga - gb).abs().max() <= 1e-6
+
+
+def test_cache_layout_restores_only_its_own_buffers():
+    model = our_model("default")
+    cache = model.new_cache(2)
+    layout = cache.layout()
+    cache.commit(1)
+    assert cache.layout() != layout
+    cache.restore(layout)
+    assert cache.layout() == layout
+    cache.fix_for_graphs(1, slack=2)                     # new buffers: the old layout is of others
+    with pytest.raises(ValueError, match="other buffers"):
+        cache.restore(layout)

@@ -419,7 +419,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError(f"input_ids is on {input_ids.device}, the model on {self._param().device}")
         # The value check needs a host sync; torch.compile traces and trusted ids (generate's decode
         # steps) skip it (shapes and dtypes are still checked).
-        if not torch.compiler.is_compiling() and not _ids_trusted.get() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.n_token):
+        checked = not torch.compiler.is_compiling() and not _ids_trusted.get()
+        if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.n_token):
             raise ValueError(
                 f"token ids must be in [0, {self.n_token}), got min {int(input_ids.min())}, max {int(input_ids.max())}"
             )

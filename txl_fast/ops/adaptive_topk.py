@@ -14,8 +14,9 @@ inside the cluster, so it is never above its cluster's: a tail is scanned only f
 cluster log-prob beats their current k-th best candidate (on CUDA, ``txl_fast.backend.sync_free``:
 every row is scanned and the others merge -inf, so that no host sync waits for the row count). With
 a trained model most rows never touch the big tails (wt103: 160,000 + 67,735 + 20,000 of the
-267,735 words). The winners' logits are recomputed from their weight rows in the accumulation dtype, so the values are exact, not the
-scan's rounding. The naive backend takes the full log-softmax and ``torch.topk`` (the reference).
+267,735 words). The winners' logits are recomputed from their weight rows in the accumulation
+dtype, so the values are exact, not the scan's rounding. The naive backend takes the full
+log-softmax and ``torch.topk`` (the reference).
 """
 from __future__ import annotations
 
