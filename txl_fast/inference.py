@@ -335,8 +335,8 @@ def generate(
 
     def step(ids):
         nonlocal state
-        logprobs, ids, state = decode_step(transformer, crit, ids, state, do_sample, top_k)
-        return logprobs, ids
+        logprobs, candidate_ids, state = decode_step(transformer, crit, ids, state, do_sample, top_k)
+        return logprobs, candidate_ids
 
     graphed, step_ids, steps = None, input_ids, 0
     for i in range(max_new_tokens):
