@@ -5,6 +5,11 @@ The choice is a context variable, so ``use_backend`` nests and is safe across th
 triton is an optional dependency (``pip install "txl_fast[triton]"``); without it an explicit
 ``triton`` is a ValueError that says so, at ``set_backend`` / ``use_backend``.
 
+``sync_free(tensor)`` says whether ops on such tensors must avoid host synchronisation (data-dependent
+shapes, ``.item()``): on CUDA, so that a decode step can be captured in a CUDA graph and queues
+its launches without waiting; elsewhere only inside ``force_sync_free()`` (the tests use it to
+run the CUDA formulation on the CPU), since a CPU "sync" costs nothing there.
+
 Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported); without it an explicit ``triton`` choice on CPU tensors is an error,
 raised here, before any launch.
@@ -23,6 +28,7 @@ import torch
 BACKENDS = ("naive", "torch", "triton", "auto")
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("txl_fast_backend", default="auto")
+_force_sync_free: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_sync_free", default=False)
 
 
 def _check_name(name: str) -> str:
@@ -118,3 +124,18 @@ def compile_disabled(reason: str) -> Callable:
         return call
 
     return decorate
+
+
+def sync_free(tensor: torch.Tensor) -> bool:
+    """Whether ops on tensors like ``tensor`` take their formulations without host syncs (see above)."""
+    return tensor.is_cuda or _force_sync_free.get()
+
+
+@contextlib.contextmanager
+def force_sync_free():
+    """Run the block's ops in their sync-free (CUDA) formulations on any device."""
+    token = _force_sync_free.set(True)
+    try:
+        yield
+    finally:
+        _force_sync_free.reset(token)

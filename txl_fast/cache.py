@@ -91,6 +91,11 @@ class LayerKV:
             k, v = self.k.new_empty(B, H, 2 * M + L, D), self.v.new_empty(B, H, 2 * M + L, D)
             k[:, :, :M], v[:, :, :M] = self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
             self.k, self.v = k, v
+        elif self.k.is_cuda:
+            # one move through a temporary: the caching allocator reuses its block (no page faults
+            # as on the CPU below), and a graph-captured step (inference.generate) holds 2 copies, not M / gap
+            self.k[:, :, :M] = self.k[:, :, gap : gap + M].clone()
+            self.v[:, :, :M] = self.v[:, :, gap : gap + M].clone()
         else:
             # move rows [gap, gap + M) to [0, M) in place, front to back in pieces of at most `gap`
             # rows: no piece overlaps its own source, and nothing is allocated (a temporary copy of
@@ -129,6 +134,33 @@ class InferenceCache:
     def commit(self, new_rows: int) -> None:
         for layer in self.layers:
             layer.commit(new_rows, self.mem_len)
+
+    def layout(self) -> tuple:
+        """Where every layer's memory lies: its buffer and rows. A step of a given length on equal
+        layouts reads and writes the same addresses with the same shapes (what a CUDA graph fixes)."""
+        return tuple((kv.k.data_ptr(), kv.start, kv.end, kv.uniform_end) for kv in self.layers)
+
+    def restore(self, layout: tuple) -> None:
+        """Set the rows bookkeeping back to ``layout`` (of these same buffers); the data is not touched."""
+        for kv, (ptr, start, end, uniform_end) in zip(self.layers, layout):
+            if kv.k.data_ptr() != ptr:
+                raise ValueError("InferenceCache.restore: the layout is of other buffers")
+            kv.start, kv.end, kv.uniform_end = start, end, uniform_end
+
+    def fix_for_graphs(self, step_rows: int, slack: int) -> None:
+        """Make steps of ``step_rows`` rows repeat a few layouts: each layer's buffer reallocated to
+        mem_len + step_rows + slack rows, the memory at its front (slack + 2 layouts, the last one
+        moving the memory back to the front), and the uniform rows no longer counted (their count
+        changes at every step, and with it the closed form's shapes: attention then scores every
+        key, the same result up to rounding)."""
+        for kv in self.layers:
+            B, H, _, D = kv.k.shape
+            M = kv.mlen
+            k = kv.k.new_empty(B, H, self.mem_len + step_rows + slack, D)
+            v = kv.v.new_empty(k.shape)
+            k[:, :, :M], v[:, :, :M] = kv.k[:, :, kv.start : kv.end], kv.v[:, :, kv.start : kv.end]
+            kv.k, kv.v = k, v
+            kv.start, kv.end, kv.uniform_end = 0, M, 0
 
 
 class PositionKeys:

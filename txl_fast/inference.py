@@ -28,6 +28,7 @@ import torch
 
 from txl_fast import ops
 from txl_fast.cache import InferenceCache
+from txl_fast.model import trusted_token_ids
 
 # The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
 PRESETS = {
@@ -224,16 +225,95 @@ def next_token(logprobs: torch.Tensor, do_sample: bool, temperature: float, top_
     return _sample(logprobs, None, temperature, top_p, generator)
 
 
+def _candidates(crit, hidden: torch.Tensor, do_sample: bool, top_k: int):
+    """(B, d) last hidden states -> the next token's candidates: log-probs (B, n) and their ids
+    (B, n) best first, or ids None when n is the whole vocabulary (sampling without top-k)."""
+    if do_sample and top_k == 0:
+        return crit.log_prob(hidden), None
+    k = min(top_k, crit.n_token) if do_sample else 1
+    return ops.adaptive_topk(hidden, k, *crit.clusters())                          # (B, k), best first
+
+
+def _pick(logprobs: torch.Tensor, ids: Optional[torch.Tensor], do_sample: bool, temperature: float, top_p: float,
+          generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The candidates of ``_candidates`` -> (B,) next tokens: the best, or a sample."""
+    return _sample(logprobs, ids, temperature, top_p, generator) if do_sample else ids[:, 0]
+
+
 def choose_next(crit, hidden: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """(B, d) last hidden states -> (B,) next tokens, as ``next_token`` on the full log-probs, but
     greedy and top-k decoding see only the k best words (``ops.adaptive_topk``: no (B, V) row; the
     tail clusters are scanned only where they can win). Sampling without top-k needs every word."""
-    if do_sample and top_k == 0:
-        return next_token(crit.log_prob(hidden), True, temperature, 0, top_p, generator)
-    k = min(top_k, crit.n_token) if do_sample else 1
-    logprobs, ids = ops.adaptive_topk(hidden, k, *crit.clusters())                 # (B, k), best first
-    return _sample(logprobs, ids, temperature, top_p, generator) if do_sample else ids[:, 0]
+    return _pick(*_candidates(crit, hidden, do_sample, top_k), do_sample, temperature, top_p, generator)
+
+
+# generate(): decode steps between the host's looks at "has every row produced eos" (each one a
+# sync); the output is cut where they all had, so the result is the same as looking at every step
+EOS_CHECK_EVERY = 16
+# generate(cuda_graph=True): spare rows in each layer's key/value buffer, so that the decode steps
+# cycle through GRAPH_SLACK + 2 cache layouts, one CUDA graph each, captured per generate() call
+# (the last one moves the memory to the front of its buffer: 2 M rows copied every GRAPH_SLACK + 2
+# steps; wt103 batch 1, fp16: ~30 MB a token against the ~650 MB of weights and memory a step reads)
+GRAPH_SLACK = 14
+
+
+def decode_step(transformer, crit, step_ids: torch.Tensor, state, do_sample: bool, top_k: int):
+    """One generation step on the model's state: (B, L) ids -> the candidates for the next token
+    (``_candidates``: log-probs, ids or None), the state after. The function generate() runs
+    eagerly and captures in a CUDA graph; on CUDA a decode step (one token, cached, ids trusted:
+    ``txl_fast.model.trusted_token_ids``) performs no host synchronisation."""
+    hidden, state = _step(transformer, step_ids, state)
+    return (*_candidates(crit, hidden[:, -1], do_sample, top_k), state)
+
+
+class _GraphedDecode:
+    """Cached decode steps replayed from CUDA graphs, one graph per layout of the cache.
+
+    The cache is first fixed (``InferenceCache.fix_for_graphs``), so a few layouts repeat. A layout
+    seen for the first time is captured: the capture runs the Python step, which advances the
+    cache's bookkeeping but no kernel, so the layout is set back, the graph replayed, and the layout
+    the capture ended on recorded for later replays. Static buffers: the input ids (B, 1), copied
+    into before each replay, and the candidates each graph returns, overwritten by its next replay.
+    """
+
+    def __init__(self, step, cache, ids: torch.Tensor):
+        self.step, self.cache = step, cache                           # step(ids (B, 1)) -> candidates
+        self.ids = ids.clone()
+        self.graphs: dict = {}                                        # layout -> (graph, outputs, layout after)
+        self.pool = torch.cuda.graph_pool_handle()                    # shared: replayed in capture order
+        # warm up on a side stream (lazy initialisations stay out of the capture); the step's only
+        # write outside the memory rows is the new row after them, so setting the layout back undoes it
+        layout, side = cache.layout(), torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(self.ids)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.restore(layout)
+
+    def __call__(self, ids: torch.Tensor):
+        self.ids.copy_(ids)
+        layout = self.cache.layout()
+        if layout not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.step(self.ids)
+            self.graphs[layout] = (graph, outputs, self.cache.layout())
+        graph, outputs, after = self.graphs[layout]
+        self.cache.restore(layout)
+        graph.replay()
+        self.cache.restore(after)
+        return outputs
+
+
+def _check_graphable(model, use_cache: bool) -> None:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if not use_cache:
+        raise ValueError("cuda_graph=True needs use_cache=True (graphs replay the cached decode step)")
+    if model.transformer.mem_len <= 0:
+        raise ValueError("cuda_graph=True needs mem_len > 0 (without memory every step is longer)")
 
 
 @torch.no_grad()
@@ -250,34 +330,75 @@ def generate(
     init_mems: str = "zeros",
     streamer=None,
     use_cache: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.LongTensor:
-    """Continue ``input_ids`` (B, L) by up to ``max_new_tokens``: (B, L + new).
+    """Continue ``input_ids`` (B, L) by up to ``max_new_tokens``: (B, L + new) int64.
 
     As HF's generate for TransfoXL: the prompt runs first (on HF's zero memory by default,
     ``init_mems="zeros"``; ``"empty"`` for the paper's), then one token at a time with the memory
     carried; greedy output equals HF 4.35's. Rows that produced ``eos_token_id`` keep emitting it;
     generation stops when every row has. ``streamer(tokens (B,))`` is called with each step's tokens.
+
+    Host syncs: the prompt's ids are range-checked once; the decode steps feed back the model's
+    own tokens unchecked and, on CUDA, sync nowhere (``decode_step``). Whether every row has
+    finished is read every EOS_CHECK_EVERY steps (every step with a streamer, which reads the
+    tokens anyway), and the output is cut where they all had: the same result.
+
+    cuda_graph=True (model on CUDA, use_cache, mem_len > 0): once the memory is full (right after
+    the prompt with init_mems="zeros"; with "empty", after mem_len tokens) the decode step - the
+    model on one token and the next token's candidates (``_candidates``: greedy's best, top-k's k,
+    or the full log-probs) - is replayed from CUDA graphs (``_GraphedDecode``: GRAPH_SLACK + 2 of
+    them, captured on first use), so a step costs a few launches of host time instead of hundreds.
+    Sampling from the candidates (the generator), eos and the streamer run eagerly around it. The
+    graphs score HF's zero memory rows as ordinary keys (the torch backend's closed form has
+    shapes that change every step), so on the torch backend tokens can differ from eager ones by
+    rounding; on the triton backend the arithmetic is the same. Off by default.
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
+    if cuda_graph:
+        _check_graphable(model, use_cache)
     transformer, crit = model.transformer, model.crit
-    state = _initial_state(transformer, input_ids.shape[0], init_mems, use_cache, step_hint=input_ids.shape[1])
-    out_ids, step_ids = input_ids, input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        hidden, state = _step(transformer, step_ids, state)
-        token = choose_next(crit, hidden[:, -1], do_sample, temperature, top_k, top_p, generator)   # (B,)
+    B, L = input_ids.shape
+    state = _initial_state(transformer, B, init_mems, use_cache, step_hint=L)
+    out = torch.empty(B, L + max_new_tokens, dtype=torch.int64, device=input_ids.device)
+    out[:, :L] = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    all_finished = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)   # per step
+
+    def step(ids):
+        nonlocal state
+        logprobs, candidate_ids, state = decode_step(transformer, crit, ids, state, do_sample, top_k)
+        return logprobs, candidate_ids
+
+    graphed, step_ids, steps = None, input_ids, 0
+    for i in range(max_new_tokens):
+        if i == 0:
+            candidates = step(step_ids)                               # the prompt: its ids are checked
+        else:
+            with trusted_token_ids():
+                if cuda_graph and graphed is None and state.mlen == transformer.mem_len:
+                    state.fix_for_graphs(1, GRAPH_SLACK)
+                    graphed = _GraphedDecode(step, state, step_ids)
+                candidates = graphed(step_ids) if graphed is not None else step(step_ids)
+        token = _pick(*candidates, do_sample, temperature, top_p, generator)                  # (B,)
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
-        out_ids = torch.cat([out_ids, token[:, None]], dim=1)
+            all_finished[i] = finished.all()
+        out[:, L + i] = token
+        steps = i + 1
         if streamer is not None:
-            streamer(token)
-        if eos_token_id is not None and bool(finished.all()):
+            streamer(out[:, L + i])
+        if eos_token_id is not None and (streamer is not None or steps % EOS_CHECK_EVERY == 0) \
+                and bool(all_finished[i]):
             break
         # without any memory (mem_len 0) HF feeds the whole sequence again; so do we
-        step_ids = out_ids if transformer.mem_len == 0 else token[:, None]
-    return out_ids
+        step_ids = out[:, : L + steps] if transformer.mem_len == 0 else out[:, L + i : L + steps]
+    done_steps = int(all_finished[:steps].sum()) if eos_token_id is not None else 0
+    if done_steps:                          # cut after the first step where every row had finished
+        steps -= done_steps - 1
+    return out[:, : L + steps]

@@ -14,6 +14,8 @@ layer's input, detached.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -31,6 +33,23 @@ from txl_fast.modules import (
     RelPartialLearnableDecoderLayer,
     RelPartialLearnableMultiHeadAttn,
 )
+
+
+# Token ids the caller vouches for (generate's own argmax or samples): their value check, a host
+# sync, is skipped. generate() checks the prompt, once per call; see trusted_token_ids.
+_ids_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_ids_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_token_ids():
+    """Inside this block the models skip the range check of ``input_ids`` (``int(ids.max())``, a host
+    sync): for decode steps fed with tokens the model itself produced, so that a step queues its
+    launches without waiting for the GPU and can be captured in a CUDA graph."""
+    token = _ids_trusted.set(True)
+    try:
+        yield
+    finally:
+        _ids_trusted.reset(token)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -407,8 +426,10 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError(f"input_ids must be a non-empty int64/int32 tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.device != self._param().device:
             raise ValueError(f"input_ids is on {input_ids.device}, the model on {self._param().device}")
-        # The value check needs a host sync; torch.compile traces skip it (shapes and dtypes are still checked).
-        if not torch.compiler.is_compiling() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.n_token):
+        # The value check needs a host sync; torch.compile traces and trusted ids (generate's decode
+        # steps) skip it (shapes and dtypes are still checked).
+        checked = not torch.compiler.is_compiling() and not _ids_trusted.get()
+        if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.n_token):
             raise ValueError(
                 f"token ids must be in [0, {self.n_token}), got min {int(input_ids.min())}, max {int(input_ids.max())}"
             )

@@ -189,8 +189,17 @@ class AdaptiveEmbedding(nn.Module):
         inp_flat = inp.reshape(-1)
         weight = self.emb_projs[0]
         emb_flat = torch.zeros(inp_flat.shape[0], self.d_proj, dtype=weight.dtype, device=weight.device)
+        sync_free = backend.sync_free(inp_flat)
         for i, (start, end) in enumerate(zip(self.cutoff_ends, self.cutoff_ends[1:])):
-            rows = ((inp_flat >= start) & (inp_flat < end)).nonzero().squeeze(1)
+            in_cluster = (inp_flat >= start) & (inp_flat < end)                          # (N,)
+            if sync_free:
+                # no host sync (CUDA: a graph-captured decode step): every row takes every cluster's
+                # embedding of its clamped id, and keeps its own cluster's
+                local = (inp_flat - start).clamp(0, end - start - 1)
+                emb_i = ops.linear(self.emb_layers[i](local), self.emb_projs[i])          # (N, d_proj)
+                emb_flat = torch.where(in_cluster[:, None], emb_i, emb_flat)
+                continue
+            rows = in_cluster.nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
             emb_i = ops.linear(self.emb_layers[i](inp_flat[rows] - start), self.emb_projs[i])

@@ -11,10 +11,12 @@ How: each cluster's vocabulary is scanned for its log-sum-exp and its k largest 
 pieces (``_scan_torch``: chunks of CHUNK_ELEMENTS logits; triton: ``txl_fast.kernels.adaptive_topk``, one
 streaming pass). A tail word's log-prob is its cluster's log-prob (from the head) plus its log-prob
 inside the cluster, so it is never above its cluster's: a tail is scanned only for the rows whose
-cluster log-prob beats their current k-th best candidate. With a trained model most rows never
-touch the big tails (wt103: 160,000 + 67,735 + 20,000 of the 267,735 words). The winners' logits are
-recomputed from their weight rows in the accumulation dtype, so the values are exact, not the
-scan's rounding. The naive backend takes the full log-softmax and ``torch.topk`` (the reference).
+cluster log-prob beats their current k-th best candidate (on CUDA, ``txl_fast.backend.sync_free``:
+every row is scanned and the others merge -inf, so that no host sync waits for the row count). With
+a trained model most rows never touch the big tails (wt103: 160,000 + 67,735 + 20,000 of the
+267,735 words). The winners' logits are recomputed from their weight rows in the accumulation
+dtype, so the values are exact, not the scan's rounding. The naive backend takes the full
+log-softmax and ``torch.topk`` (the reference).
 """
 from __future__ import annotations
 
@@ -99,14 +101,28 @@ def adaptive_topk(
     ids[:, :m] = head_ids
     for c in range(1, len(weights)):
         # a tail word's log-prob is <= its cluster's: only rows where the cluster can still enter the k best
-        rows = (cluster_logprob[:, c - 1] > values[:, -1]).nonzero().squeeze(1)          # (n_c,)
+        can_enter = cluster_logprob[:, c - 1] > values[:, -1]                            # (N,)
+        if backend.sync_free(hidden):
+            # no host sync (a CUDA graph, a queue that never waits): every row scans the tail and
+            # the rows that cannot enter merge -inf, which changes nothing
+            tail_values, tail_ids = _tail_topk(hidden, c, k, cluster_logprob[:, c - 1], weights, biases, projs)
+            tail_values = tail_values.masked_fill(~can_enter[:, None], float("-inf"))
+            values, pick = torch.cat([values, tail_values], 1).topk(k, dim=1)
+            ids = torch.cat([ids, tail_ids + bounds[c]], 1).gather(1, pick)
+            continue
+        rows = can_enter.nonzero().squeeze(1)                                             # (n_c,)
         if rows.numel() == 0:
             continue
-        hc = _project(hidden[rows], projs[c])                             # (n_c, d_c)
-        tail_lse, tail_ids = _scan(hc, weights[c], biases[c], k)
-        tail_values = (_logits_at(hc, weights[c], biases[c], tail_ids) - tail_lse[:, None]
-                       + cluster_logprob[rows, c - 1, None])
+        tail_values, tail_ids = _tail_topk(hidden[rows], c, k, cluster_logprob[rows, c - 1], weights, biases, projs)
         merged, pick = torch.cat([values[rows], tail_values], 1).topk(k, dim=1)
         ids[rows] = torch.cat([ids[rows], tail_ids + bounds[c]], 1).gather(1, pick)
         values[rows] = merged
     return values.to(hidden.dtype), ids
+
+
+def _tail_topk(hidden, c, k, cluster_logprob, weights, biases, projs):
+    """(n, d_proj) rows, their (n,) log-probs of tail cluster c -> the cluster's k best words'
+    log-probs (n, min(k, V_c)) and ids inside the cluster."""
+    hc = _project(hidden, projs[c])                                           # (n, d_c)
+    tail_lse, tail_ids = _scan(hc, weights[c], biases[c], k)
+    return _logits_at(hc, weights[c], biases[c], tail_ids) - tail_lse[:, None] + cluster_logprob[:, None], tail_ids
