@@ -1,0 +1,291 @@
+"""``txl_fast.patch`` on Conformer speech models: SpeechBrain's RelPosMHAXL and ConformerEncoder,
+ESPnet's RelPositionMultiHeadedAttention ("latest") with its Conformer encoder, and ESPnet's
+transducer attention with a left context. Patched vs the library's own code on the same module:
+outputs, attention weights, and the gradients of every parameter and input, fp32, eval and train
+mode, padded batches (a row whose keys are all padding included).
+
+The libraries are installed without their dependency trees (tests/requirements-speech.txt, the
+README's test command): SpeechBrain imports torchaudio when it is imported, and torchaudio's
+wheels are built for other torch releases, so when torchaudio is missing a stand-in module (a
+version string only; no audio is loaded here) stands in while SpeechBrain's modules are imported,
+and is removed from ``sys.modules`` afterwards, so nothing else (transformers looks torchaudio up)
+ever sees it.
+"""
+import contextlib
+import copy
+import importlib
+import importlib.util
+import pickle
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import txl_fast
+from helpers import rel_err
+
+
+@contextlib.contextmanager
+def torchaudio_stand_in():
+    """A stand-in ``torchaudio`` module while the block runs, when the real one is not installed."""
+    if importlib.util.find_spec("torchaudio") is not None:
+        yield
+        return
+    sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+    sys.modules["torchaudio"].__version__ = "2.9.0"
+    try:
+        yield
+    finally:
+        del sys.modules["torchaudio"]
+
+TOL = 1e-5          # fp32, relative error (tests/helpers.py's table)
+
+
+def perturb(module, seed=0):
+    """Non-zero biases (SpeechBrain's value bias starts at 0) and random weights everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def compare(module, run, inputs, what, grads=True):
+    """Runs ``run(module, *inputs)`` unpatched and patched; outputs and (train mode) every gradient agree."""
+    results = []
+    for patched in (False, True):
+        if patched:
+            txl_fast.patch(module)
+        module.zero_grad(set_to_none=True)
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        outs = run(module, *xs)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        grad = {}
+        if grads:
+            loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs if o is not None)
+            loss.backward()
+            grad = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+            grad.update({f"input{i}": x.grad for i, x in enumerate(xs) if x.grad is not None})
+        results.append((outs, grad))
+    txl_fast.unpatch(module)
+    (ref, ref_grad), (ours, our_grad) = results
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        if r is None:
+            continue
+        assert torch.isfinite(o).all(), f"{what} output {i}: non-finite"
+        assert rel_err(o, r) <= TOL, f"{what} output {i}: {rel_err(o, r):.2e}"
+    assert ref_grad.keys() == our_grad.keys(), f"{what}: gradients of {sorted(ref_grad.keys() ^ our_grad.keys())}"
+    # a gradient that is zero in exact arithmetic (the key bias: softmax ignores a shift per query)
+    # is rounding noise on both sides: it must stay that small, its relative error means nothing
+    zero = TOL * max((g.norm() for g in ref_grad.values()), default=0.0)
+    for name, g in ref_grad.items():
+        if g.norm() <= zero:
+            assert our_grad[name].norm() <= zero, f"{what} d{name}: {our_grad[name].norm():.2e}, not ~0"
+        else:
+            assert rel_err(our_grad[name], g) <= TOL, f"{what} d{name}: {rel_err(our_grad[name], g):.2e}"
+
+
+# ---- SpeechBrain ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sb():
+    """SpeechBrain's attention module; its Conformer module as ``sb.conformer``."""
+    with torchaudio_stand_in():
+        pytest.importorskip("speechbrain")
+        attention = importlib.import_module("speechbrain.nnet.attention")
+        conformer = importlib.import_module("speechbrain.lobes.models.transformer.Conformer")
+    return types.SimpleNamespace(RelPosMHAXL=attention.RelPosMHAXL, RelPosEncXL=attention.RelPosEncXL,
+                                 ConformerEncoder=conformer.ConformerEncoder)
+
+
+def padding_mask(lengths, L):
+    """(B, L) bool, True = padding (SpeechBrain's key_padding_mask)."""
+    return torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("vbias", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_speechbrain_attention(sb, vbias, train):
+    """Random position tables: SpeechBrain's own give d and -d one embedding, which would hide a
+    sign error in the distance."""
+    torch.manual_seed(0)
+    L, E = 13, 32
+    module = perturb(sb.RelPosMHAXL(E, 4, vbias=vbias)).train(train)
+    x, pos = torch.randn(3, L, E), torch.randn(1, 2 * L - 1, E)
+    mask = padding_mask([L, 8, 0], L)                                     # the last row: every key padded
+
+    def run(m, x, pos):
+        return m(x, x, x, pos, key_padding_mask=mask, return_attn_weights=True)
+
+    compare(module, run, [x, pos], f"RelPosMHAXL vbias={vbias}")
+
+
+def test_speechbrain_attention_weights_on_request(sb):
+    torch.manual_seed(1)
+    L, E = 9, 16
+    module = perturb(sb.RelPosMHAXL(E, 2)).eval()
+    x, pos = torch.randn(2, L, E), torch.randn(1, 2 * L - 1, E)
+    ref_out, ref_prob = module(x, x, x, pos)
+    txl_fast.patch(module)
+    out, prob = module(x, x, x, pos)                                       # the library default: not produced
+    assert prob is None and rel_err(out, ref_out) <= TOL
+    out, prob = module(x, x, x, pos, return_attn_weights=True)            # asked for: produced
+    assert rel_err(prob, ref_prob) <= TOL
+    assert torch.is_tensor(module(x, x, x, pos, return_attn_weights=False))
+    txl_fast.patch(module, attention_weights="always")
+    assert rel_err(module(x, x, x, pos)[1], ref_prob) <= TOL
+    txl_fast.unpatch(module)
+
+
+def test_speechbrain_fallbacks_warn_and_agree(sb):
+    """An attn_mask, or mask_pos_future: the library's own code runs, with a warning."""
+    torch.manual_seed(2)
+    L, E = 7, 16
+    x, pos = torch.randn(2, L, E), torch.randn(1, 2 * L - 1, E)
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    for module, kwargs in [(sb.RelPosMHAXL(E, 2), dict(attn_mask=causal)),
+                           (sb.RelPosMHAXL(E, 2, mask_pos_future=True), {})]:
+        module = perturb(module).eval()
+        ref = module(x, x, x, pos, **kwargs)[0]
+        txl_fast.patch(module)
+        txl_fast.patch_speech._warned.clear()
+        with pytest.warns(UserWarning, match="running the library's own attention"):
+            out = module(x, x, x, pos, **kwargs)[0]
+        assert torch.equal(out, ref)
+        txl_fast.unpatch(module)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_speechbrain_conformer_encoder(sb, train):
+    torch.manual_seed(3)
+    E, L = 32, 21
+    encoder = perturb(sb.ConformerEncoder(num_layers=4, d_model=E, d_ffn=64, nhead=4, kernel_size=5, dropout=0.0)).train(train)
+    pos = sb.RelPosEncXL(E)(torch.zeros(1, L, E))                          # SpeechBrain's own table
+    x = torch.randn(3, L, E)
+    mask = padding_mask([L, 15, 9], L)
+
+    def run(m, x):
+        return m(x, src_key_padding_mask=mask, pos_embs=pos)[0]
+
+    compare(encoder, run, [x], "ConformerEncoder")
+    assert len(txl_fast.patch_speech.targets(encoder)) == 4
+
+
+def test_speechbrain_patch_keeps_state_and_travels(sb):
+    module = perturb(sb.RelPosMHAXL(16, 2, vbias=True)).eval()
+    before, keys = dict(vars(module)), list(module.state_dict())
+    txl_fast.patch(module)
+    assert type(module).__name__ == "TxlFastPatchedSpeechBrainRelPosMHAXL"
+    assert list(module.state_dict()) == keys and "txl_fast=rel_attention" in repr(module)
+    x, pos = torch.randn(2, 5, 16), torch.randn(1, 9, 16)
+    out = module(x, x, x, pos)[0]
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert type(clone) is type(module) and torch.equal(clone(x, x, x, pos)[0], out)
+    txl_fast.unpatch(module)
+    assert type(module) is sb.RelPosMHAXL and vars(module).keys() == before.keys()
+
+
+# ---- ESPnet --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def espnet_attention():
+    pytest.importorskip("espnet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from espnet.nets.pytorch_backend.transformer import attention
+    return attention
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_espnet_attention(espnet_attention, train):
+    torch.manual_seed(4)
+    T, F = 11, 32
+    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(4, F, 0.0)).train(train)
+    x, pos = torch.randn(3, T, F), torch.randn(1, 2 * T - 1, F)
+    mask = ~padding_mask([T, 6, 0], T)[:, None, :]                       # (B, 1, T), True = keep
+
+    def run(m, x, pos):
+        return m(x, x, x, pos, mask)
+
+    compare(module, run, [x, pos], "ESPnet RelPositionMultiHeadedAttention")
+
+
+def test_espnet_attention_weights(espnet_attention):
+    torch.manual_seed(5)
+    T, F = 6, 16
+    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(2, F, 0.0)).eval()
+    x, pos, mask = torch.randn(2, T, F), torch.randn(1, 2 * T - 1, F), torch.ones(2, 1, T, dtype=torch.bool)
+    module(x, x, x, pos, mask)
+    ref = module.attn
+    txl_fast.patch(module)
+    module(x, x, x, pos, mask)
+    assert module.attn is None
+    txl_fast.patch(module, attention_weights="always")
+    module(x, x, x, pos, mask)
+    assert rel_err(module.attn, ref) <= TOL
+    txl_fast.unpatch(module)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_espnet_conformer_encoder(espnet_attention, train):
+    from espnet.nets.pytorch_backend.conformer.encoder import Encoder
+
+    torch.manual_seed(6)
+    T, F = 19, 32
+    encoder = Encoder(idim=F, attention_dim=F, attention_heads=4, linear_units=64, num_blocks=4, dropout_rate=0.0,
+                      positional_dropout_rate=0.0, input_layer="linear", pos_enc_layer_type="rel_pos",
+                      selfattention_layer_type="rel_selfattn", macaron_style=True, use_cnn_module=True,
+                      cnn_module_kernel=5)
+    encoder = perturb(encoder).train(train)
+    x = torch.randn(3, T, F)
+    masks = ~padding_mask([T, 12, 7], T)[:, None, :]                      # (B, 1, T), True = keep
+
+    def run(m, x):
+        return m(x, masks)[0]
+
+    compare(encoder, run, [x], "ESPnet Conformer Encoder")
+    assert len(txl_fast.patch_speech.targets(encoder)) == 4
+
+
+def test_espnet_fallback_zero_triu(espnet_attention):
+    torch.manual_seed(7)
+    T, F = 5, 16
+    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(2, F, 0.0, zero_triu=True)).eval()
+    x, pos = torch.randn(2, T, F), torch.randn(1, 2 * T - 1, F)
+    ref = module(x, x, x, pos, None)
+    txl_fast.patch(module)
+    txl_fast.patch_speech._warned.clear()
+    with pytest.warns(UserWarning, match="zero_triu"):
+        assert torch.equal(module(x, x, x, pos, None), ref)
+    txl_fast.unpatch(module)
+
+
+@pytest.mark.parametrize("left_context", [0, 5])
+def test_espnet_transducer_attention(left_context):
+    pytest.importorskip("espnet2")
+    from espnet2.asr_transducer.encoder.modules.attention import RelPositionMultiHeadedAttention
+
+    torch.manual_seed(8)
+    T1, F = 7, 32
+    T2 = T1 + left_context
+    module = perturb(RelPositionMultiHeadedAttention(4, F, 0.0)).train()
+    q, kv, pos = torch.randn(2, T1, F), torch.randn(2, T2, F), torch.randn(1, T1 + T2 - 1, F)
+    mask = padding_mask([T2, T2 - 3], T2)                                 # (B, T2), True = padding
+
+    def run(m, q, kv, pos):
+        return m(q, kv, kv, pos, mask, left_context=left_context)
+
+    compare(module, run, [q, kv, pos], f"ESPnet transducer attention left_context={left_context}")
+
+
+def test_patch_refuses_modules_without_supported_attention():
+    with pytest.raises(TypeError, match="RelPosMHAXL"):
+        txl_fast.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="txl_fast.patch expects"):
+        txl_fast.patch("not a module")
+    with pytest.raises(ValueError, match="attention_weights must be one of"):
+        txl_fast.patch_speech.patch_modules(torch.nn.Linear(2, 2), attention_weights="sometimes")
