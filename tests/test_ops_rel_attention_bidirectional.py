@@ -14,7 +14,8 @@ ra = importlib.import_module("txl_fast.ops.rel_attention")
 NAMES = ("q", "k", "v", "r", "r_w_bias", "r_r_bias")
 
 # (B, Lq, mlen, H, D, causal, context or window, padding): padding "lengths" gives batch row 1
-# a shorter key length and the last batch row length 0 (every query empty); "mask" a random mask
+# a shorter key length and the last batch row length 0 (every query empty); "mask" a random mask;
+# "gap" hides keys 2 .. 5 of batch row 1, so that the queries whose context lies inside see nothing
 CASES = {
     "bidi": (2, 13, 0, 3, 7, False, None, None),
     "bidi_lengths": (3, 11, 0, 2, 5, False, None, "lengths"),
@@ -22,7 +23,9 @@ CASES = {
     "bidi_context_left_only": (2, 8, 0, 2, 4, False, (4, 0), None),
     "bidi_memory": (2, 5, 7, 2, 4, False, (6, 1), "mask"),     # streaming: a memory (NeMo's cache) before the chunk
     "bidi_single_query": (3, 1, 6, 2, 4, False, None, "lengths"),
+    "bidi_gap": (2, 9, 0, 2, 4, False, (1, 0), "gap"),
     "causal_lengths": (3, 7, 4, 2, 4, True, 5, "lengths"),
+    "causal_gap": (2, 7, 1, 2, 4, True, 2, "gap"),
     "causal_mask": (2, 6, 3, 3, 4, True, None, "mask"),
 }
 
@@ -41,6 +44,9 @@ def make_case(case, seed):
         mode["key_lengths"] = torch.tensor([Lk, max(1, Lk - 3)] + [0] * (B - 2))
     elif padding == "mask":
         mode["key_mask"] = torch.rand(B, Lk, generator=g) < 0.7
+    elif padding == "gap":
+        mode["key_mask"] = torch.ones(B, Lk, dtype=torch.bool)
+        mode["key_mask"][1, 2:6] = False
     return inputs, mode, torch.randn(B, Lq, H, D, generator=g, dtype=torch.float64)
 
 
@@ -89,9 +95,11 @@ def test_autograd_path_matches_naive(case, chunk, dtype, empty_rows, monkeypatch
 @pytest.mark.parametrize("chunk,dtype", CHUNKS + [(None, torch.bfloat16)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_inference_path_matches_naive(case, chunk, dtype, empty_rows, monkeypatch, fused_calls):
+    """chunk 1 also runs the bidirectional queries in blocks of 4 (the last block shorter)."""
     B, Lq, mlen, H, D = CASES[case][:5]
     if chunk is not None:
         monkeypatch.setattr(ra, "SCORE_CHUNK", chunk * Lq * (Lq + mlen))
+        monkeypatch.setattr(ra, "QUERY_BLOCK", 4)
     inputs, mode, _ = make_case(case, seed=len(case) + (chunk or 0))
     with torch.no_grad(), backend.use_backend("torch"):
         out = rel_attention(*[x.to(dtype) for x in inputs], scale=D**-0.5, empty_rows=empty_rows, **mode)
@@ -99,6 +107,15 @@ def test_inference_path_matches_naive(case, chunk, dtype, empty_rows, monkeypatc
     ref = naive.rel_attention(*refs, D**-0.5, empty_rows=empty_rows, **naive_mode(mode, Lq + mlen))[0]
     assert fused_calls
     assert_rel_close(out, ref, dtype, "out")
+
+
+def test_gap_cases_have_empty_rows():
+    """The cases above do exercise queries left without a key inside a batch row that has some."""
+    for case in ("bidi_gap", "causal_gap"):
+        B, Lq, mlen, H, D, causal, extent, _ = CASES[case]
+        _, mode, _ = make_case(case, seed=0)
+        empty = ra.empty_row_mask(Lq, Lq + mlen, mode.get("window"), causal, mode.get("context"), mode["key_mask"], None)
+        assert empty[1].any() and not empty[1].all() and not empty[0].any()
 
 
 def test_empty_rows_are_exact():

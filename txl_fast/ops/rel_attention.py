@@ -145,12 +145,23 @@ def visible_keys(key_lengths, key_mask, Lk: int) -> Optional[torch.Tensor]:
 
 def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device) -> Optional[torch.Tensor]:
     """(B or 1, Lq) bool, True for the queries that see no key; None when none can be empty (the
-    key at distance 0 is always visible without padding, unless window is 0)."""
+    key at distance 0 is always visible without padding, unless window is 0).
+
+    Query i sees the keys of one range [first_i, last_i] (by distance), so it is empty when the
+    prefix sums of the visible keys agree at both ends: O(B (Lq + Lk)), no (Lq, Lk) mask."""
     if causal and window == 0:
         return torch.ones(1, Lq, dtype=torch.bool, device=device)
     if keys is None:
         return None
-    return ~(visibility_mask(Lq, Lk, window, keys.device, causal, context)[None] & keys[:, None, :]).any(-1)
+    if causal:
+        dmin, dmax = 0, Lk if window is None else window - 1          # visible distances dmin <= d <= dmax
+    else:
+        dmin, dmax = _span(context, Lq, Lk)
+    diagonal = torch.arange(Lq, device=device) + (Lk - Lq)           # each query's key at distance 0
+    first = (diagonal - dmax).clamp(0, Lk)                           # its keys: [first, end)
+    end = (diagonal - dmin + 1).clamp(0, Lk)
+    seen = torch.nn.functional.pad(keys.cumsum(-1), (1, 0))           # (B, Lk + 1): visible keys before j
+    return seen[:, end] <= seen[:, first]
 
 
 def full_positions(r: torch.Tensor, Lk: int) -> torch.Tensor:
@@ -160,13 +171,18 @@ def full_positions(r: torch.Tensor, Lk: int) -> torch.Tensor:
     return r if Lr == Lk else torch.cat([r[:1].expand(Lk - Lr, -1, -1), r])
 
 
-def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0, causal=True, context=None):
+def _span(context, Lq: int, Lk: int) -> tuple[int, int]:
+    """The visible distances lo <= d <= hi of the bidirectional mode: all of them, or -right … left."""
+    return (-(Lq - 1), Lk - 1) if context is None else (-context[1], context[0])
+
+
+def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0, causal=True, span=None):
     """The position term as an additive attention mask (B, H, Lq, Lk): scale · (q_i + r_r_bias) . r_d
     for the (i, j) visible by distance, finfo.min for the hidden ones (HF's fill).
 
     Built as the raw scores of every distance Lk - 1 … -(Lq - 1) in one (B, H, Lq, Lk + Lq - 1)
-    buffer, seen through ``rel_shift``: finfo.min for the distances hidden by the window or the
-    context, the product for the others; causal, the clamped distances' one score (column 0 of
+    buffer, seen through ``rel_shift``: finfo.min for the distances hidden by the window (causal)
+    or outside ``span`` = (lo, hi) (bidirectional: lo <= d <= hi visible), the product for the others; causal, the clamped distances' one score (column 0 of
     the product, which covers only the Lr distinct rows of r: wt103 eval, 1001 of 1727) and
     finfo.min for the negative distances. One write of the buffer, no boolean mask.
 
@@ -185,13 +201,15 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0, causal=Tru
                  position[..., :1].expand(B, H, Lq, max(0, Lk - Lr - far)),                 # distances > Lr - 1
                  position[..., max(0, far - (Lk - Lr)) :],
                  fill.expand(B, H, Lq, Lq - 1)]                                              # negative distances
-    else:           # raw column p is distance Lk - 1 - p: the context keeps columns [lo, hi)
-        left, right = context if context is not None else (Lk - 1, Lq - 1)
-        lo, hi = max(0, Lk - 1 - left), min(Lr, Lk + right)
+    else:           # raw column p is distance Lk - 1 - p: the span keeps columns [lo, hi)
+        lo, hi = min(Lr, max(0, Lk - 1 - span[1])), max(0, min(Lr, Lk - span[0]))
+        hi = max(lo, hi)
         parts = [fill.expand(B, H, Lq, lo),
                  query @ r[lo:hi].permute(1, 2, 0),                                         # (B, H, Lq, hi - lo)
                  fill.expand(B, H, Lq, Lr - hi)]
-    mask = rel_shift(torch.cat(parts, dim=-1), Lk)                                          # (B, H, Lq, Lk)
+    unmasked = parts[1] if not causal and parts[1].shape[-1] == Lr else None               # no fill: no copy
+    raw = torch.cat(parts, dim=-1) if unmasked is None else unmasked                       # (B, H, Lq, Lk + Lq - 1)
+    mask = rel_shift(raw, Lk)                                                               # (B, H, Lq, Lk)
     n = uniform_keys
     if n:
         mask[..., n - 1] = torch.logsumexp(mask[..., :n], dim=-1)
@@ -222,7 +240,8 @@ def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, conte
     Lk = k.shape[1]
     content_q = ((q.transpose(1, 2) + r_w_bias[:, None]) * scale).reshape(B * H, Lq, D)     # (B*H, Lq, D)
     score = torch.bmm(content_q, k.permute(0, 2, 3, 1).reshape(B * H, D, Lk)).view(B, H, Lq, Lk)
-    score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window, causal=causal, context=context))
+    span = None if causal else _span(context, Lq, Lk)
+    score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window, causal=causal, span=span))
     return _hide(score, keys, empty, empty_rows)
 
 
@@ -248,23 +267,68 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
     mask, and does the softmax and the value product tile by tile: of the Lq x Lk arrays only
     the position mask is written. Keys 0 .. uniform_keys - 1 enter as key uniform_keys - 1 with
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
-    Rows with no visible key are written afterwards: the mean value (HF's uniform row) or zeros.
+    Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key are written afterwards:
+    the mean value (HF's uniform row) or zeros.
     The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
     """
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
     if causal and window == 0:  # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
         return v.mean(dim=1, keepdim=True).expand(q.shape) if empty_rows == "uniform" else q.new_zeros(q.shape)
-    first = slice(max(uniform_keys - 1, 0), None)            # the uniform block as its last key
-    mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys, causal, context)  # (B, H, Lq, keys)
-    mask = _hide(mask, keys, None, empty_rows)
-    # the kernel reads rows of D contiguous values: ops.linear's queries are column-major
-    content_q = (q.transpose(1, 2) + r_w_bias[:, None]).contiguous()                   # (B, H, Lq, D)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        content_q, k[:, first].transpose(1, 2), v[:, first].transpose(1, 2), attn_mask=mask, scale=scale)
-    out = out.transpose(1, 2)                                                            # (B, Lq, H, D)
+    if causal:
+        first = slice(max(uniform_keys - 1, 0), None)            # the uniform block as its last key
+        mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)     # (B, H, Lq, keys)
+        out = _sdpa(q, k[:, first], v[:, first], r_w_bias, _hide(mask, keys, None, empty_rows), scale)
+    else:
+        out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, *q.shape[1:2], k.shape[1]),
+                                       keys)
     if empty is not None:
         fix = v.mean(dim=1, keepdim=True) if empty_rows == "uniform" else 0.0
         out = torch.where(empty[:, :, None, None], fix, out)
+    return out
+
+
+def _sdpa(q, k, v, r_w_bias, mask, scale):
+    """(B, Lq, H, D) out of the content scores plus the additive ``mask`` (B, H, Lq, Lk)."""
+    # the kernel reads rows of D contiguous values: ops.linear's queries are column-major
+    content_q = (q.transpose(1, 2) + r_w_bias[:, None]).contiguous()                   # (B, H, Lq, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        content_q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+# Queries per block of the bidirectional inference path: a block of n queries needs the position
+# scores of Lk + n - 1 distances, not Lk + Lq - 1 (a Conformer's 400 frames: 527 of 799 columns)
+QUERY_BLOCK = 128
+
+
+def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys):
+    """The bidirectional output (B, Lq, H, D) of the visible distances lo <= d <= hi (span), keys
+    (B, Lk) bool or None; rows with no visible key are left to the caller.
+
+    Trailing keys that no batch row sees (padding) are dropped: with keys [0, end) kept, the
+    problem is the same with r's first end + Lq - 1 rows and distances measured from key end - 1,
+    i.e. the span shifted by Lk - end. Then queries run in blocks: rows [i0, i1) are the problem
+    with r's rows Lq - i1 … Lq - i1 + Lk + (i1 - i0) - 2, the span shifted by i1 - Lq. The padding
+    left inside the kept keys is written into each block's position mask.
+    """
+    B, Lq, _, _ = q.shape
+    Lk = k.shape[1]
+    end = Lk if keys is None else int(torch.arange(1, Lk + 1, device=keys.device).mul(keys).amax())
+    out = q.new_zeros(q.shape)
+    if end == 0:                                                # nothing visible: the caller's empty rows
+        return out
+    k, v, r = k[:, :end], v[:, :end], r[: end + Lq - 1]
+    span = (span[0] - (Lk - end), span[1] - (Lk - end))
+    hidden = None if keys is None or bool(keys[:, :end].all()) else ~keys[:, None, None, :end]   # (B, 1, 1, end)
+    for i0 in range(0, Lq, QUERY_BLOCK):
+        i1 = min(Lq, i0 + QUERY_BLOCK)
+        shift = i1 - Lq
+        rows = slice(i0, i1)
+        mask = _position_mask(q[:, rows], r[Lq - i1 : Lq - i1 + end + i1 - i0 - 1], r_r_bias, scale, end, None,
+                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, i1 - i0, end)
+        if hidden is not None:
+            mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+        out[:, rows] = _sdpa(q[:, rows], k, v, r_w_bias, mask, scale)
     return out
 
 
