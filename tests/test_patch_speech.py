@@ -123,6 +123,25 @@ def test_speechbrain_attention(sb, vbias, train):
     compare(module, run, [x, pos], f"RelPosMHAXL vbias={vbias}")
 
 
+@pytest.mark.parametrize("vbias", [False, True])
+def test_speechbrain_attention_autocast_bf16(sb, vbias):
+    """bf16 through autocast (SpeechBrain's own module fails in plain bf16): against the fp32
+    output, within twice the library's own bf16 error."""
+    torch.manual_seed(9)
+    L, E = 23, 64
+    module = perturb(sb.RelPosMHAXL(E, 4, vbias=vbias)).eval()
+    x, pos = torch.randn(2, L, E), torch.randn(1, 2 * L - 1, E)
+    mask = padding_mask([L, 17], L)
+    ref = module(x, x, x, pos, key_padding_mask=mask)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        library = module(x, x, x, pos, key_padding_mask=mask)[0]
+        txl_fast.patch(module)
+        ours = module(x, x, x, pos, key_padding_mask=mask)[0]
+        txl_fast.unpatch(module)
+    assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    assert rel_err(ours, ref) <= max(2 * rel_err(library, ref), 1e-2), (rel_err(ours, ref), rel_err(library, ref))
+
+
 def test_speechbrain_attention_weights_on_request(sb):
     torch.manual_seed(1)
     L, E = 9, 16

@@ -34,6 +34,9 @@ when the caller passes ``return_attn_weights=True`` explicitly (``None`` in thei
 otherwise), and a patched ESPnet module sets ``self.attn = None``; ``attention_weights="always"``
 keeps the libraries' behaviour. In training mode with attention dropout the probabilities path
 runs (dropout draws a different random mask than the library's).
+
+Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it.
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ def _always(module) -> bool:
 def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
     ``weights`` (else None; the probabilities path also runs for attention dropout)."""
-    dropout = module._txl_fast_dropout_p() if module.training else 0.0
+    u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
+    dropout = module._txl_fast_dropout_p() if module.training else 0.0  # the biases fp32 parameters
     mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")
     if weights or dropout > 0:
         return ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
@@ -116,7 +120,7 @@ class _SpeechBrainRelPosMHAXL:
             qw, kw, vw = self.in_proj_weight.chunk(3, dim=0)
             q, k, v = (nn.functional.linear(x, wt).view(B, L, H, D) for x, wt in ((query, qw), (key, kw), (value, vw)))
         if self.vbias is not None:
-            v = v + self.value_bias_weight.view(H, D)
+            v = v + self.value_bias_weight.view(H, D).to(v.dtype)
         r = self.linear_pos(pos_embs).view(2 * L - 1, H, D)                       # distances L-1 … -(L-1)
         keep = None if key_padding_mask is None else ~key_padding_mask
         weights = bool(return_attn_weights) if explicit else _always(self)
