@@ -4,41 +4,19 @@ transducer attention with a left context. Patched vs the library's own code on t
 outputs, attention weights, and the gradients of every parameter and input, fp32, eval and train
 mode, padded batches (a row whose keys are all padding included).
 
-The libraries are installed without their dependency trees (tests/requirements-speech.txt, the
-README's test command): SpeechBrain imports torchaudio when it is imported, and torchaudio's
-wheels are built for other torch releases, so when torchaudio is missing a stand-in module (a
-version string only; no audio is loaded here) stands in while SpeechBrain's modules are imported,
-and is removed from ``sys.modules`` afterwards, so nothing else (transformers looks torchaudio up)
-ever sees it.
+The libraries come from ``txl_fast.bench.speech``: installed without their dependency trees,
+SpeechBrain imported with a torchaudio stand-in where torchaudio is missing (see there).
 """
-import contextlib
 import copy
-import importlib
-import importlib.util
 import pickle
-import sys
-import types
-import warnings
 
 import pytest
 import torch
 
 import txl_fast
 from helpers import rel_err
-
-
-@contextlib.contextmanager
-def torchaudio_stand_in():
-    """A stand-in ``torchaudio`` module while the block runs, when the real one is not installed."""
-    if importlib.util.find_spec("torchaudio") is not None:
-        yield
-        return
-    sys.modules["torchaudio"] = types.ModuleType("torchaudio")
-    sys.modules["torchaudio"].__version__ = "2.9.0"
-    try:
-        yield
-    finally:
-        del sys.modules["torchaudio"]
+from txl_fast.bench import speech
+from txl_fast.bench.speech import padding_mask
 
 TOL = 1e-5          # fp32, relative error (tests/helpers.py's table)
 
@@ -92,18 +70,10 @@ def compare(module, run, inputs, what, grads=True):
 
 @pytest.fixture(scope="module")
 def sb():
-    """SpeechBrain's attention module; its Conformer module as ``sb.conformer``."""
-    with torchaudio_stand_in():
-        pytest.importorskip("speechbrain")
-        attention = importlib.import_module("speechbrain.nnet.attention")
-        conformer = importlib.import_module("speechbrain.lobes.models.transformer.Conformer")
-    return types.SimpleNamespace(RelPosMHAXL=attention.RelPosMHAXL, RelPosEncXL=attention.RelPosEncXL,
-                                 ConformerEncoder=conformer.ConformerEncoder)
-
-
-def padding_mask(lengths, L):
-    """(B, L) bool, True = padding (SpeechBrain's key_padding_mask)."""
-    return torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
+    try:
+        return speech.speechbrain()
+    except ImportError as e:
+        pytest.skip(f"SpeechBrain not importable: {e}")
 
 
 @pytest.mark.parametrize("vbias", [False, True])
@@ -181,7 +151,7 @@ def test_speechbrain_fallbacks_warn_and_agree(sb):
 def test_speechbrain_conformer_encoder(sb, train):
     torch.manual_seed(3)
     E, L = 32, 21
-    encoder = perturb(sb.ConformerEncoder(num_layers=4, d_model=E, d_ffn=64, nhead=4, kernel_size=5, dropout=0.0)).train(train)
+    encoder = perturb(speech.speechbrain_conformer(E, 4, layers=4, kernel=5)).train(train)
     pos = sb.RelPosEncXL(E)(torch.zeros(1, L, E))                          # SpeechBrain's own table
     x = torch.randn(3, L, E)
     mask = padding_mask([L, 15, 9], L)
@@ -211,19 +181,18 @@ def test_speechbrain_patch_keeps_state_and_travels(sb):
 
 
 @pytest.fixture(scope="module")
-def espnet_attention():
-    pytest.importorskip("espnet")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from espnet.nets.pytorch_backend.transformer import attention
-    return attention
+def esp():
+    try:
+        return speech.espnet()
+    except ImportError as e:
+        pytest.skip(f"ESPnet not importable: {e}")
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_espnet_attention(espnet_attention, train):
+def test_espnet_attention(esp, train):
     torch.manual_seed(4)
     T, F = 11, 32
-    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(4, F, 0.0)).train(train)
+    module = perturb(esp.RelPositionMultiHeadedAttention(4, F, 0.0)).train(train)
     x, pos = torch.randn(3, T, F), torch.randn(1, 2 * T - 1, F)
     mask = ~padding_mask([T, 6, 0], T)[:, None, :]                       # (B, 1, T), True = keep
 
@@ -233,10 +202,10 @@ def test_espnet_attention(espnet_attention, train):
     compare(module, run, [x, pos], "ESPnet RelPositionMultiHeadedAttention")
 
 
-def test_espnet_attention_weights(espnet_attention):
+def test_espnet_attention_weights(esp):
     torch.manual_seed(5)
     T, F = 6, 16
-    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(2, F, 0.0)).eval()
+    module = perturb(esp.RelPositionMultiHeadedAttention(2, F, 0.0)).eval()
     x, pos, mask = torch.randn(2, T, F), torch.randn(1, 2 * T - 1, F), torch.ones(2, 1, T, dtype=torch.bool)
     module(x, x, x, pos, mask)
     ref = module.attn
@@ -250,16 +219,10 @@ def test_espnet_attention_weights(espnet_attention):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_espnet_conformer_encoder(espnet_attention, train):
-    from espnet.nets.pytorch_backend.conformer.encoder import Encoder
-
+def test_espnet_conformer_encoder(esp, train):
     torch.manual_seed(6)
     T, F = 19, 32
-    encoder = Encoder(idim=F, attention_dim=F, attention_heads=4, linear_units=64, num_blocks=4, dropout_rate=0.0,
-                      positional_dropout_rate=0.0, input_layer="linear", pos_enc_layer_type="rel_pos",
-                      selfattention_layer_type="rel_selfattn", macaron_style=True, use_cnn_module=True,
-                      cnn_module_kernel=5)
-    encoder = perturb(encoder).train(train)
+    encoder = perturb(speech.espnet_conformer(F, 4, layers=4, kernel=5)).train(train)
     x = torch.randn(3, T, F)
     masks = ~padding_mask([T, 12, 7], T)[:, None, :]                      # (B, 1, T), True = keep
 
@@ -270,10 +233,10 @@ def test_espnet_conformer_encoder(espnet_attention, train):
     assert len(txl_fast.patch_speech.targets(encoder)) == 4
 
 
-def test_espnet_fallback_zero_triu(espnet_attention):
+def test_espnet_fallback_zero_triu(esp):
     torch.manual_seed(7)
     T, F = 5, 16
-    module = perturb(espnet_attention.RelPositionMultiHeadedAttention(2, F, 0.0, zero_triu=True)).eval()
+    module = perturb(esp.RelPositionMultiHeadedAttention(2, F, 0.0, zero_triu=True)).eval()
     x, pos = torch.randn(2, T, F), torch.randn(1, 2 * T - 1, F)
     ref = module(x, x, x, pos, None)
     txl_fast.patch(module)
@@ -284,14 +247,11 @@ def test_espnet_fallback_zero_triu(espnet_attention):
 
 
 @pytest.mark.parametrize("left_context", [0, 5])
-def test_espnet_transducer_attention(left_context):
-    pytest.importorskip("espnet2")
-    from espnet2.asr_transducer.encoder.modules.attention import RelPositionMultiHeadedAttention
-
+def test_espnet_transducer_attention(esp, left_context):
     torch.manual_seed(8)
     T1, F = 7, 32
     T2 = T1 + left_context
-    module = perturb(RelPositionMultiHeadedAttention(4, F, 0.0)).train()
+    module = perturb(esp.TransducerRelPositionMultiHeadedAttention(4, F, 0.0)).train()
     q, kv, pos = torch.randn(2, T1, F), torch.randn(2, T2, F), torch.randn(1, T1 + T2 - 1, F)
     mask = padding_mask([T2, T2 - 3], T2)                                 # (B, T2), True = padding
 
