@@ -61,9 +61,11 @@ def naive_mode(mode, Lk):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **kw: (calls.append(1), sdpa(*a, **kw))[1])
+    """Counts the calls of the inference paths (blocked bidirectional, or SDPA for the causal mode)."""
+    calls = []
+    for name in ("_bidirectional_fused_out", "_sdpa"):
+        original = getattr(ra, name)
+        monkeypatch.setattr(ra, name, lambda *a, _f=original, **kw: (calls.append(1), _f(*a, **kw))[1])
     return calls
 
 

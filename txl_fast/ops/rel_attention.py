@@ -317,18 +317,23 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys):
     out = q.new_zeros(q.shape)
     if end == 0:                                                # nothing visible: the caller's empty rows
         return out
-    k, v, r = k[:, :end], v[:, :end], r[: end + Lq - 1]
+    r = r[: end + Lq - 1]
     span = (span[0] - (Lk - end), span[1] - (Lk - end))
-    hidden = None if keys is None or bool(keys[:, :end].all()) else ~keys[:, None, None, :end]   # (B, 1, 1, end)
+    hidden = None if keys is None or bool(keys[:, :end].all()) else ~keys[:, None, :end]     # (B, 1, end)
+    H, D = q.shape[2:]
+    content_q = (q.transpose(1, 2) + r_w_bias[:, None]) * scale                        # (B, H, Lq, D)
+    keys_t = k[:, :end].permute(0, 2, 3, 1).reshape(B * H, D, end)                      # (B*H, D, end)
+    values = v[:, :end].transpose(1, 2).reshape(B * H, end, D)                          # (B*H, end, D)
     for i0 in range(0, Lq, QUERY_BLOCK):
         i1 = min(Lq, i0 + QUERY_BLOCK)
-        shift = i1 - Lq
-        rows = slice(i0, i1)
-        mask = _position_mask(q[:, rows], r[Lq - i1 : Lq - i1 + end + i1 - i0 - 1], r_r_bias, scale, end, None,
-                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, i1 - i0, end)
+        shift, n = i1 - Lq, i1 - i0
+        mask = _position_mask(q[:, i0:i1], r[Lq - i1 : Lq - i1 + end + n - 1], r_r_bias, scale, end, None,
+                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, n, end)
+        score = torch.baddbmm(mask.reshape(B * H, n, end), content_q[:, :, i0:i1].reshape(B * H, n, D), keys_t)
         if hidden is not None:
-            mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
-        out[:, rows] = _sdpa(q[:, rows], k, v, r_w_bias, mask, scale)
+            score.view(B, H, n, end).masked_fill_(hidden[:, :, None], torch.finfo(score.dtype).min)
+        block = torch.bmm(torch.softmax(score, dim=-1), values)                         # (B*H, n, D)
+        out[:, i0:i1] = block.view(B, H, n, D).transpose(1, 2)
     return out
 
 
