@@ -54,6 +54,58 @@ def test_rel_attention_matches_scalar_loops(Lq, Lk, window, Lr):
     assert torch.allclose(prob.sum(-1), torch.ones(()).double())
 
 
+def scalar_bidirectional(q, k, v, r, u, vb, scale, context, key_mask, empty_rows):
+    """Pure-Python loops of the bidirectional mode: r's rows are the distances Lk - 1 … -(Lq - 1),
+    key j visible when -right <= i + mlen - j <= left and key_mask[b, j]."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    mlen = Lk - Lq
+    out = torch.zeros(B, Lq, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                scores = []
+                for j in range(Lk):
+                    dist = i + mlen - j
+                    hidden = context is not None and not -context[1] <= dist <= context[0]
+                    if hidden or not key_mask[b, j]:
+                        scores.append(None)
+                        continue
+                    p = Lk - 1 - dist
+                    a = sum((q[b, i, h, x] + u[h, x]).item() * k[b, j, h, x].item() for x in range(D))
+                    c = sum((q[b, i, h, x] + vb[h, x]).item() * r[p, h, x].item() for x in range(D))
+                    scores.append(scale * (a + c))
+                finite = [s for s in scores if s is not None]
+                if finite:
+                    m = max(finite)
+                    w = [0.0 if s is None else math.exp(s - m) for s in scores]
+                else:
+                    w = [1.0 if empty_rows == "uniform" else 0.0] * Lk
+                total = sum(w) or 1.0
+                for x in range(D):
+                    out[b, i, h, x] = sum(w[j] / total * v[b, j, h, x].item() for j in range(Lk))
+    return out
+
+
+@pytest.mark.parametrize("Lq,Lk,context,empty_rows", [(3, 3, None, "zero"), (3, 5, (1, 1), "zero"),
+                                                      (4, 4, (0, 2), "uniform"), (2, 6, (3, 0), "zero")])
+def test_bidirectional_matches_scalar_loops(Lq, Lk, context, empty_rows):
+    """Batch row 1 hides its last keys; batch row 2 hides every key (an empty row of each kind)."""
+    g = torch.Generator().manual_seed(Lq * 10 + Lk)
+    B, H, D = 3, 2, 3
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v, r, u, vb = t(B, Lq, H, D), t(B, Lk, H, D), t(B, Lk, H, D), t(Lk + Lq - 1, H, D), t(H, D), t(H, D)
+    key_mask = torch.ones(B, Lk, dtype=torch.bool)
+    key_mask[1, -2:] = False
+    key_mask[2] = False
+    out, prob = naive.rel_attention(q, k, v, r, u, vb, 0.7, causal=False, context=context, key_mask=key_mask,
+                                    empty_rows=empty_rows)
+    ref = scalar_bidirectional(q, k, v, r, u, vb, 0.7, context, key_mask, empty_rows)
+    assert (out - ref).abs().max() < 1e-12
+    sums = prob.sum(-1)                                  # 1, or 0 for the empty rows of empty_rows="zero"
+    assert torch.allclose(sums, torch.ones(()).double()) or empty_rows == "zero" and sums[2].abs().max() == 0
+
+
 def test_rel_shift_index_formula():
     Lq, Lk = 4, 7
     raw = torch.arange(2 * Lq * (Lk + Lq - 1), dtype=torch.float64).view(2, Lq, Lk + Lq - 1)

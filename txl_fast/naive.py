@@ -6,17 +6,22 @@ the projected adaptive softmax (Grave et al. 2017, as used by Transformer-XL):
 
 Relative attention, for query i (0 <= i < qlen) and key j (0 <= j < klen = mlen + qlen):
 
-    d(i, j)      = i + mlen - j                     relative distance, >= 0 when visible
-    r_d          = r[Lr - 1 - min(d, Lr - 1)]       r holds one row per distance, row p for d = Lr-1-p,
-                                                    larger distances clamped to row 0: Lr = klen is HF's
-                                                    pos_seq = [klen-1, ..., 0] (its clamp_len applied
-                                                    when r is built), Lr = clamp_len + 1 the clamp here
+    d(i, j)      = i + mlen - j                     relative distance (key j is d positions before query i)
+    r_d          = r[Lr - 1 - min(d, Lr - 1)]       causal: r holds one row per distance Lr-1 .. 0, larger
+                                                    distances clamped to row 0: Lr = klen is HF's pos_seq =
+                                                    [klen-1, ..., 0] (its clamp_len applied when r is
+                                                    built), Lr = clamp_len + 1 the clamp here
+                 = r[klen - 1 - d]                  bidirectional: r holds the Lr = klen + qlen - 1 distances
+                                                    klen-1 .. -(qlen-1), every d of the (i, j) grid
     score(i, j)  = scale * ( (q_i + u) . k_j   +   (q_i + v) . r_d(i,j) )
                            ^ content term (a)+(c)    ^ position term (b)+(d)
-    visible(i,j) = d >= 0  and  (window is None or d < window)
+    visible(i,j) = causal:        d >= 0  and  (window is None or d < window)
+                   bidirectional: context is None or -right <= d <= left, context = (left, right)
+                   and, either way, key j not masked for the batch row (key_mask[b, j], padding)
     p(i, .)      = softmax over j of score, with invisible scores set to the dtype's most
                    negative finite value (HF's masked_fill); a row with no visible key is
-                   therefore uniform over all keys, exactly as in HF
+                   therefore uniform over all keys, exactly as in HF (empty_rows="uniform"),
+                   or all zeros (empty_rows="zero", what the speech libraries give)
     out_i        = sum_j p(i, j) v_j
 
 Adaptive softmax, clusters c = 0..C (cluster 0 is the head/shortlist):
@@ -44,16 +49,25 @@ def rel_attention(
     r_r_bias: torch.Tensor,
     scale: float,
     window: Optional[int] = None,
+    *,
+    causal: bool = True,
+    context: Optional[tuple[int, int]] = None,
+    key_mask: Optional[torch.Tensor] = None,
+    empty_rows: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative-position attention, literally.
 
     q:  (B, Lq, H, D)   queries of the current segment
     k:  (B, Lk, H, D)   keys of memory + segment, Lk = mlen + Lq
     v:  (B, Lk, H, D)   values
-    r:  (Lr, H, D)      projected position embeddings, row p for distance Lr - 1 - p, Lr <= Lk;
-                        distances >= Lr - 1 use row 0
+    r:  (Lr, H, D)      projected position embeddings. causal: row p for distance Lr - 1 - p,
+                        Lr <= Lk, distances >= Lr - 1 use row 0. bidirectional (causal=False):
+                        Lr = Lk + Lq - 1, row p for distance Lk - 1 - p
     r_w_bias, r_r_bias: (H, D)   u and v of the paper
-    window: a key is visible only if its distance is < window (HF's same_length mask)
+    window:   causal only: a key is visible only if its distance is < window (HF's same_length)
+    context:  bidirectional only: (left, right), a key is visible only if -right <= d <= left
+    key_mask: (B, Lk) bool, True where the key may be seen (False: padding)
+    empty_rows: "uniform" (HF) or "zero": the probabilities of a row with no visible key
     returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
     """
     B, Lq, H, D = q.shape
@@ -62,17 +76,29 @@ def rel_attention(
     i = torch.arange(Lq, device=q.device)[:, None]
     j = torch.arange(Lk, device=q.device)[None, :]
     distance = i + mlen - j                                           # (Lq, Lk)
-    visible = distance >= 0
-    if window is not None:
-        visible = visible & (distance < window)
     Lr = r.shape[0]
-    r_ij = r[Lr - 1 - distance.clamp(0, Lr - 1)]                      # (Lq, Lk, H, D), one row per (i, j)
+    if causal:
+        visible = distance >= 0
+        if window is not None:
+            visible = visible & (distance < window)
+        r_ij = r[Lr - 1 - distance.clamp(0, Lr - 1)]                  # (Lq, Lk, H, D), one row per (i, j)
+    else:
+        visible = torch.ones_like(distance, dtype=torch.bool)
+        if context is not None:
+            left, right = context
+            visible = (distance <= left) & (distance >= -right)
+        r_ij = r[Lk - 1 - distance]                                   # (Lq, Lk, H, D)
+    visible = visible.expand(B, 1, Lq, Lk)                            # (B, 1, Lq, Lk)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]
 
     content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
     position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)
     score = (content + position) * scale
     score = score.masked_fill(~visible, torch.finfo(score.dtype).min)
     prob = torch.softmax(score, dim=-1)
+    if empty_rows == "zero":
+        prob = prob * visible.any(-1, keepdim=True)
     out = torch.einsum("bhij,bjhd->bihd", prob, v)                    # (B, Lq, H, D)
     return out, prob
 

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from txl_fast import backend, ops
+from txl_fast import backend, ops, patch_speech
 from txl_fast.ops.rel_attention import visibility_mask
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -256,18 +256,24 @@ def __getattr__(name: str):
 
 
 # ---- public API --------------------------------------------------------------------------------------
-def _check_model(model, verb: str):
+def _hf_model(model):
+    """HF's modules when ``model`` is an HF TransfoXL model, else None."""
     hf = _hf()
     if hf is not None:
         modeling = hf[0]
         kinds = (modeling.TransfoXLModel, modeling.TransfoXLLMHeadModel, modeling.TransfoXLForSequenceClassification)
         if isinstance(model, kinds):
             return hf
+    return None
+
+
+def _not_supported(model, verb: str) -> TypeError:
     what = type(model).__module__ + "." + type(model).__qualname__
     hint = " (txl_fast's own models already run txl_fast's ops)" if what.startswith("txl_fast.") else ""
-    raise TypeError(
+    speech = ", ".join(f"{module}.{name}" for module, name in patch_speech.SUPPORTED)
+    return TypeError(
         f"txl_fast.{verb} expects a HuggingFace transformers TransfoXLModel, TransfoXLLMHeadModel or "
-        f"TransfoXLForSequenceClassification, got {what}{hint}"
+        f"TransfoXLForSequenceClassification, or a module holding one of {speech}; got {what}{hint}"
     )
 
 
@@ -278,20 +284,31 @@ def _targets(model, hf):
 
 
 def is_patched(module: nn.Module) -> bool:
-    """True when ``module`` (an HF attention or adaptive softmax) runs txl_fast's ops."""
+    """True when ``module`` (an HF attention or adaptive softmax, or a speech attention) runs txl_fast's ops."""
     return type(module).__name__.startswith(_PREFIX) and hasattr(type(module), "_txl_fast_base")
 
 
-def patch(model: nn.Module, *, check_mask: bool = True) -> nn.Module:
-    """Route ``model``'s attention and adaptive softmax to txl_fast's ops, in place; returns ``model``.
+def patch(model: nn.Module, *, check_mask: bool = True, attention_weights: str = "on_request") -> nn.Module:
+    """Route ``model``'s attention (and adaptive softmax) to txl_fast's ops, in place; returns ``model``.
 
-    ``model`` is an HF TransfoXLModel, TransfoXLLMHeadModel or TransfoXLForSequenceClassification
-    (anything else: TypeError). Parameters, buffers and ``state_dict`` are untouched. Patching twice
-    is a no-op. The fused op derives its mask from the model's ``same_length`` / ``mem_len``;
+    ``model`` is an HF TransfoXLModel, TransfoXLLMHeadModel or TransfoXLForSequenceClassification,
+    or any module holding supported Conformer attention modules (SpeechBrain, ESPnet:
+    ``txl_fast.patch_speech``); anything else: TypeError. Parameters, buffers and ``state_dict``
+    are untouched. Patching twice is a no-op.
+
+    HF: the fused op derives its mask from the model's ``same_length`` / ``mem_len``;
     ``check_mask`` (default) compares it with the mask HF built, once per forward (a host sync on a
     GPU, where HF itself syncs once per layer), and runs HF's attention if they differ.
+    Speech models: ``attention_weights`` ("on_request" or "always") says when the attention
+    probabilities are produced (``txl_fast.patch_speech``).
     """
-    hf = _check_model(model, "patch")
+    if not isinstance(model, nn.Module):
+        raise _not_supported(model, "patch")
+    hf = _hf_model(model)
+    if hf is None:
+        if patch_speech.patch_modules(model, attention_weights) is None:
+            raise _not_supported(model, "patch")
+        return model
     modeling = hf[0]
     transformers_of = {}
     for m in model.modules():                       # each attention module's enclosing TransfoXLModel
@@ -312,8 +329,14 @@ def patch(model: nn.Module, *, check_mask: bool = True) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: every swapped module gets its HF class back and loses what patch added."""
-    hf = _check_model(model, "unpatch")
+    """Undo ``patch``: every swapped module gets its library's class back and loses what patch added."""
+    if not isinstance(model, nn.Module):
+        raise _not_supported(model, "unpatch")
+    hf = _hf_model(model)
+    if hf is None:
+        if patch_speech.unpatch_modules(model) is None:
+            raise _not_supported(model, "unpatch")
+        return model
     for m in _targets(model, hf):
         if is_patched(m):
             m.__class__ = type(m)._txl_fast_base

@@ -14,6 +14,13 @@ when ``window`` is given, d < window (HF's same_length mask). Invisible scores t
 dtype's most negative finite value, as in HF, so a row with no visible key is uniform.
 ``txl_fast.naive.rel_attention`` states the same maths literally.
 
+**Bidirectional mode** (``causal=False``; the Conformer encoders of speech recognisers): r holds
+the Lr = Lk + Lq - 1 rows of every distance Lk - 1 … -(Lq - 1) (row p: distance Lk - 1 - p), and
+a key is visible when ``context=(left, right)`` is None or -right <= d <= left. In either mode
+``key_lengths`` (B,) (keys j >= key_lengths[b] are padding) or ``key_mask`` (B, Lk) bool (True:
+visible) hide keys per batch row, and ``empty_rows="zero"`` gives a row with no visible key zero
+probabilities (what SpeechBrain, ESPnet and NeMo give) instead of HF's uniform row.
+
 ``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
 one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path,
 when no gradient is wanted, then takes them in closed form from row n-1 (a row no window hides
@@ -52,16 +59,22 @@ def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
     return x.as_strided((*batch, Lq, klen), (*x.stride()[:-2], W - 1, 1), x.storage_offset() + Lq - 1)
 
 
-def visibility_mask(Lq: int, Lk: int, window: Optional[int], device) -> torch.Tensor:
-    """(Lq, Lk) bool, True where query i may attend key j (distance i + Lk - Lq - j in [0, window))."""
+def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, causal: bool = True, context=None) -> torch.Tensor:
+    """(Lq, Lk) bool, True where query i may attend key j by distance d = i + Lk - Lq - j alone:
+    causal, d in [0, window); bidirectional, -right <= d <= left for context (left, right)."""
     distance = torch.arange(Lq, device=device)[:, None] + (Lk - Lq) - torch.arange(Lk, device=device)[None, :]
+    if not causal:
+        if context is None:
+            return torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+        return (distance <= context[0]) & (distance >= -context[1])
     visible = distance >= 0
     if window is not None:
         visible &= distance < window
     return visible
 
 
-def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0) -> None:
+def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, *, causal: bool = True,
+                 context=None, key_lengths=None, key_mask=None, empty_rows: str = "uniform") -> None:
     """Raise a ValueError naming the problem; nothing has run yet when this raises."""
     tensors = {"q": q, "k": k, "v": v, "r": r, "r_w_bias": r_w_bias, "r_r_bias": r_r_bias}
     for name, t in tensors.items():
@@ -83,15 +96,72 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0) 
         raise ValueError(f"rel_attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Lq < 1 or Lk < Lq:
         raise ValueError(f"rel_attention: need 1 <= Lq <= Lk (Lk = memory + Lq), got Lq={Lq}, Lk={Lk}")
-    if r.dim() != 3 or not 1 <= r.shape[0] <= Lk or r.shape[1:] != (H, D):
+    if not isinstance(causal, bool):
+        raise ValueError(f"rel_attention: causal must be True or False, got {causal!r}")
+    if causal and (r.dim() != 3 or not 1 <= r.shape[0] <= Lk or r.shape[1:] != (H, D)):
         raise ValueError(f"rel_attention: r must be (Lr, H={H}, D={D}) with 1 <= Lr <= Lk={Lk}, got {tuple(r.shape)}")
+    if not causal and r.shape != (Lk + Lq - 1, H, D):
+        raise ValueError(f"rel_attention: with causal=False r must be (Lk + Lq - 1 = {Lk + Lq - 1}, H={H}, D={D}), "
+                         f"the distances Lk - 1 … -(Lq - 1), got {tuple(r.shape)}")
     for name in ("r_w_bias", "r_r_bias"):
         if tensors[name].shape != (H, D):
             raise ValueError(f"rel_attention: {name} must be (H={H}, D={D}), got {tuple(tensors[name].shape)}")
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"rel_attention: window must be None or an int >= 0, got {window!r}")
+    if window is not None and (not causal or not isinstance(window, int) or window < 0):
+        raise ValueError(f"rel_attention: window must be None or an int >= 0 (causal mode; causal=False takes "
+                         f"context=(left, right)), got {window!r}")
+    if context is not None and (causal or not isinstance(context, (tuple, list)) or len(context) != 2
+                                or not all(isinstance(c, int) and c >= 0 for c in context)):
+        raise ValueError(f"rel_attention: context must be None or (left, right) ints >= 0, with causal=False; "
+                         f"got {context!r}")
     if not isinstance(uniform_keys, int) or not 0 <= uniform_keys <= Lk:
         raise ValueError(f"rel_attention: uniform_keys must be an int in [0, Lk={Lk}], got {uniform_keys!r}")
+    if uniform_keys and (not causal or key_lengths is not None or key_mask is not None):
+        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True and no key padding")
+    if empty_rows not in ("uniform", "zero"):
+        raise ValueError(f"rel_attention: empty_rows must be 'uniform' (HF) or 'zero', got {empty_rows!r}")
+    if key_lengths is not None and key_mask is not None:
+        raise ValueError("rel_attention: give key_lengths or key_mask, not both")
+    if key_lengths is not None:
+        if (not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (B,)
+                or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool):
+            raise ValueError(f"rel_attention: key_lengths must be an integer tensor of shape (B={B},)")
+        if key_lengths.device != q.device:
+            raise ValueError(f"rel_attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
+        if not torch.compiler.is_compiling() and ((key_lengths < 0) | (key_lengths > Lk)).any():
+            raise ValueError(f"rel_attention: key_lengths must lie in [0, Lk={Lk}], got {key_lengths.tolist()}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, Lk):
+            raise ValueError(f"rel_attention: key_mask must be a bool tensor of shape (B={B}, Lk={Lk}), True = visible")
+        if key_mask.device != q.device:
+            raise ValueError(f"rel_attention: key_mask is on {key_mask.device} but q is on {q.device}")
+
+
+def visible_keys(key_lengths, key_mask, Lk: int) -> Optional[torch.Tensor]:
+    """The per-batch-row key visibility (B, Lk) bool, from lengths or a mask; None: every key."""
+    if key_lengths is not None:
+        return torch.arange(Lk, device=key_lengths.device) < key_lengths[:, None]
+    return key_mask
+
+
+def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device) -> Optional[torch.Tensor]:
+    """(B or 1, Lq) bool, True for the queries that see no key; None when none can be empty (the
+    key at distance 0 is always visible without padding, unless window is 0).
+
+    Query i sees the keys of one range [first_i, last_i] (by distance), so it is empty when the
+    prefix sums of the visible keys agree at both ends: O(B (Lq + Lk)), no (Lq, Lk) mask."""
+    if causal and window == 0:
+        return torch.ones(1, Lq, dtype=torch.bool, device=device)
+    if keys is None:
+        return None
+    if causal:
+        dmin, dmax = 0, Lk if window is None else window - 1          # visible distances dmin <= d <= dmax
+    else:
+        dmin, dmax = _span(context, Lq, Lk)
+    diagonal = torch.arange(Lq, device=device) + (Lk - Lq)           # each query's key at distance 0
+    first = (diagonal - dmax).clamp(0, Lk)                           # its keys: [first, end)
+    end = (diagonal - dmin + 1).clamp(0, Lk)
+    seen = torch.nn.functional.pad(keys.cumsum(-1), (1, 0))           # (B, Lk + 1): visible keys before j
+    return seen[:, end] <= seen[:, first]
 
 
 def full_positions(r: torch.Tensor, Lk: int) -> torch.Tensor:
@@ -101,15 +171,20 @@ def full_positions(r: torch.Tensor, Lk: int) -> torch.Tensor:
     return r if Lr == Lk else torch.cat([r[:1].expand(Lk - Lr, -1, -1), r])
 
 
-def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
+def _span(context, Lq: int, Lk: int) -> tuple[int, int]:
+    """The visible distances lo <= d <= hi of the bidirectional mode: all of them, or -right … left."""
+    return (-(Lq - 1), Lk - 1) if context is None else (-context[1], context[0])
+
+
+def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0, causal=True, span=None):
     """The position term as an additive attention mask (B, H, Lq, Lk): scale · (q_i + r_r_bias) . r_d
-    for the visible (i, j), finfo.min for the hidden ones (HF's fill).
+    for the (i, j) visible by distance, finfo.min for the hidden ones (HF's fill).
 
     Built as the raw scores of every distance Lk - 1 … -(Lq - 1) in one (B, H, Lq, Lk + Lq - 1)
-    buffer, seen through ``rel_shift``: finfo.min for distances >= window, the clamped distances'
-    one score (column 0 of the product, which covers only the Lr distinct rows of r: wt103 eval,
-    1001 of 1727), the product, finfo.min for the negative distances. One write of the buffer,
-    no boolean mask.
+    buffer, seen through ``rel_shift``: finfo.min for the distances hidden by the window (causal)
+    or outside ``span`` = (lo, hi) (bidirectional: lo <= d <= hi visible), the product for the others; causal, the clamped distances' one score (column 0 of
+    the product, which covers only the Lr distinct rows of r: wt103 eval, 1001 of 1727) and
+    finfo.min for the negative distances. One write of the buffer, no boolean mask.
 
     uniform_keys = n > 0: keys 0 .. n-1 are one key, so they enter the softmax as that key with
     the log-sum-exp of their n position scores; that column (n - 1) is overwritten with it and
@@ -117,14 +192,24 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
     """
     B, Lq, H, _ = q.shape
     Lr, lowest = r.shape[0], torch.finfo(q.dtype).min
-    position = ((q.transpose(1, 2) + r_r_bias[:, None]) * scale) @ r.permute(1, 2, 0)        # (B, H, Lq, Lr)
-    far = max(0, Lk - window) if window is not None else 0      # raw columns of distances >= window
-    fill = position.new_full((1, 1, 1, 1), lowest)
-    raw = torch.cat([fill.expand(B, H, Lq, far),
-                     position[..., :1].expand(B, H, Lq, max(0, Lk - Lr - far)),     # distances > Lr - 1
-                     position[..., max(0, far - (Lk - Lr)) :],
-                     fill.expand(B, H, Lq, Lq - 1)], dim=-1)                         # (B, H, Lq, Lk + Lq - 1)
-    mask = rel_shift(raw, Lk)                                                        # (B, H, Lq, Lk)
+    query = (q.transpose(1, 2) + r_r_bias[:, None]) * scale                                 # (B, H, Lq, D)
+    fill = q.new_full((1, 1, 1, 1), lowest)
+    if causal:
+        far = max(0, Lk - window) if window is not None else 0      # raw columns of distances >= window
+        position = query @ r.permute(1, 2, 0)                                                # (B, H, Lq, Lr)
+        parts = [fill.expand(B, H, Lq, far),
+                 position[..., :1].expand(B, H, Lq, max(0, Lk - Lr - far)),                 # distances > Lr - 1
+                 position[..., max(0, far - (Lk - Lr)) :],
+                 fill.expand(B, H, Lq, Lq - 1)]                                              # negative distances
+    else:           # raw column p is distance Lk - 1 - p: the span keeps columns [lo, hi)
+        lo, hi = min(Lr, max(0, Lk - 1 - span[1])), max(0, min(Lr, Lk - span[0]))
+        hi = max(lo, hi)
+        parts = [fill.expand(B, H, Lq, lo),
+                 query @ r[lo:hi].permute(1, 2, 0),                                         # (B, H, Lq, hi - lo)
+                 fill.expand(B, H, Lq, Lr - hi)]
+    unmasked = parts[1] if not causal and parts[1].shape[-1] == Lr else None               # no fill: no copy
+    raw = torch.cat(parts, dim=-1) if unmasked is None else unmasked                       # (B, H, Lq, Lk + Lq - 1)
+    mask = rel_shift(raw, Lk)                                                               # (B, H, Lq, Lk)
     n = uniform_keys
     if n:
         mask[..., n - 1] = torch.logsumexp(mask[..., :n], dim=-1)
@@ -132,48 +217,124 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0):
     return mask
 
 
-def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window):
+def _hide(mask_or_scores, keys, empty, empty_rows):
+    """Hide the padded keys (keys (B, Lk) bool, False: padding) with finfo.min, out of place; HF's
+    empty rows (empty (B or 1, Lq) bool) take equal scores, 0, so they are exactly uniform."""
+    x = mask_or_scores
+    if keys is not None:
+        x = x.masked_fill(~keys[:, None, None, :], torch.finfo(x.dtype).min)
+    if empty is not None and empty_rows == "uniform":
+        x = x.masked_fill(empty[:, None, :, None], 0.0)
+    return x
+
+
+def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, keys=None,
+                  empty=None, empty_rows="uniform"):
     """Masked scores (B, H, Lq, Lk), differentiable: the content matmul writes the scores and the
     position mask (``_position_mask``) is added in place. The scale is folded into the two query
     terms (scale·(a + b) = scale·a + scale·b). Hidden entries hold content + finfo.min: in fp32 and
     fp64 that rounds to finfo.min, as HF's fill; their probability is 0 in every dtype while a key is
-    visible, and window 0 (no key visible) gets HF's zeros, hence uniform rows.
+    visible. Rows with no visible key (window 0, or padding) get scores 0 for HF's uniform rows.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     content_q = ((q.transpose(1, 2) + r_w_bias[:, None]) * scale).reshape(B * H, Lq, D)     # (B*H, Lq, D)
     score = torch.bmm(content_q, k.permute(0, 2, 3, 1).reshape(B * H, D, Lk)).view(B, H, Lq, Lk)
-    score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window))
-    return score.fill_(0) if window == 0 else score           # window 0: zero gradients, as HF's
+    span = None if causal else _span(context, Lq, Lk)
+    score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window, causal=causal, span=span))
+    return _hide(score, keys, empty, empty_rows)
 
 
-def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0):
+def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
+                         context=None, keys=None, empty_rows="uniform"):
     """-> out (B, Lq, H, D), probabilities (B, H, Lq, Lk)."""
-    prob = torch.softmax(_torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window), dim=-1)
+    empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
+    score = _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal, context, keys, empty, empty_rows)
+    prob = torch.softmax(score, dim=-1)
+    if empty is not None and empty_rows == "zero":
+        prob = prob.masked_fill(empty[:, None, :, None], 0.0)
     if dropout_p > 0:
         prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
     out = (prob @ v.transpose(1, 2)).transpose(1, 2)                            # (B, Lq, H, D)
     return out, prob
 
 
-def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0):
+def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
+                     keys=None, empty_rows="uniform"):
     """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
 
     Its fused kernel (on the CPU, a blocked flash attention) computes the content scores, adds the
     mask, and does the softmax and the value product tile by tile: of the Lq x Lk arrays only
     the position mask is written. Keys 0 .. uniform_keys - 1 enter as key uniform_keys - 1 with
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
+    Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key are written afterwards:
+    the mean value (HF's uniform row) or zeros.
     The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
     """
-    if window == 0:     # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
-        return v.mean(dim=1, keepdim=True).expand(q.shape)
-    keys = slice(max(uniform_keys - 1, 0), None)             # the uniform block as its last key
-    mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)    # (B, H, Lq, keys)
+    empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
+    if causal and window == 0:  # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
+        return v.mean(dim=1, keepdim=True).expand(q.shape) if empty_rows == "uniform" else q.new_zeros(q.shape)
+    if causal:
+        first = slice(max(uniform_keys - 1, 0), None)            # the uniform block as its last key
+        mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)     # (B, H, Lq, keys)
+        out = _sdpa(q, k[:, first], v[:, first], r_w_bias, _hide(mask, keys, None, empty_rows), scale)
+    else:
+        out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, *q.shape[1:2], k.shape[1]),
+                                       keys)
+    if empty is not None:
+        fix = v.mean(dim=1, keepdim=True) if empty_rows == "uniform" else 0.0
+        out = torch.where(empty[:, :, None, None], fix, out)
+    return out
+
+
+def _sdpa(q, k, v, r_w_bias, mask, scale):
+    """(B, Lq, H, D) out of the content scores plus the additive ``mask`` (B, H, Lq, Lk)."""
     # the kernel reads rows of D contiguous values: ops.linear's queries are column-major
     content_q = (q.transpose(1, 2) + r_w_bias[:, None]).contiguous()                   # (B, H, Lq, D)
     out = torch.nn.functional.scaled_dot_product_attention(
-        content_q, k[:, keys].transpose(1, 2), v[:, keys].transpose(1, 2), attn_mask=mask, scale=scale)
+        content_q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+# Queries per block of the bidirectional inference path: a block of n queries needs the position
+# scores of Lk + n - 1 distances, not Lk + Lq - 1 (a Conformer's 400 frames: 527 of 799 columns)
+QUERY_BLOCK = 128
+
+
+def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys):
+    """The bidirectional output (B, Lq, H, D) of the visible distances lo <= d <= hi (span), keys
+    (B, Lk) bool or None; rows with no visible key are left to the caller.
+
+    Trailing keys that no batch row sees (padding) are dropped: with keys [0, end) kept, the
+    problem is the same with r's first end + Lq - 1 rows and distances measured from key end - 1,
+    i.e. the span shifted by Lk - end. Then queries run in blocks: rows [i0, i1) are the problem
+    with r's rows Lq - i1 … Lq - i1 + Lk + (i1 - i0) - 2, the span shifted by i1 - Lq. The padding
+    left inside the kept keys is written into each block's position mask.
+    """
+    B, Lq, _, _ = q.shape
+    Lk = k.shape[1]
+    end = Lk if keys is None else int(torch.arange(1, Lk + 1, device=keys.device).mul(keys).amax())
+    out = q.new_zeros(q.shape)
+    if end == 0:                                                # nothing visible: the caller's empty rows
+        return out
+    r = r[: end + Lq - 1]
+    span = (span[0] - (Lk - end), span[1] - (Lk - end))
+    hidden = None if keys is None or bool(keys[:, :end].all()) else ~keys[:, None, :end]     # (B, 1, end)
+    H, D = q.shape[2:]
+    content_q = (q.transpose(1, 2) + r_w_bias[:, None]) * scale                        # (B, H, Lq, D)
+    keys_t = k[:, :end].permute(0, 2, 3, 1).reshape(B * H, D, end)                      # (B*H, D, end)
+    values = v[:, :end].transpose(1, 2).reshape(B * H, end, D)                          # (B*H, end, D)
+    for i0 in range(0, Lq, QUERY_BLOCK):
+        i1 = min(Lq, i0 + QUERY_BLOCK)
+        shift, n = i1 - Lq, i1 - i0
+        mask = _position_mask(q[:, i0:i1], r[Lq - i1 : Lq - i1 + end + n - 1], r_r_bias, scale, end, None,
+                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, n, end)
+        score = torch.baddbmm(mask.reshape(B * H, n, end), content_q[:, :, i0:i1].reshape(B * H, n, D), keys_t)
+        if hidden is not None:
+            score.view(B, H, n, end).masked_fill_(hidden[:, :, None], torch.finfo(score.dtype).min)
+        block = torch.bmm(torch.softmax(score, dim=-1), values)                         # (B*H, n, D)
+        out[:, i0:i1] = block.view(B, H, n, D).transpose(1, 2)
+    return out
 
 
 # Score elements per chunk of the output-only torch path: 2**21 fp32 (8 MiB) with its temporaries
@@ -185,35 +346,38 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
 SCORE_CHUNK = 2**21
 
 
-def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0):
+def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
+                             context=None, keys=None, empty_rows="uniform"):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
     small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
-    ``_torch_rel_attention``, which ignores ``uniform_keys``. Keys that no
-    query sees (distance >= window even from query 0, the closest) are dropped first: they would
-    only add zero probabilities. (The drop removes the largest distances; r keeps its clamped row
-    0 while it is longer than them.)"""
-    if window:
+    ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
+    (distance >= window even from query 0, the closest) are dropped first: they would only add
+    zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
+    it is longer than them.) keys: (B, Lk) bool key visibility or None."""
+    if causal and window:
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
         k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
+        keys = None if keys is None else keys[:, first:]
         r = r[max(0, r.shape[0] - k.shape[1]) :]                    # distances up to the new Lk - 1
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
+    options = dict(causal=causal, context=context, empty_rows=empty_rows)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        def attend(*chunk):
-            return _torch_rel_attention(*chunk, scale, window)[0]
+        def attend(*chunk, keys):
+            return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
     else:
-        def attend(*chunk):
-            return _torch_fused_out(*chunk, scale, window, uniform_keys)
+        def attend(*chunk, keys):
+            return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, **options)
     B, Lq, H, D = q.shape
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
     if B == 1 and heads >= H:
-        return attend(*inputs)
+        return attend(*inputs, keys=keys)
     out = q.new_empty(q.shape)
     for b in range(B):
         for h in range(0, H, heads):
             rows, cols = slice(b, b + 1), slice(h, h + heads)
             out[rows, :, cols] = attend(q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols],
-                                        r_w_bias[cols], r_r_bias[cols])
+                                        r_w_bias[cols], r_r_bias[cols], keys=None if keys is None else keys[rows])
     return out
 
 
@@ -244,32 +408,58 @@ class RelAttentionFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _is_plain(causal, keys, empty_rows) -> bool:
+    """What the Triton kernels compute: causal attention, no padding (every row sees a key, or HF's
+    uniform rows)."""
+    return causal and keys is None and empty_rows == "uniform"
+
+
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
-                  uniform_keys: int = 0) -> torch.Tensor:
-    """Fused relative attention on the current backend; shapes, the clamped r and ``uniform_keys``
-    (a promise about the inputs, see there) in the module docstring."""
-    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys)
+                  uniform_keys: int = 0, causal: bool = True, context: Optional[tuple[int, int]] = None,
+                  key_lengths: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                  empty_rows: str = "uniform") -> torch.Tensor:
+    """Fused relative attention on the current backend; shapes, the clamped r, the bidirectional
+    mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
+
+    The Triton kernels compute the causal mode without padding; the other modes run on the torch
+    path under the ``auto`` backend, and are an error on an explicit ``triton`` backend."""
+    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
+                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
+    keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     name = backend.resolve(q)
     if name == "naive":
-        return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)[0]
+        return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
+                                   key_mask=keys, empty_rows=empty_rows)[0]
+    if name == "triton" and not _is_plain(causal, keys, empty_rows):
+        if backend.get_backend() == "triton":
+            raise ValueError("rel_attention: the triton backend computes causal attention without key padding "
+                             "and with HF's empty rows; use the torch or auto backend for causal=False, "
+                             "key_lengths/key_mask or empty_rows='zero'")
+        name = "torch"
     if name == "triton":         # the kernels index r by distance up to Lk - 1: clamped rows written out
         return RelAttentionFunction.apply(q, k, v, full_positions(r, k.shape[1]), r_w_bias, r_r_bias, scale, window)
-    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys)
+    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
+                                    causal=causal, context=context, keys=keys, empty_rows=empty_rows)
 
 
 def rel_attention_with_probs(
-    q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None, dropout_p: float = 0.0
+    q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None, dropout_p: float = 0.0,
+    causal: bool = True, context: Optional[tuple[int, int]] = None, key_lengths: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None, empty_rows: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``rel_attention`` but also returns the probabilities (B, H, Lq, Lk), after dropout.
 
     Used for ``output_attentions=True`` and attention dropout in training; the fused kernel never
     materialises the probabilities, so this runs the naive or torch path.
     """
-    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window)
+    check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, causal=causal, context=context,
+                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
+    keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
+    mode = dict(causal=causal, context=context, empty_rows=empty_rows)
     if backend.get_backend() == "naive":
-        out, prob = naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window)
+        out, prob = naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, key_mask=keys, **mode)
         if dropout_p > 0:
             prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
-    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p)
+    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)

@@ -1,0 +1,288 @@
+"""Drop-in relative attention for Conformer speech models, through ``txl_fast.patch(model)``.
+
+Transformer-XL's attention lives on, bidirectionally, in the Conformer encoders of speech
+recognisers. ``patch`` swaps, per instance, the class of every supported attention module inside
+any ``nn.Module`` for a subclass, ``TxlFastPatched<Library><Name>``, whose ``forward`` computes the
+same maths with ``txl_fast.ops.rel_attention(causal=False, ...)``; parameters, ``state_dict`` and
+the library's own projections are untouched, and ``unpatch`` restores the class. Supported (the
+exact classes, not their subclasses):
+
+  SpeechBrain  ``speechbrain.nnet.attention.RelPosMHAXL`` (self-attention, ``vbias`` on or off)
+  ESPnet       ``espnet.nets.pytorch_backend.transformer.attention.RelPositionMultiHeadedAttention``
+               (the "latest" relative positions, ``RelPositionalEncoding``)
+  ESPnet       ``espnet2.asr_transducer.encoder.modules.attention.RelPositionMultiHeadedAttention``
+               (``left_context`` frames of memory before the chunk)
+
+In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
+q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
+row p the distance Lk - 1 - p (their rel_shift is ``txl_fast.ops.rel_shift``); u, v of the paper
+``pos_bias_u`` / ``pos_bias_v`` ((D, H) in SpeechBrain, reinterpreted as (H, D) as it does);
+scale 1/sqrt(embed_dim) (SpeechBrain) or 1/sqrt(d_k) (ESPnet); padded keys hidden; a query that
+sees no key gets zeros (``empty_rows="zero"``), as all of them give.
+
+What the op cannot express exactly runs the library's own code, with one warning per reason:
+a float or per-query ``attn_mask`` / ``chunk_mask``, SpeechBrain's ``mask_pos_future`` and
+cross-attention layouts, ESPnet's ``zero_triu``, legacy relative positions (a different class,
+never swapped), the transducer's simplified score, position embeddings per batch row or of
+another length.
+
+Attention weights. SpeechBrain's modules return the probabilities by default and its encoder
+layers always take them; ESPnet's keep them in ``self.attn`` for plots. Producing them costs the
+full (B, H, Lq, Lk) probabilities the fused path never writes, so with
+``attention_weights="on_request"`` (the default) a patched SpeechBrain module returns them only
+when the caller passes ``return_attn_weights=True`` explicitly (``None`` in their place
+otherwise), and a patched ESPnet module sets ``self.attn = None``; ``attention_weights="always"``
+keeps the libraries' behaviour. In training mode with attention dropout the probabilities path
+runs (dropout draws a different random mask than the library's).
+
+Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from txl_fast import ops
+
+__all__ = ["patch_modules", "unpatch_modules", "SUPPORTED"]
+
+_PREFIX = "TxlFastPatched"
+_WEIGHTS = "_txl_fast_weights"      # the one instance attribute patch adds: "always" or "on_request"
+_UNSET = object()                    # SpeechBrain's return_attn_weights left at its default
+WEIGHT_MODES = ("on_request", "always")
+
+
+def _fallback(module: nn.Module, reason: str) -> None:
+    """Warn once per (class, reason) that the library's own attention runs."""
+    key = (type(module).__name__, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"txl_fast.patch: {reason}; running the library's own attention for such calls", stacklevel=3)
+
+
+_warned: set = set()
+
+
+def _always(module) -> bool:
+    return getattr(module, _WEIGHTS) == "always"
+
+
+def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool):
+    """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
+    ``weights`` (else None; the probabilities path also runs for attention dropout)."""
+    u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
+    dropout = module._txl_fast_dropout_p() if module.training else 0.0  # the biases fp32 parameters
+    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")
+    if weights or dropout > 0:
+        return ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
+    return ops.rel_attention(q, k, v, r, u, w, **mode), None
+
+
+class _SpeechBrainRelPosMHAXL:
+    """Overrides for ``speechbrain.nnet.attention.RelPosMHAXL``; its signature and outputs."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout_att.p
+
+    def forward(self, query, key, value, pos_embs, key_padding_mask=None, attn_mask=None,
+                return_attn_weights=_UNSET):
+        """query, key, value (B, L, E), pos_embs (1, 2L - 1, E), key_padding_mask (B, L) bool,
+        True = padding -> out (B, L, E) and, when asked (see the module docstring), the
+        probabilities (B, H, L, L)."""
+        explicit = return_attn_weights is not _UNSET
+        B, L, E = query.shape
+        reason = None
+        if not self._qkv_same_embed_dim or self.mask_pos_future:
+            reason = "RelPosMHAXL with vdim != embed_dim or mask_pos_future"
+        elif attn_mask is not None:
+            reason = "RelPosMHAXL called with an attn_mask"
+        elif key.shape != query.shape or value.shape != query.shape:
+            reason = "RelPosMHAXL with keys or values of another length than the queries"
+        elif pos_embs.dim() != 3 or pos_embs.shape[0] != 1 or pos_embs.shape[1] != 2 * L - 1:
+            reason = "RelPosMHAXL with position embeddings other than (1, 2L - 1, E)"
+        elif key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, L)):
+            reason = "RelPosMHAXL with a key_padding_mask that is not a (B, L) bool tensor"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, query, key, value, pos_embs, key_padding_mask, attn_mask,
+                                               True if not explicit else return_attn_weights)
+        H, D = self.num_heads, self.head_dim
+        if (query is key or torch.equal(query, key)) and (key is value or torch.equal(key, value)):
+            # self-attention: rows of in_proj_weight interleave per head, (H, 3, D, E)
+            q, k, v = nn.functional.linear(query, self.in_proj_weight).view(B, L, H, 3 * D).chunk(3, dim=-1)
+        else:
+            qw, kw, vw = self.in_proj_weight.chunk(3, dim=0)
+            q, k, v = (nn.functional.linear(x, wt).view(B, L, H, D) for x, wt in ((query, qw), (key, kw), (value, vw)))
+        if self.vbias is not None:
+            v = v + self.value_bias_weight.view(H, D).to(v.dtype)
+        r = self.linear_pos(pos_embs).view(2 * L - 1, H, D)                       # distances L-1 … -(L-1)
+        keep = None if key_padding_mask is None else ~key_padding_mask
+        weights = bool(return_attn_weights) if explicit else _always(self)
+        out, prob = _attend(self, q, k, v, r, self.pos_bias_u.view(H, D), self.pos_bias_v.view(H, D), self.scale,
+                            keep, weights)
+        out = self.out_proj(out.reshape(B, L, H * D))                             # (B, L, E)
+        if explicit and not return_attn_weights:
+            return out
+        return out, prob
+
+
+def _espnet_projections(module, query, key, value):
+    """ESPnet's linear_q / linear_k / linear_v, as (B, L, H, D) views."""
+    B, H, D = query.shape[0], module._txl_fast_heads(), module.d_k
+    return (lin(x).view(B, -1, H, D) for lin, x in ((module.linear_q, query), (module.linear_k, key),
+                                                    (module.linear_v, value)))
+
+
+class _ESPnetRelPosition:
+    """Overrides for ESPnet's ``RelPositionMultiHeadedAttention`` ("latest")."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def _txl_fast_heads(self) -> int:
+        return self.h
+
+    def forward(self, query, key, value, pos_emb, mask):
+        """query, key, value (B, T, F), pos_emb (1, 2T - 1, F), mask (B, 1, T) (nonzero = keep) or
+        None -> (B, T, F); ``self.attn`` as set out in the module docstring."""
+        B, T, _ = query.shape
+        reason = None
+        if self.zero_triu:
+            reason = "ESPnet RelPositionMultiHeadedAttention with zero_triu"
+        elif not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            reason = "ESPnet RelPositionMultiHeadedAttention with qk_norm"
+        elif key.shape[:2] != (B, T) or value.shape[:2] != (B, T):
+            reason = "ESPnet RelPositionMultiHeadedAttention with keys of another length than the queries"
+        elif pos_emb.dim() != 3 or pos_emb.shape[0] != 1 or pos_emb.shape[1] != 2 * T - 1:
+            reason = "ESPnet RelPositionMultiHeadedAttention with pos_emb other than (1, 2T - 1, F)"
+        elif mask is not None and (mask.dim() != 3 or mask.shape != (B, 1, T)):
+            reason = "ESPnet RelPositionMultiHeadedAttention with a per-query mask (B, T, T)"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, query, key, value, pos_emb, mask)
+        q, k, v = _espnet_projections(self, query, key, value)
+        r = self.linear_pos(pos_emb).view(2 * T - 1, self.h, self.d_k)            # distances T-1 … -(T-1)
+        keep = None if mask is None else mask[:, 0] != 0                          # (B, T)
+        out, self.attn = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.d_k), keep,
+                                 _always(self))
+        return self.linear_out(out.reshape(B, T, self.h * self.d_k))
+
+
+class _ESPnetTransducerRelPosition:
+    """Overrides for ``espnet2.asr_transducer.encoder.modules.attention.RelPositionMultiHeadedAttention``."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def _txl_fast_heads(self) -> int:
+        return self.num_heads
+
+    def forward(self, query, key, value, pos_enc, mask, chunk_mask=None, left_context=0):
+        """query (B, T1, F), key, value (B, T2, F) with T2 = T1 + left_context (the memory), pos_enc
+        (1, T1 + T2 - 1, F), mask (B, T2) bool (True = padding) -> (B, T1, F)."""
+        B, T1, _ = query.shape
+        T2 = T1 + left_context
+        reason = None
+        if getattr(self.compute_att_score, "__name__", "") != "compute_attention_score":
+            reason = "ESPnet transducer attention with the simplified score"
+        elif chunk_mask is not None:
+            reason = "ESPnet transducer attention with a chunk_mask"
+        elif key.shape[:2] != (B, T2) or value.shape[:2] != (B, T2):
+            reason = "ESPnet transducer attention with keys of another length than T1 + left_context"
+        elif pos_enc.dim() != 3 or pos_enc.shape[0] != 1 or pos_enc.shape[1] != T1 + T2 - 1:
+            reason = "ESPnet transducer attention with pos_enc other than (1, T1 + T2 - 1, F)"
+        elif mask.dtype != torch.bool or mask.shape != (B, T2):
+            reason = "ESPnet transducer attention with a mask that is not a (B, T2) bool tensor"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, query, key, value, pos_enc, mask, chunk_mask, left_context)
+        q, k, v = _espnet_projections(self, query, key, value)
+        H, D = self.num_heads, self.d_k
+        r = self.linear_pos(pos_enc).view(T1 + T2 - 1, H, D)                      # distances T2-1 … -(T1-1)
+        out, self.attn = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(D), ~mask,
+                                 _always(self))
+        return self.linear_out(out.reshape(B, T1, H * D))
+
+
+# (module, qualname) of the library class -> (patched class name, overrides)
+SUPPORTED = {
+    ("speechbrain.nnet.attention", "RelPosMHAXL"): ("SpeechBrainRelPosMHAXL", _SpeechBrainRelPosMHAXL),
+    ("espnet.nets.pytorch_backend.transformer.attention", "RelPositionMultiHeadedAttention"):
+        ("ESPnetRelPositionMultiHeadedAttention", _ESPnetRelPosition),
+    ("espnet2.asr_transducer.encoder.modules.attention", "RelPositionMultiHeadedAttention"):
+        ("ESPnetTransducerRelPositionMultiHeadedAttention", _ESPnetTransducerRelPosition),
+}
+_BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
+_CLASSES: dict[str, type] = {}
+
+
+def _patched_class(base: type) -> type:
+    name, mixin = SUPPORTED[(base.__module__, base.__qualname__)]
+    name = _PREFIX + name
+    cls = _CLASSES.get(name)
+    if cls is None:
+        def extra_repr(self) -> str:
+            return f"txl_fast=rel_attention(causal=False), attention_weights={getattr(self, _WEIGHTS)}, " \
+                   + base.extra_repr(self)
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_txl_fast_base": base,
+                                         "extra_repr": extra_repr})
+        _CLASSES[name] = cls
+        setattr(sys.modules[__name__], name, cls)   # so pickle finds it by name
+    return cls
+
+
+def __getattr__(name: str):
+    """Resolve ``TxlFastPatched<...>`` in a fresh process (unpickling a patched model)."""
+    if name in _BY_NAME:
+        (module, qualname), _ = _BY_NAME[name]
+        import importlib  # noqa: PLC0415
+
+        return _patched_class(getattr(importlib.import_module(module), qualname))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _key(module: nn.Module) -> tuple[str, str]:
+    cls = getattr(type(module), "_txl_fast_base", type(module))
+    return cls.__module__, cls.__qualname__
+
+
+def targets(model: nn.Module) -> list[nn.Module]:
+    """The supported speech attention modules inside ``model`` (patched or not)."""
+    return [m for m in model.modules() if _key(m) in SUPPORTED]
+
+
+def is_patched(module: nn.Module) -> bool:
+    return type(module).__name__.startswith(_PREFIX) and hasattr(type(module), "_txl_fast_base")
+
+
+def patch_modules(model: nn.Module, attention_weights: str = "on_request") -> Optional[nn.Module]:
+    """Swap every supported speech attention module inside ``model``; None when there is none."""
+    if attention_weights not in WEIGHT_MODES:
+        raise ValueError(f"txl_fast.patch: attention_weights must be one of {', '.join(WEIGHT_MODES)}, "
+                         f"got {attention_weights!r}")
+    found = targets(model)
+    if not found:
+        return None
+    for m in found:
+        object.__setattr__(m, _WEIGHTS, attention_weights)
+        if not is_patched(m):
+            m.__class__ = _patched_class(type(m))
+    return model
+
+
+def unpatch_modules(model: nn.Module) -> Optional[nn.Module]:
+    """Undo ``patch_modules``; None when ``model`` holds no supported module."""
+    found = targets(model)
+    if not found:
+        return None
+    for m in found:
+        if is_patched(m):
+            m.__class__ = type(m)._txl_fast_base
+            m.__dict__.pop(_WEIGHTS, None)
+    return model
