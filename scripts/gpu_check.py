@@ -26,10 +26,12 @@ goes on, except in stage 1, whose failure ends the run:
    and its 6 gradients per case and dtype; the adaptive softmax at the wt103 vocabulary (NLL, every
    gradient, log-probs, top-k); torch.compile(fullgraph=True) against eager; gradients bitwise
    repeatable (dr within 1e-6); the cached decode step's host syncs on CUDA (0 expected);
-   generate(cuda_graph=True) against eager tokens.
+   generate(cuda_graph=True) against eager tokens; the bidirectional mode (Conformer encoders,
+   the torch path on the device) with padding and a limited context.
 4. timings (``triton.testing.do_bench`` medians) of attention (fused, torch path, SDPA on the
    content term alone: the floor, FlexAttention), the decode step, host time per decode step with
-   and without CUDA graphs, the adaptive-softmax loss against a cuBLAS head GEMM, and end-to-end
+   and without CUDA graphs, a Conformer attention core against SDPA with a float position mask,
+   the adaptive-softmax loss against a cuBLAS head GEMM, and end-to-end
    wt103 ``evaluate``; each with its roofline floor from ``txl_fast.bench.analytic`` on the
    ceilings of stage 1 (stage 5 of the issue: ``floor_ms`` and ``of_floor`` in every timing).
 
@@ -85,6 +87,9 @@ SHAPES = {
         model=WT103,
         bench_host=dict(prompt=16, tokens=96, dtype="float16"),
         bench_eval=dict(batches=[1, 32], segments={1: 8, 32: 4}, dtypes=["float16", "bfloat16"]),
+        # bidirectional (Conformer) cases: (name, B, Lq, mlen, H, D, context); lengths ragged per batch row
+        bidirectional=[("conformer 400", 8, 400, 0, 4, 64, None), ("limited context, memory", 4, 64, 32, 8, 64, (16, 4))],
+        bench_bidirectional=[dict(B=8, L=400, H=4, D=64, dtype="float16"), dict(B=8, L=1500, H=8, D=64, dtype="float16")],
         compile_workers=8,
     ),
     "smoke": dict(
@@ -106,6 +111,8 @@ SHAPES = {
                    d_inner=48, div_val=2, mem_len=12, clamp_len=10),
         bench_host=dict(prompt=4, tokens=3, dtype="float32"),
         bench_eval=dict(batches=[1], segments={1: 2}, dtypes=["float32"], tgt=8),
+        bidirectional=[("conformer 13", 3, 13, 0, 2, 8, None), ("limited context, memory", 2, 6, 4, 2, 8, (3, 1))],
+        bench_bidirectional=[dict(B=2, L=12, H=2, D=8, dtype="float32")],
         compile_workers=2,
         warm_cases=2,
     ),
@@ -477,6 +484,46 @@ def check_attention(case, dtype_name: str, device, smoke: bool) -> dict:
                    {n: rel_err(g, r) for n, g, r in zip(names, torch_got, refs)}, dtype_name, finite(*got))
 
 
+def bidirectional_inputs(case, dtype, device, seed: int):
+    """q, k, v, r (Lk + Lq - 1 distances), u, w of a bidirectional case and its key lengths (B,):
+    batch row b keeps Lk - 3 b keys, at least one."""
+    import torch
+
+    name, B, Lq, mlen, H, D, _ = case
+    x = attention_inputs((name, B, Lq, mlen, H, D, None, 2 * Lq + mlen - 1), dtype, device, seed)
+    Lk = Lq + mlen
+    return x, torch.tensor([max(1, Lk - 3 * b) for b in range(B)], device=device)
+
+
+def check_bidirectional(case, dtype_name: str, device, smoke: bool) -> dict:
+    """The bidirectional mode (Conformer encoders) on the device: the torch path (the Triton kernels
+    are causal only) against float64, output and every gradient; padded keys, zero empty rows."""
+    import torch
+
+    from txl_fast import naive, ops, use_backend
+
+    dtype = getattr(torch, dtype_name)
+    context, D = case[6], case[5]
+    x, lengths = bidirectional_inputs(case, dtype, device, seed=7)
+    keys = torch.arange(x[1].shape[1], device=device)[None, :] < lengths[:, None]
+    x64 = [t.double().requires_grad_() for t in x]
+    ref = naive.rel_attention(*x64, D**-0.5, causal=False, context=context, key_mask=keys, empty_rows="zero")[0]
+    dout = torch.randn_like(ref)
+    refs = [ref, *torch.autograd.grad(ref, x64, dout)]
+    leaves = [t.clone().requires_grad_() for t in x]
+    poison(device)
+    with use_backend("auto"):
+        out = ops.rel_attention(*leaves, scale=D**-0.5, causal=False, context=context, key_lengths=lengths,
+                                empty_rows="zero")
+        got = [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+        with torch.no_grad():
+            inference = ops.rel_attention(*x, scale=D**-0.5, causal=False, context=context, key_lengths=lengths,
+                                          empty_rows="zero")
+    errors = {n: rel_err(g, r) for n, g, r in zip(("out", *GRADS), got, refs)}
+    errors["out_inference"] = rel_err(inference, ref)
+    return verdict(errors, {}, dtype_name, finite(*got, inference))
+
+
 def check_softmax(S: dict, dtype_name: str, device, smoke: bool) -> dict:
     """NLL and every gradient, and the log-probs, at the table's vocabulary, against float64."""
     import torch
@@ -728,6 +775,50 @@ def time_attention(S: dict, B: int, ceilings: dict, device, smoke: bool, flex: b
     return result
 
 
+def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
+    """A Conformer self-attention core, ragged padding: the torch path's inference and autograd
+    paths vs the same maths through SDPA with the shifted position term as a float mask (what
+    the speech libraries' fastest routes do), forward and forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from txl_fast import ops
+    from txl_fast.bench import analytic
+    from txl_fast.ops.rel_attention import rel_shift
+
+    B, L, H, D = spec["B"], spec["L"], spec["H"], spec["D"]
+    dtype = getattr(torch, spec["dtype"])
+    (q, k, v, r, u, w), lengths = bidirectional_inputs(("bench", B, L, 0, H, D, None), dtype, device, seed=43)
+    hidden = torch.arange(L, device=device)[None, :] >= lengths[:, None]                     # (B, L) padding
+    scale = D ** -0.5
+    for t in (q, k, v, r, u, w):
+        t.requires_grad_()
+
+    def ours():
+        return ops.rel_attention(q, k, v, r, u, w, scale=scale, causal=False, key_lengths=lengths, empty_rows="zero")
+
+    def sdpa_float_mask():
+        qt = q.transpose(1, 2)                                                               # (B, H, L, D)
+        position = rel_shift((qt + w[:, None]) @ r.permute(1, 2, 0), L) * scale              # (B, H, L, L)
+        position = position.masked_fill(hidden[:, None, None, :], float("-inf"))
+        out = F.scaled_dot_product_attention(qt + u[:, None], k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=position, scale=scale)
+        return out.transpose(1, 2)
+
+    es = q.element_size()
+    fwd = analytic.rel_attention(B, H, L, L, D, es, "fused")
+    fwd_bwd = analytic.Cost(3.5 * fwd.flops, 3 * fwd.bytes)
+    result = {"shape": f"B{B} H{H} L{L} D{D} {spec['dtype']}, ragged lengths",
+              "floor_model": "analytic.rel_attention fused at Lq = Lk = L; fwd+bwd 3.5x FLOPs, 3x bytes"}
+    dout = torch.randn_like(q)
+    for name, fn in (("txl_fast", ours), ("sdpa_float_mask", sdpa_float_mask)):
+        with torch.no_grad():
+            result[f"{name}_fwd"] = roofline(bench_ms(fn, smoke), fwd, ceilings, es)
+        result[f"{name}_fwd_bwd"] = roofline(
+            bench_ms(lambda: torch.autograd.grad(fn(), (q, k, v, r, u, w), dout), smoke), fwd_bwd, ceilings, es)
+    return result
+
+
 def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: bool):
     """FlexAttention with the position term as a precomputed score tensor (score_mod) and the
     causal + memory + same_length visibility as a block mask; its compile seconds apart."""
@@ -955,6 +1046,9 @@ def main(argv=None) -> int:
                   dtype, device, smoke)
     for k in S["topk"]:
         stage.run(f"adaptive top-k k={k}", check_topk, S, k, device, smoke)
+    for case in S["bidirectional"]:
+        for dtype in ("float32", "bfloat16") if not smoke else ("float32",):
+            stage.run(f"bidirectional {case[0]} {dtype}", check_bidirectional, case, dtype, device, smoke)
     stage.run("decode step host syncs", check_decode_syncs, S, device, smoke)
     stage.run("generate cuda_graph vs eager", check_graph_generate, S, device, smoke)
     stage.run("gradients repeat", check_determinism, S, device, smoke)
@@ -971,6 +1065,9 @@ def main(argv=None) -> int:
             stage.run(f"evaluate B{B} {dtype}", time_evaluate, S, B, dtype, ceil, device, smoke)
     for B in S["bench_attention"]["batches"]:
         stage.run(f"attention eval B{B}", time_attention, S, B, ceil, device, smoke)
+    for spec in S["bench_bidirectional"]:
+        stage.run(f"conformer attention B{spec['B']} L{spec['L']} H{spec['H']}", time_bidirectional, spec, ceil,
+                  device, smoke)
     for B in S["bench_attention"]["batches"]:      # last: each shape is a cold torch.compile
         stage.run(f"flex attention eval B{B}", time_attention, S, B, ceil, device, smoke, flex=True)
 
