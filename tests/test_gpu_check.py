@@ -29,7 +29,7 @@ def test_cpu_smoke_runs_every_stage_and_all_correctness_records_pass(tmp_path):
     assert stages == {"environment", "compile", "correctness", "timings"}
 
     checks = [r for r in records if r["stage"] == "correctness"]
-    assert len(checks) == 4 * 3 + 1 + 2 + 4            # attention cases x dtypes, softmax, top-k, the rest
+    assert len(checks) == 4 * 3 + 1 + 2 + 2 + 4        # attention cases x dtypes, softmax, top-k, bidirectional, the rest
     for r in checks:
         expected = "skipped" if any(s in r["name"] for s in SKIPPED_ON_CPU) else "pass"
         assert r["status_check"] == expected, r
@@ -43,4 +43,7 @@ def test_cpu_smoke_runs_every_stage_and_all_correctness_records_pass(tmp_path):
     assert attention["flex_err_vs_fused"] < 1e-2                            # flex computes the same function
     evaluate = timings["evaluate B1 float32"]
     assert evaluate["triton_tok_per_s"] > 0 and evaluate["torch_tok_per_s"] > 0
+    conformer = next(r for name, r in timings.items() if name.startswith("conformer attention"))
+    assert all(conformer[f"{path}_{mode}"]["ms"] > 0 for path in ("txl_fast", "sdpa_float_mask")
+               for mode in ("fwd", "fwd_bwd"))
     assert "stage" in proc.stdout.splitlines()[-len(records) - 1]           # the table is printed last
