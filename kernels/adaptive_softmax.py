@@ -608,39 +608,54 @@ def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, ou
 # ahead-of-time specialisations
 # ---------------------------------------------------------------------------------------------
 
-AOT_WIDTHS = (1024, 256, 64, 16)       # the wt103 cluster widths d_c; block_k/block_do depend on d only
+# the wt103 output layer: vocabulary 267,735, cutoffs 20000 / 40000 / 200000, div_val 4, d 1024
+AOT_D_PROJ, AOT_CUTOFFS, AOT_VOCAB, AOT_DIV_VAL = 1024, (20000, 40000, 200000), 267735, 4
+AOT_EVAL_ROWS = (128, 4096)            # tgt_len 128 at batch 1 and 32: loss forward and backward, log-probs
+AOT_DECODE_ROWS = (1, 32)              # a decode step at batch 1 and 32: log-probs
+
+
+def aot_parameters(dtype: torch.dtype):
+    """(weights, biases, projs, cluster_weight, cluster_bias) of the wt103 layer, on the meta device."""
+    meta = dict(dtype=dtype, device="meta")
+    edges = (0,) + AOT_CUTOFFS + (AOT_VOCAB,)
+    widths = [AOT_D_PROJ // AOT_DIV_VAL ** c for c in range(len(edges) - 1)]
+    weights = [torch.empty(edges[c + 1] - edges[c], d, **meta) for c, d in enumerate(widths)]
+    biases = [torch.empty(w.shape[0], **meta) for w in weights]
+    projs = [torch.empty(AOT_D_PROJ, d, **meta) for d in widths]
+    C = len(AOT_CUTOFFS)
+    return weights, biases, projs, torch.empty(C, AOT_D_PROJ, **meta), torch.empty(C, **meta)
+
+
+def aot_launches(dtype: torch.dtype, launch) -> None:
+    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): the
+    loss forward and backward (every gradient) at the eval row counts, the log-probs at every one."""
+    params = aot_parameters(dtype)
+    n_clusters = len(params[0])
+    needs = dict(hidden=True, weights=[True] * n_clusters, biases=[True] * n_clusters,
+                 projs=[True] * n_clusters, cluster=True)
+    for n in AOT_EVAL_ROWS + AOT_DECODE_ROWS:
+        hidden = torch.empty(n, AOT_D_PROJ, dtype=dtype, device="meta")
+        if n in AOT_EVAL_ROWS:
+            target = torch.empty(n, dtype=torch.long, device="meta")
+            nll, lse = nll_forward(hidden, target, *params, launch=launch)
+            nll_backward(torch.empty_like(nll), hidden, target, *params, lse, needs, launch=launch)
+        log_softmax(hidden, *params, launch=launch)
 
 
 def aot_specs() -> list:
-    """Every configuration a GPU run can pick: dtype (fp32, fp16, bf16) x d_c block class
-    (AOT_WIDTHS) x kernel, HAS_W2 True and False for the kernels that take it, HAS_COL both ways."""
-    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
+    attributes the JIT derives (``aot.specs_from_launches``), for fp32, fp16 and bf16."""
+    from txl_fast.kernels import aot  # noqa: PLC0415
 
-    def sig(fn, types: dict) -> dict:
-        return {name: types.get(name, "i32") for name in fn.arg_names}
-
+    names = {"_lse_fwd_kernel": "adaptive_softmax.lse", "_bwd_dh_kernel": "adaptive_softmax.dh",
+             "_bwd_dw_kernel": "adaptive_softmax.dw", "_logprob_kernel": "adaptive_softmax.logprob"}
     specs = []
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dt in ("fp32", "fp16", "bf16"):
-        for d in AOT_WIDTHS:
-            base = {n: f"*{dt}" for n in ("H", "W", "B", "W2", "B2")}
-            accp = {n: "*fp32" for n in ("LSE_PART", "PICK", "LSE", "G", "DH", "OFF")}
-            types = dict(base, **accp, COL="*i32", SPAN="*i32", DW=f"*{dt}", DB=f"*{dt}", DW2=f"*{dt}", DB2=f"*{dt}",
-                         OUT=f"*{dt}")
-            for kernel, fn, flags in (
-                ("lse", _lse_fwd_kernel, [dict(HAS_W2=a, HAS_COL=c) for a in (True, False) for c in (True, False)]),
-                ("dh", _bwd_dh_kernel, [dict(HAS_W2=a) for a in (True, False)]),
-                ("dw", _bwd_dw_kernel, [dict(HAS_W2=a) for a in (True, False)]),
-                ("logprob", _logprob_kernel, [{}]),
-            ):
-                cfg = dict(configs(kernel, d, torch_dtype[dt])) if not _interpreting() else {}
-                nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 1)
-                for f in flags:
-                    const = dict(cfg, ACC=tl.float32, **f)
-                    s = sig(fn, {**types, **{k: "constexpr" for k in const}})
-                    flag_txt = " ".join(f"{k}={int(v)}" for k, v in f.items())
-                    tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items())
-                    specs.append(AotSpec(name=f"adaptive_softmax.{kernel}", fn=fn, signature=s, constexprs=const,
-                                         num_warps=nw, num_stages=ns, uses_dot=dt != "fp32",
-                                         label=f"{dt} d{d} {tiles} {flag_txt} w{nw} s{ns}".strip()))
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        rec = aot.LaunchRecorder()
+        aot_launches(dtype, rec)
+        for kernel, args, kwargs in rec.launches:
+            (n, d), flags = args[0].shape, {k: int(v) for k, v in kwargs.items() if k.startswith("HAS_")}
+            flag_txt = " ".join(f"{k}={v}" for k, v in flags.items())
+            specs += aot.specs_from_launches(names, [(kernel, args, kwargs)], f"{dt} d{d} n{n} {flag_txt}".strip(),
+                                             uses_dot=lambda name: dt != "fp32")
     return specs

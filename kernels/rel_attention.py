@@ -109,15 +109,19 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 @triton.jit
 def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
             HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, QROWS: tl.constexpr):
     """Masked scores of one tile in the log2 domain, and the visibility mask.
 
     qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
-    r rows n0 - m0 + Lq - BM + [0, BP). Position term: band[a, c - a + BM - 1] for local (a, c).
+    r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query rows the band serves (BM, or on
+    the decode path the real query count rounded up). Position term: band[a, c - a + QROWS - 1]
+    for local (a, c); rows a >= QROWS are padding (clamped index, masked by the caller).
     """
     s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
     band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
-    skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+    skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (QROWS - 1)
+    if QROWS < BLOCK_M:
+        skew = tl.maximum(skew, 0)
     s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
     dist = offs_m[:, None] + mlen - offs_n[None, :]
     visible = dist >= 0
@@ -147,7 +151,11 @@ def _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.c
     return lo, hi
 
 
-@triton.jit
+# Arguments that change while generation fills the memory (one more key a step; the window is
+# mlen + 1 until the memory is full; the decode split count follows Lk): not specialised, or every
+# new value divisible by 16 (or equal to 1) would compile another binary mid-generation. They only
+# bound loops and masks (every load is contiguous along D), so no vectorisation depends on them.
+@triton.jit(do_not_specialize=["Lk", "mlen", "window", "keys_per_split", "n_splits"])
 def _fwd_kernel(
     Q, K, V, R, U, W, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -155,16 +163,21 @@ def _fwd_kernel(
     H, Lq, Lk, mlen, window, keys_per_split, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,
 ):
     """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H), one query
-    tile (Lq <= BM), keys [split * keys_per_split, +keys_per_split), writes partials MP, LP, AP."""
+    tile (Lq <= SPLIT_ROWS <= BM, SPLIT_ROWS a power of 2: the rows the r band serves, so that
+    BLOCK_P = next pow2 of SPLIT_ROWS + BN - 1), keys [split * keys_per_split, +keys_per_split),
+    writes partials MP, LP, AP."""
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     if SPLIT_K:
         m0 = 0
+        QROWS: tl.constexpr = SPLIT_ROWS
     else:
         m0 = tl.program_id(0) * BLOCK_M
+        QROWS: tl.constexpr = BLOCK_M
     dtype = Q.dtype.element_ty
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,11 +207,11 @@ def _fwd_kernel(
         nmask = offs_n < Lk
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
-        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
         if SPLIT_K:
             s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -226,7 +239,7 @@ def _fwd_kernel(
         tl.store(L + stat, l_i, mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _fwd_combine_kernel(
     O, M, L, MP, LP, AP, sob, som, soh, sod, H, Lq, n_splits,
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -277,7 +290,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < Lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
 def _bwd_dq_kernel(
     Q, K, V, R, U, W, DO, M, L, DELTA, DQ, DUP, DWP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -327,7 +340,7 @@ def _bwd_dq_kernel(
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
         ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
@@ -342,7 +355,7 @@ def _bwd_dq_kernel(
     tl.store(DWP + part, tl.sum(dq_p, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
 def _bwd_dkdv_kernel(
     Q, K, V, R, U, W, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -399,7 +412,7 @@ def _bwd_dkdv_kernel(
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
@@ -408,7 +421,7 @@ def _bwd_dkdv_kernel(
         ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
         dr_band = tl.dot(tl.trans(ds_band.to(dtype)), qv, input_precision=PREC, out_dtype=ACC)  # (BP, BD)
         tl.atomic_add(dr_base + rows[:, None] * sdrp + offs_d[None, :], dr_band,
-                      mask=rmask[:, None] & dmask[None, :])
+                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -576,7 +589,9 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
         ap = torch.empty((B * H, n_splits, DECODE_BLOCK_M, bd), dtype=acc_t, device=q.device)
         args = dict(common, MP=mp, LP=lp, AP=ap, keys_per_split=keys_per_split, n_splits=n_splits, SPLIT_K=True)
         # the decode tile is fixed (BM 16, BN = the split granularity), so it is not autotuned
-        meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(DECODE_BLOCK_M, bn)}
+        # the r band serves the real queries only: Lq 1 reads BN rows of r per tile, not BM + BN - 1
+        split_rows = triton.next_power_of_2(Lq)
+        meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(split_rows, bn), "SPLIT_ROWS": split_rows}
         nw, ns = DECODE_CANDIDATES[0][2:] if not _interpreting() else (4, 1)
         launch(_fwd_kernel)[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
         launch(_fwd_combine_kernel)[(B * H,)](
@@ -585,7 +600,7 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
             num_warps=4)
     else:
         dummy = m  # partial buffers are unused on the tiled path (SPLIT_K=False compiles their stores away)
-        args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False)
+        args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False, SPLIT_ROWS=0)
         _run(launch, _fwd_kernel, "fwd", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), args)
     return out, m, l
 
@@ -645,74 +660,52 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
 # ahead-of-time specialisations
 # ---------------------------------------------------------------------------------------------
 
-_TL = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# the wt103 model (n_head 16, d_head 64, eval tgt_len 128 / mem_len 1600, same_length: window =
+# mem_len); the head size sweep keeps d_model = H * D = 1024
+AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
+AOT_BATCHES = (1, 32)
+AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant)
 
 
-def _sig(names: str, ptr_dtype: str, acc_ptrs: str = "", i32: str = "", fp32: str = "", consts=()) -> dict:
-    sig = {}
-    for n in names.split():
-        sig[n] = f"*{ptr_dtype}"
-    for n in acc_ptrs.split():
-        sig[n] = "*fp32"
-    for n in i32.split():
-        sig[n] = "i32"
-    for n in fp32.split():
-        sig[n] = "fp32"
-    for n in consts:
-        sig[n] = "constexpr"
-    return sig
+def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
+    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
+    forward + backward (memory full, window on) and decode steps, at every AOT batch size."""
+    H = AOT_D_MODEL // D
+    meta = dict(dtype=dtype, device="meta")
+    for B in AOT_BATCHES:
+        for Lq, window in [(AOT_TGT, AOT_MEM)] + [(lq, AOT_MEM) for lq in AOT_DECODE_LQ]:
+            Lk = AOT_MEM + Lq
+            q = torch.empty(B, Lq, H, D, **meta)
+            # keys/values as the cache hands them over: a time window of a head-major buffer
+            kv_buf = torch.empty(B, H, Lk + 7, D, **meta)
+            k = kv_buf[:, :, 3:3 + Lk].transpose(1, 2)
+            v = torch.empty_like(kv_buf)[:, :, 3:3 + Lk].transpose(1, 2)
+            r, u, w = torch.empty(Lk, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, window, launch=launch)
+            if Lq > DECODE_MAX_LQ:
+                backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, window, launch=launch)
 
 
 def aot_specs() -> list:
-    """Every specialisation a GPU run can pick: dtype (fp32, fp16, bf16) x d_head (16, 32, 64, 128)
-    x each kept configuration of each kernel. HAS_WINDOW is compiled True only (the superset code:
-    HAS_WINDOW=False removes one integer compare per score and a scalar select; it compiled
-    alike in every configuration tried) to halve the compile time."""
-    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
+    attributes the JIT derives (``aot.specs_from_launches``): dtype (fp32, fp16, bf16) x d_head
+    (16, 32, 64, 128) x each kernel's candidate configurations."""
+    from txl_fast.kernels import aot  # noqa: PLC0415
 
-    fwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
-                   "sob som soh sod H Lq Lk mlen window keys_per_split n_splits")
-    bwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
-                   "sdb sdm sdh sdd")
+    names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
+             "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
     specs = []
-    for dt in ("fp32", "fp16", "bf16"):
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for D in (16, 32, 64, 128):
-            bd = block_d(D)
-            base = dict(HEAD_DIM=D, ACC=tl.float32, PREC="tf32x3", BLOCK_D=bd)
-            tag = f"{dt} D{D}"
-            for kernel_name, fn in (("fwd", _fwd_kernel), ("decode", _fwd_kernel), ("dq", _bwd_dq_kernel),
-                                    ("dkdv", _bwd_dkdv_kernel)):
-                for bm, bn, nw, ns in configs(kernel_name, bd, dt):
-                    for has_window in (True,):
-                        const = dict(base, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p(bm, bn))
-                        if kernel_name in ("fwd", "decode"):
-                            const["SPLIT_K"] = kernel_name == "decode"
-                            sig = _sig("Q K V R U W O", dt, "M L MP LP AP", fwd_strides, "qk_scale", const)
-                        elif kernel_name == "dq":
-                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " sqgb sqgm sqgh sqgd "
-                                       "H Lq Lk mlen window n_tiles", "scale qk_scale", const)
-                            sig["DQ"] = f"*{dt}"
-                            sig["DUP"] = sig["DWP"] = "*fp32"
-                        else:
-                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " skgb skgn skgh skgd "
-                                       "svgb svgn svgh svgd sdrp sdrh H Lq Lk mlen window", "scale qk_scale", const)
-                            sig["DK"] = sig["DV"] = f"*{dt}"
-                            sig["DR"] = "*fp32"
-                        sig = {n: sig[n] for n in fn.arg_names}
-                        specs.append(AotSpec(
-                            name=f"rel_attention.{kernel_name}", fn=fn, signature=sig, constexprs=const,
-                            num_warps=nw, num_stages=ns,
-                            label=f"{tag} BM{bm} BN{bn} w{nw} s{ns} window={int(has_window)}"))
-            small = dict(HEAD_DIM=D, ACC=tl.float32, BLOCK_D=bd)
-            sig = _sig("O DO", dt, "DELTA", "sob som soh sod sdb sdm sdh sdd H Lq", "",
-                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
-            specs.append(AotSpec("rel_attention.delta", _bwd_delta_kernel,
-                                 {n: sig[n] for n in _bwd_delta_kernel.arg_names}, dict(small, BLOCK_M=32), 4, 1,
-                                 label=f"{tag} BM32 w4", uses_dot=False))
-            sig = _sig("O", dt, "M L MP LP AP", "sob som soh sod H Lq n_splits", "",
-                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
-            specs.append(AotSpec("rel_attention.combine", _fwd_combine_kernel,
-                                 {n: sig[n] for n in _fwd_combine_kernel.arg_names},
-                                 dict(small, BLOCK_M=DECODE_BLOCK_M), 4, 1,
-                                 label=f"{tag} BM16 w4", uses_dot=False))
+            rec = aot.LaunchRecorder()
+            aot_launches(dtype, D, rec)
+            for kernel, args, kwargs in rec.launches:
+                fn = getattr(kernel, "fn", kernel)
+                name = names[fn.__name__]
+                if name == "fwd" and kwargs.get("SPLIT_K"):
+                    name = "decode"
+                specs += aot.specs_from_launches(
+                    {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
+                    f"{dt} D{D} Lq{kwargs['Lq']}",
+                    uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
     return specs

@@ -51,3 +51,52 @@ def test_tensor_cores_and_registers_reported(rows):
     for r in rows:
         assert isinstance(r["registers"], int) and 0 < r["registers"] <= 255, r
         assert isinstance(r["spill_bytes"], int) and r["spill_bytes"] >= 0, r
+
+
+# The JIT's specialisation key of every attention launch of a decode step while the memory fills,
+# key lengths 1601 … 1640 (mlen 1600 … 1639, window = mlen + 1 under same_length), keys and values
+# held as the inference cache holds them (a LayerKV on the meta device), computed by triton's own
+# binder in a process without the interpreter. With the growing arguments unspecialised there is
+# exactly one key per kernel; the split kernel without do_not_specialize (rebuilt from its Python
+# function) gets 3: neither Lk nor mlen divisible by 16, Lk (and window = Lk) divisible (1616, 1632),
+# mlen divisible (1600, 1616, 1632) - three binaries in 40 steps, the count that shows this test can fail.
+_KEYS_SCRIPT = r"""
+import json, sys, torch, triton
+from txl_fast.cache import LayerKV
+from txl_fast.kernels import aot, rel_attention as ra
+
+def keys(rebuild):
+    kernels = {}
+    cache = LayerKV(int(sys.argv[1]), 1800, 16, 64, torch.float16, "meta")
+    cache.fill(torch.empty(cache.k.shape[0], 1, 16, 64, dtype=torch.float16, device="meta"),
+               torch.empty(cache.k.shape[0], 1, 16, 64, dtype=torch.float16, device="meta"), 1600)
+    cache.commit(1600, 1800)
+    positions = torch.empty(1800, 16, 64, dtype=torch.float16, device="meta")
+    for Lk in range(1601, 1641):
+        B = cache.k.shape[0]
+        q = torch.empty(B, 1, 16, 64, dtype=torch.float16, device="meta")
+        k, v = cache.extend(torch.empty_like(q), torch.empty_like(q))
+        assert k.shape[1] == Lk
+        u = torch.empty(16, 64, dtype=torch.float16, device="meta")
+        rec = aot.LaunchRecorder()
+        ra.forward(q, k, v, positions[-Lk:], u, u, 0.125, cache.mlen + 1, launch=rec)
+        cache.commit(1, 1800)
+        for kernel, args, kwargs in rec.launches:
+            fn = triton.jit(kernel.fn) if rebuild else kernel
+            key = aot.jit_specialisation(fn, args, dict(kwargs))[3]
+            kernels.setdefault(kernel.fn.__name__, set()).add(key)
+    return {name: len(ks) for name, ks in kernels.items()}
+
+print(json.dumps({"as_built": keys(False), "unspecialised_args_specialised": keys(True)}))
+"""
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_decode_compiles_once_while_memory_fills(batch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT, str(batch)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts["as_built"] == {"_fwd_kernel": 1, "_fwd_combine_kernel": 1}, counts
+    assert counts["unspecialised_args_specialised"]["_fwd_kernel"] == 3, counts
