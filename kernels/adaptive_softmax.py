@@ -85,6 +85,7 @@ import triton.language as tl
 IGNORE_INDEX = -100
 TARGET_PROGRAMS = 264            # ~2 programs per H100 SM when choosing vocabulary splits
 INTERPRET_TARGET_PROGRAMS = 8    # under the interpreter: few splits of several tiles each
+DH_PARTIAL_BYTES = 64 << 20      # the dh kernel's per-split partials of one cluster stay under this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +176,15 @@ def _dlogits(z, offs_n, col, lse, g):
 @triton.jit
 def _bwd_dh_kernel(
     H, W, B, W2, B2, COL, LSE, G, DH, SPAN,
-    V1, V2, D,
-    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhm,
+    V1, V2, D, vocab_per_split,
+    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhs, sdhm,
     HAS_W2: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """Grid (row tiles, cdiv(D, BDO)) over the rows i in [SPAN[0], SPAN[1]) (tiles past the span
-    do nothing). DH[i, o] = sum_j dz[i, j] w_j[o] over the whole vocabulary, for the program's rows
-    and its chunk o of BDO columns of d; rows outside the span are not written."""
+    """Grid (row tiles, cdiv(D, BDO), vocabulary splits) over the rows i in [SPAN[0], SPAN[1])
+    (tiles past the span do nothing). DH[split, i, o] = sum_j dz[i, j] w_j[o] over the split's
+    columns [split * vps, +vps), for the program's rows and its chunk o of BDO columns of d; rows
+    outside the span are not written. The host sums the splits in a fixed order."""
     dtype = H.dtype.element_ty
     row_hi = tl.load(SPAN + 1)
     row0 = tl.load(SPAN) + tl.program_id(0) * BLOCK_M
@@ -196,8 +198,9 @@ def _bwd_dh_kernel(
     col = tl.load(COL + offs_m, mask=mmask, other=-1)
     lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
     g = tl.load(G + offs_m, mask=mmask, other=0.0)      # 0 on masked rows: dz = 0 there
+    split = tl.program_id(2)
     dh = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
-    for n0 in range(0, V1 + V2, BLOCK_N):
+    for n0 in range(split * vocab_per_split, tl.minimum((split + 1) * vocab_per_split, V1 + V2), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                          HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -211,8 +214,8 @@ def _bwd_dh_kernel(
             w += tl.load(W2 + cols2[:, None] * sw2v + offs_o[None, :] * sw2d,
                          mask=in2[:, None] & omask[None, :], other=0.0)
         dh += tl.dot(dz.to(dtype), w, input_precision="ieee", out_dtype=ACC)
-    tl.store(DH + offs_m.to(tl.int64)[:, None] * sdhm + offs_o[None, :], dh.to(DH.dtype.element_ty),
-             mask=mmask[:, None] & omask[None, :])
+    tl.store(DH + split.to(tl.int64) * sdhs + offs_m.to(tl.int64)[:, None] * sdhm + offs_o[None, :],
+             dh.to(DH.dtype.element_ty), mask=mmask[:, None] & omask[None, :])
 
 
 @triton.jit
@@ -343,11 +346,12 @@ def check_supported(hidden: torch.Tensor) -> None:
         raise ValueError("adaptive softmax (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
 
 
-def _splits(vocab: int, row_tiles: int, block_n: int) -> tuple[int, int]:
-    """(number of vocabulary splits, columns per split, a multiple of block_n)."""
+def _splits(vocab: int, row_tiles: int, block_n: int, cap: int = 1 << 30) -> tuple[int, int]:
+    """(number of vocabulary splits, columns per split, a multiple of block_n): about
+    TARGET_PROGRAMS programs with ``row_tiles`` programs per split, at most ``cap`` splits."""
     target = INTERPRET_TARGET_PROGRAMS if _interpreting() else TARGET_PROGRAMS
     tiles = triton.cdiv(vocab, block_n)
-    want = max(1, min(tiles, triton.cdiv(target, max(row_tiles, 1))))
+    want = max(1, min(tiles, cap, triton.cdiv(target, max(row_tiles, 1))))
     per_split = triton.cdiv(tiles, want) * block_n
     return triton.cdiv(vocab, per_split), per_split
 
@@ -397,22 +401,33 @@ def segment_lse(h, w, b, w2=None, b2=None, col=None, span=None, launch=direct):
 
 def segment_dh(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
     """dL/dh (n, d) in the accumulation dtype for dz = g * (softmax - onehot(col)), for the rows in
-    ``span`` (every row when None; the other rows are zero)."""
+    ``span`` (every row when None; the other rows are zero).
+
+    The vocabulary is split across programs (a tail's span may hold a few row tiles only: one
+    program per row tile streaming 160,000 words would leave the GPU idle): per-split partial dh
+    in a (splits, n, d) buffer of at most DH_PARTIAL_BYTES, summed over the splits by torch in a
+    fixed order (deterministic). Splits: ~TARGET_PROGRAMS programs counting the head's row tiles
+    (span None: every row works) or a single row tile (a tail: its span is on the device)."""
     n, d = h.shape
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     cfg = configs("dh", d, h.dtype)
-    if span is None:
-        dh, span = _empty((n, d), _acc_dtype(h.dtype), h.device), _full_span(n, h.device)
-    else:
-        dh = torch.zeros((n, d), dtype=_acc_dtype(h.dtype), device=h.device)
+    acc = _acc_dtype(h.dtype)
     if n == 0:
-        return dh
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        return torch.zeros((n, d), dtype=acc, device=h.device)
+    d_chunks = triton.cdiv(d, cfg["BLOCK_DO"])
+    working_tiles = triton.cdiv(n, cfg["BLOCK_M"]) if span is None else 1
+    n_splits, per_split = _splits(w.shape[0] + V2, working_tiles * d_chunks, cfg["BLOCK_N"],
+                                  cap=max(1, DH_PARTIAL_BYTES // (n * d * 4)))
+    if span is None:
+        part, span = _empty((n_splits, n, d), acc, h.device), _full_span(n, h.device)
+    else:
+        part = torch.zeros((n_splits, n, d), dtype=acc, device=h.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), d_chunks, n_splits)
     launch(_bwd_dh_kernel)[grid](
-        h, w, b, W2, B2, col, lse, g, dh, span, w.shape[0], V2, d,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, dh.stride(0),
-        HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
-    return dh
+        h, w, b, W2, B2, col, lse, g, part, span, w.shape[0], V2, d, per_split,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
+        part.stride(0), part.stride(1), HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+    return part[0] if n_splits == 1 else part.sum(0)
 
 
 def segment_dw(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
