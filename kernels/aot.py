@@ -57,6 +57,7 @@ class AotSpec:
     label: str = ""                             # human-readable specialisation; default from constexprs
     uses_dot: bool = True                       # whether tensor-core instructions are expected
     attrs: Optional[dict] = None                # {(arg index,): [["tt.divisibility", 16]], ...} as the JIT derives
+    spill_budget: int = 0                       # spill bytes accepted (a known spill the module declares)
 
     def describe(self) -> str:
         if self.label:
@@ -203,7 +204,7 @@ def compile_one(spec: AotSpec, arch: int) -> dict:
     from triton.compiler import ASTSource  # noqa: PLC0415
 
     row = dict(kernel=spec.name, specialisation=spec.describe(), arch=f"sm_{arch}", ok=False,
-               registers=None, spill_bytes=None, shared=None, smem_limit=SMEM_LIMIT[arch],
+               registers=None, spill_bytes=None, spill_budget=spec.spill_budget, shared=None, smem_limit=SMEM_LIMIT[arch],
                smem_ok=False, tensor_cores=False, uses_dot=spec.uses_dot, seconds=0.0, error="")
     t0 = time.perf_counter()
     try:
@@ -247,21 +248,39 @@ def report(workers: Optional[int] = None, modules=MODULES) -> list[dict]:
     return rows
 
 
+def problems(row: dict) -> list[str]:
+    """What is wrong with one report row: a failed compile, shared memory over the arch's limit,
+    spills over the spec's budget (0 unless the module declares a known spill), a tl.dot not on
+    tensor cores. Empty when the row is fine."""
+    if not row["ok"]:
+        return [f"compile failed: {row['error']}"]
+    out = []
+    if row["shared"] > row["smem_limit"]:
+        out.append(f"shared memory {row['shared']} B > {row['smem_limit']} B")
+    if row["spill_bytes"] is None or row["spill_bytes"] > row.get("spill_budget", 0):
+        out.append(f"spills {row['spill_bytes']} B > {row.get('spill_budget', 0)} B allowed")
+    if row["uses_dot"] and not row["tensor_cores"]:
+        out.append("tl.dot not on tensor cores")
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
     cols = [("kernel", "kernel"), ("specialisation", "specialisation"), ("arch", "arch"),
-            ("registers", "regs"), ("spill_bytes", "spill B"), ("shared", "smem B"),
+            ("registers", "regs"), ("spill_bytes", "spill B"), ("spill_budget", "allowed B"), ("shared", "smem B"),
             ("smem_limit", "limit B"), ("tensor_cores", "mma"), ("seconds", "s"), ("error", "error")]
     cells = [[h for _, h in cols]]
     for r in rows:
         tc = ("yes" if r["tensor_cores"] else "NO") if r["uses_dot"] else "-"
-        vals = {**r, "tensor_cores": tc}
+        vals = {**r, "tensor_cores": tc, "spill_budget": r.get("spill_budget", 0)}
         cells.append(["" if vals[k] is None else str(vals[k]) for k, _ in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = rows[0]["notes"] if rows else []
-    bad = [r for r in rows if not (r["ok"] and r["smem_ok"])]
-    lines.append(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit")
+    bad = [r for r in rows if problems(r)]
+    lines.append(f"{len(rows)} compiles, {len(bad)} with problems (failed, shared memory over the limit, "
+                 "spills over the allowance, no tensor cores)")
+    lines += [f"problem: {r['kernel']} {r['specialisation']} {r['arch']}: {'; '.join(problems(r))}" for r in bad]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -274,6 +293,8 @@ def main(argv=None) -> None:
     rows = report(modules=tuple(argv) or MODULES)
     print(format_table(rows))
     print(f"total {time.perf_counter() - t0:.1f} s")
+    if any(problems(r) for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ FILL = tl.constexpr(-1.0e30)          # finite fill for invisible scores (log2 d
 LOG2E = 1.4426950408889634
 DECODE_MAX_LQ = 16                    # Lq at or below this takes the split-over-keys path
 DECODE_BLOCK_M = 16                   # the query tile of the decode path (tl.dot needs >= 16)
-MAX_SPLITS = 16                       # decode: at most this many key chunks per (batch, head)
-TARGET_PROGRAMS = 264                 # decode: aim for ~2 programs per H100 SM
+MAX_SPLITS = 16                       # split path: at most this many key chunks per query tile
+TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
+UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
+INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -165,15 +167,15 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
-    """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H), one query
-    tile (Lq <= SPLIT_ROWS <= BM, SPLIT_ROWS a power of 2: the rows the r band serves, so that
-    BLOCK_P = next pow2 of SPLIT_ROWS + BN - 1), keys [split * keys_per_split, +keys_per_split),
-    writes partials MP, LP, AP."""
+    """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H, cdiv(Lq, BM)),
+    query tile program_id(2), keys [split * keys_per_split, +keys_per_split), writes partials MP,
+    LP, AP; SPLIT_ROWS (a power of 2, min(BM, next pow2 of Lq)) is the rows the r band serves, so
+    that BLOCK_P = next pow2 of SPLIT_ROWS + BN - 1 (Lq 1: BN rows of r per key tile, not BM + BN - 1)."""
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     if SPLIT_K:
-        m0 = 0
+        m0 = tl.program_id(2) * BLOCK_M
         QROWS: tl.constexpr = SPLIT_ROWS
     else:
         m0 = tl.program_id(0) * BLOCK_M
@@ -224,8 +226,8 @@ def _fwd_kernel(
         m_i = m_new
 
     if SPLIT_K:
-        # partials, layout (B*H, n_splits, BM) and (B*H, n_splits, BM, BD), contiguous
-        row = (pid_bh * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
+        row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(MP + row, m_i)
         tl.store(LP + row, l_i)
         tl.store(AP + row[:, None] * BLOCK_D + offs_d[None, :], acc)
@@ -244,17 +246,18 @@ def _fwd_combine_kernel(
     O, M, L, MP, LP, AP, sob, som, soh, sod, H, Lq, n_splits,
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the decode partials of one (batch, head): grid (B*H,)."""
+    """Merge the split-over-keys partials of one (batch * head, query tile): grid (B*H, cdiv(Lq, BM))."""
     pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK_M)
+    tile = pid_bh * tl.num_programs(1) + tl.program_id(1)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for split in range(0, n_splits):
-        row = (pid_bh * n_splits + split) * BLOCK_M + offs_m
+        row = (tile * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_s = tl.load(MP + row)
         l_s = tl.load(LP + row)
         a_s = tl.load(AP + row[:, None] * BLOCK_D + offs_d[None, :])
@@ -550,6 +553,29 @@ def _run(launch, kernel_fn, name, bd, grid, args, reset=None):
     launch(_TUNED[key])[grid](**args)
 
 
+def split_plan(B: int, H: int, Lq: int, Lk: int, bd: int, dtype: torch.dtype):
+    """None for the tiled path; else the split-over-keys (flash-decoding) launch, (BLOCK_M, BLOCK_N,
+    num_warps, num_stages, query tiles, n_splits, keys_per_split): always for Lq <= DECODE_MAX_LQ
+    (decode), and for longer queries when the tiled grid, cdiv(Lq, BM) * B * H programs, would
+    underfill the GPU (fewer than UNDERFILL_PROGRAMS: wt103 eval at batch 1 is 4 * 16 = 64
+    programs). Splits: ~TARGET_PROGRAMS programs, at most MAX_SPLITS per query tile."""
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    interp = _interpreting()
+    if Lq <= DECODE_MAX_LQ:
+        bm, bn, nw, ns = configs("decode", bd, dt)[0]
+    else:
+        bm, bn, nw, ns = configs("fwd", bd, dt)[0]
+        if triton.cdiv(Lq, bm) * B * H >= (INTERPRET_UNDERFILL_PROGRAMS if interp else UNDERFILL_PROGRAMS):
+            return None
+    if interp:
+        bm, bn, nw, ns = (DECODE_BLOCK_M if Lq <= DECODE_MAX_LQ else INTERPRET_BLOCK), INTERPRET_BLOCK, 4, 1
+    q_tiles = triton.cdiv(Lq, bm)
+    n_key_tiles = triton.cdiv(Lk, bn)
+    want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, q_tiles * B * H), n_key_tiles))
+    keys_per_split = triton.cdiv(n_key_tiles, want) * bn
+    return bm, bn, nw, ns, q_tiles, triton.cdiv(Lk, keys_per_split), keys_per_split
+
+
 def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
@@ -578,25 +604,21 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
         H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
         qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
     )
-    if Lq <= DECODE_MAX_LQ:
-        bn = INTERPRET_BLOCK if _interpreting() else DECODE_CANDIDATES[0][1]
-        n_key_tiles = triton.cdiv(Lk, bn)
-        want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, B * H), n_key_tiles))
-        keys_per_split = triton.cdiv(n_key_tiles, want) * bn
-        n_splits = triton.cdiv(Lk, keys_per_split)
-        mp = torch.empty((B * H, n_splits, DECODE_BLOCK_M), dtype=acc_t, device=q.device)
+    plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
+    if plan is not None:
+        bm, bn, nw, ns, q_tiles, n_splits, keys_per_split = plan
+        mp = torch.empty((B * H, q_tiles, n_splits, bm), dtype=acc_t, device=q.device)
         lp = torch.empty_like(mp)
-        ap = torch.empty((B * H, n_splits, DECODE_BLOCK_M, bd), dtype=acc_t, device=q.device)
+        ap = torch.empty((B * H, q_tiles, n_splits, bm, bd), dtype=acc_t, device=q.device)
         args = dict(common, MP=mp, LP=lp, AP=ap, keys_per_split=keys_per_split, n_splits=n_splits, SPLIT_K=True)
-        # the decode tile is fixed (BM 16, BN = the split granularity), so it is not autotuned
-        # the r band serves the real queries only: Lq 1 reads BN rows of r per tile, not BM + BN - 1
-        split_rows = triton.next_power_of_2(Lq)
-        meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(split_rows, bn), "SPLIT_ROWS": split_rows}
-        nw, ns = DECODE_CANDIDATES[0][2:] if not _interpreting() else (4, 1)
-        launch(_fwd_kernel)[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
-        launch(_fwd_combine_kernel)[(B * H,)](
+        # the split tile is fixed (BN = the split granularity), so it is not autotuned; the r band
+        # serves the real queries only (SPLIT_ROWS)
+        split_rows = min(bm, triton.next_power_of_2(Lq))
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_P": block_p(split_rows, bn), "SPLIT_ROWS": split_rows}
+        launch(_fwd_kernel)[(n_splits, B * H, q_tiles)](**args, **meta, num_warps=nw, num_stages=ns)
+        launch(_fwd_combine_kernel)[(B * H, q_tiles)](
             O=out, M=m, L=l, MP=mp, LP=lp, AP=ap, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
-            H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=DECODE_BLOCK_M, BLOCK_D=bd,
+            H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=bm, BLOCK_D=bd,
             num_warps=4)
     else:
         dummy = m  # partial buffers are unused on the tiled path (SPLIT_K=False compiles their stores away)
@@ -664,16 +686,17 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
 # mem_len); the head size sweep keeps d_model = H * D = 1024
 AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
 AOT_BATCHES = (1, 32)
-AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant)
+AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
 
 
 def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
     """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
-    forward + backward (memory full, window on) and decode steps, at every AOT batch size."""
+    forward + backward (memory full, window on) and decode steps, at every AOT batch size (the
+    batch only changes strides divisible by 16: the batches share their binaries)."""
     H = AOT_D_MODEL // D
     meta = dict(dtype=dtype, device="meta")
     for B in AOT_BATCHES:
-        for Lq, window in [(AOT_TGT, AOT_MEM)] + [(lq, AOT_MEM) for lq in AOT_DECODE_LQ]:
+        for Lq, window in [(AOT_TGT, AOT_MEM)] + [(lq, AOT_MEM) for lq in AOT_DECODE_LQ if D == 64 or lq == 1]:
             Lk = AOT_MEM + Lq
             q = torch.empty(B, Lq, H, D, **meta)
             # keys/values as the cache hands them over: a time window of a head-major buffer
@@ -703,7 +726,7 @@ def aot_specs() -> list:
                 fn = getattr(kernel, "fn", kernel)
                 name = names[fn.__name__]
                 if name == "fwd" and kwargs.get("SPLIT_K"):
-                    name = "decode"
+                    name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
                 specs += aot.specs_from_launches(
                     {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
                     f"{dt} D{D} Lq{kwargs['Lq']}",

@@ -1,10 +1,14 @@
-"""Ahead-of-time compile of every Triton kernel (relative attention, adaptive softmax) for sm_80 and sm_90.
+"""Ahead-of-time compile of every Triton kernel (relative attention, adaptive softmax, top-k) for sm_80 and sm_90.
 
 Runs ``txl-fast kernels --json`` in a separate process with TRITON_INTERPRET unset (an interpreted
 kernel cannot be compiled) and checks every row: compiled, shared memory within the arch limit,
 tensor-core instructions (mma.sync on sm_80, wgmma or mma on sm_90) in every dot-bearing kernel,
-registers and spill bytes reported by ptxas. It does not run anything on a GPU. Compiles are
-cached by triton (~/.triton/cache): the first run costs a few minutes on 2 cores, later ones seconds.
+registers and spill bytes reported by ptxas, no spill beyond what the kernel module declares as
+known (``AotSpec.spill_budget``). The specialisations are the JIT's own for the wt103 shapes
+(``kernels/aot.py``: recorded launcher calls, triton's binder); a cheap test checks that they
+carry the divisibility and value-1 specialisations. The JIT's specialisation key of a decode step
+is counted over a filling memory. Nothing runs on a GPU. Compiles are cached by triton
+(~/.triton/cache): the first run costs minutes on 2 cores, later ones seconds.
 """
 import json
 import os
@@ -34,6 +38,7 @@ def test_everything_compiles_within_limits(rows):
     assert not bad, "compile failures:\n" + aot.format_table(bad)
     over = [r for r in rows if r["shared"] > r["smem_limit"]]
     assert not over, "over the shared-memory limit:\n" + aot.format_table(over)
+    assert "adaptive_topk.fwd" in {r["kernel"] for r in rows}
     for arch in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in rows if r["arch"] == arch} >= {
             "rel_attention.fwd", "rel_attention.decode", "rel_attention.combine",
@@ -42,6 +47,14 @@ def test_everything_compiles_within_limits(rows):
     for dt in ("fp32", "fp16", "bf16"):
         for d in (16, 32, 64, 128):
             assert any(f"{dt} D{d} " in r["specialisation"] for r in rows), (dt, d)
+
+
+@pytest.mark.slow
+def test_no_spill_beyond_the_declared_ones(rows):
+    from txl_fast.kernels import aot  # noqa: PLC0415
+
+    spilling = [r for r in rows if r["spill_bytes"] is None or r["spill_bytes"] > r["spill_budget"]]
+    assert not spilling, "spills over the declared allowance:\n" + aot.format_table(spilling)
 
 
 @pytest.mark.slow
@@ -100,3 +113,28 @@ def test_decode_compiles_once_while_memory_fills(batch):
     counts = json.loads(res.stdout.strip().splitlines()[-1])
     assert counts["as_built"] == {"_fwd_kernel": 1, "_fwd_combine_kernel": 1}, counts
     assert counts["unspecialised_args_specialised"]["_fwd_kernel"] == 3, counts
+
+
+_SPECS_SCRIPT = r"""
+import json
+from txl_fast.kernels import aot
+print(json.dumps([dict(name=s.name, label=s.describe(), divisible=sum(1 for v in (s.attrs or {}).values() if v),
+                       constants=[s.fn.arg_names[k[0]] for k in s.constexprs])
+                  for mod in aot.MODULES for s in aot.module_specs(mod)]))
+"""
+
+
+def test_specs_are_the_jit_specialisations():
+    """Every spec carries the JIT's attributes: pointers and ints divisible by 16 marked, unit
+    strides and Lq 1 as constants, the growing arguments (Lk) not specialised at all."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SPECS_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    specs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert all(s["divisible"] > 0 for s in specs), [s for s in specs if not s["divisible"]]
+    fwd = [s for s in specs if s["name"] == "rel_attention.fwd"]
+    assert fwd and all({"sqd", "skd", "svd", "srd"} <= set(s["constants"]) for s in fwd)
+    decode1 = [s for s in specs if s["name"] == "rel_attention.decode" and " Lq1 " in s["label"]]
+    assert decode1 and all("Lq" in s["constants"] and "Lk" not in s["constants"] for s in decode1)
+    labels = [(s["name"], s["label"]) for s in specs]
+    assert len(labels) == len(set(labels)), "duplicate specialisations were not merged"
