@@ -47,8 +47,14 @@ Kernel design
   head or its cluster's column V_0 + c - 1; 0 for ignored rows. The lse of every cluster,
   (C+1, N), is what the backward keeps; it recomputes the grouping and the projections.
 * Backward: dz = g * (softmax - onehot), recomputed tile by tile from the saved lse.
-  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO) streams the whole cluster
-  vocabulary and accumulates dh_c = dz @ W_c; ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
+  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO x vocabulary splits) streams its
+  split of the cluster vocabulary and accumulates a partial dh_c = dz @ W_c into a (splits, n, d_c)
+  buffer (at most DH_PARTIAL_BYTES = 64 MB), summed by torch in a fixed order (deterministic). A
+  tail's rows are on the device (no host sync), so the split count assumes one working row tile:
+  the wt103 160,000-word tail at batch 32 (~4 % of 4096 rows, ~3 row tiles) gets 64 splits
+  (~190 programs) instead of 3 programs streaming the whole vocabulary. *Prediction* (no GPU):
+  that tail's dh goes from a handful of SMs busy to all of them, up to ~40x on that kernel; the
+  partials cost one 64 MB zero-fill and one read (~30 us at H200 bandwidth). ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
   chunks) streams the cluster's rows and accumulates dW_c = dz^T @ h_c and db_c = sum dz. Every
   output element has exactly one writer: no atomics, deterministic. The logits are recomputed
   once per d_c chunk: 1x for tails with d_c <= BLOCK_DO (128; 64 in fp32), 2x for d 256, 8x for

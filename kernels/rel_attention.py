@@ -55,14 +55,30 @@ Kernel design
   (batch, tile) in a fixed order. ``_bwd_dkdv_kernel`` (one program per key tile, loop over the
   query tiles that see it) accumulates dk and dv in registers and the position gradient
   dr_band = dS_band^T @ (q + w) for each tile pair; r rows are shared by every batch, head-tile
-  and diagonal, so dr_band is added with ``tl.atomic_add`` into an fp32 (Lk, H, D) buffer
-  (fp64 for fp64): simple and race-free, but the summation order (hence the last bits of dr)
-  is not deterministic on a GPU.
-* Decode (small Lq, e.g. 1 during generation): ``_fwd_kernel`` with SPLIT_K=True runs one
-  16-row query tile per (key chunk, batch * head) program, flash-decoding style, writing the
-  unnormalised partial (m, l, acc) per chunk; ``_fwd_combine_kernel`` merges the chunks and writes
-  out, m and l, so the backward is the same as for the tiled path. Used automatically when
-  Lq <= DECODE_MAX_LQ.
+  and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
+  buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
+  the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
+  kernel). The summation order, hence the last bits of dr, is not deterministic on a GPU: two
+  runs differ by fp32 rounding of a sum of ~B * Lq / BM terms per element (expected relative
+  difference ~1e-7, within the GPU check's 1e-6; a prediction, not measured). A deterministic
+  variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
+  Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
+* Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
+  (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
+  per chunk; ``_fwd_combine_kernel`` merges the chunks in chunk order and writes out, m and l,
+  so the backward is the same as for the tiled path. ``split_plan`` takes it for decode (Lq <=
+  DECODE_MAX_LQ, 16-row tiles) and whenever the tiled grid would underfill the GPU
+  (cdiv(Lq, BM) * B * H < UNDERFILL_PROGRAMS = 132, a nominal H100/H200 SM count; wt103 eval at
+  batch 1 is 64 programs), aiming at ~TARGET_PROGRAMS = 264 programs. The r band a split program
+  loads serves SPLIT_ROWS = min(BM, next pow2 of Lq) query rows: at Lq 1, BN = 32 rows of r per
+  key tile instead of BM + BN - 1 padded to 64 (the band product and the r traffic halve).
+  *Predictions* (no GPU was available): wt103 eval at batch 1 goes from 64 programs on 132 SMs
+  to ~320 (5 key chunks per tile), so up to ~2x on that forward (the partials, 2.6 MB, cost
+  ~1 us to write and merge); decode reads half the r bytes of the old band.
+* Growing arguments: Lk, mlen, window, keys_per_split and n_splits change while generation fills
+  the memory; they are ``do_not_specialize`` (the JIT would otherwise compile a new binary each
+  time one of them becomes divisible by 16, or 1: three binaries over Lk 1601 ... 1640). They
+  bound loops and masks only (every load is contiguous along D), so no vectorisation is lost.
 * Head size: any D in 1..128; the tile is padded to BLOCK_D = max(16, next pow2 of D) with masks
   (so D = 48 works, as BLOCK_D 64). Ahead-of-time compiled specialisations: D in {16, 32, 64, 128}.
 * dtypes: fp32 (tl.dot with input_precision "tf32x3" on a GPU: three TF32 tensor-core products,
@@ -75,13 +91,14 @@ What is tested, and on what
 ---------------------------
 ``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
 (fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, strided time-major inputs, NaN canaries, input
+sizes, every mask mode, the decode path, the split path forced over several query tiles, strided time-major inputs, NaN canaries, input
 validation, an allocation bound); ``tests/test_triton_op.py`` runs the same launchers through the
 ``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
 traces them. bf16 cannot run in the interpreter (triton issue 11584): it
 is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
 specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
+instructions for the JIT's own specialisations at the wt103 shapes, and counts the JIT's
+specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
 GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
 hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
 """

@@ -138,3 +138,21 @@ def test_specs_are_the_jit_specialisations():
     assert decode1 and all("Lq" in s["constants"] and "Lk" not in s["constants"] for s in decode1)
     labels = [(s["name"], s["label"]) for s in specs]
     assert len(labels) == len(set(labels)), "duplicate specialisations were not merged"
+
+
+TRITON36_VENV = os.environ.get("TXL_TRITON36_VENV", "/work/venv36")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TRITON36_VENV, "bin", "python")),
+                    reason="no triton 3.6 side venv (make one with scripts/compat_env.sh)")
+def test_decode_specialisation_under_triton_36():
+    """The GPU machine runs triton 3.6: the binder API the AOT report relies on and the
+    do_not_specialize count hold there too (the full 3.6 check, interpreter tests and both archs'
+    compile, is scripts/compat_env.sh: too slow for CI)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([os.path.join(TRITON36_VENV, "bin", "python"), "-c",
+                          "import triton; assert triton.__version__ == '3.6.0', triton.__version__\n" + _KEYS_SCRIPT, "1"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts["as_built"] == {"_fwd_kernel": 1, "_fwd_combine_kernel": 1}, counts
