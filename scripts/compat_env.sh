@@ -32,6 +32,11 @@ EOF
 
 cd "$ROOT"
 export PYTHONPATH="$ROOT"
+# txl_fast.kernels must be this checkout's kernels/ (an editable install elsewhere could shadow it)
+"$VENV/bin/python" -c "
+import os, sys, txl_fast.kernels as k
+here, want = os.path.realpath(k.__path__[0]), os.path.realpath('$ROOT/kernels')
+sys.exit(0 if here == want else f'compat_env: txl_fast.kernels resolves to {here}, not {want}')"
 status=0
 echo "== interpreter tests under triton 3.6.0"
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
