@@ -109,7 +109,7 @@ def jit_specialisation(fn, args: tuple, kwargs: dict, arch: int = 90):
     binder = triton_jit.create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, opts = binder(*args, **kwargs, **options)
     _, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound, specialization, opts)
-    key = str([s for s in specialization]) + str(sorted(options.items()))
+    key = str(specialization) + str(sorted(options.items()))          # as compute_cache_key builds it
     return signature, constexprs, attrs, key, options
 
 
