@@ -47,8 +47,14 @@ Kernel design
   head or its cluster's column V_0 + c - 1; 0 for ignored rows. The lse of every cluster,
   (C+1, N), is what the backward keeps; it recomputes the grouping and the projections.
 * Backward: dz = g * (softmax - onehot), recomputed tile by tile from the saved lse.
-  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO) streams the whole cluster
-  vocabulary and accumulates dh_c = dz @ W_c; ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
+  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO x vocabulary splits) streams its
+  split of the cluster vocabulary and accumulates a partial dh_c = dz @ W_c into a (splits, n, d_c)
+  buffer (at most DH_PARTIAL_BYTES = 64 MB), summed by torch in a fixed order (deterministic). A
+  tail's rows are on the device (no host sync), so the split count assumes one working row tile:
+  the wt103 160,000-word tail at batch 32 (~4 % of 4096 rows, ~3 row tiles) gets 64 splits
+  (~190 programs) instead of 3 programs streaming the whole vocabulary. *Prediction* (no GPU):
+  that tail's dh goes from a handful of SMs busy to all of them, up to ~40x on that kernel; the
+  partials cost one 64 MB zero-fill and one read (~30 us at H200 bandwidth). ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
   chunks) streams the cluster's rows and accumulates dW_c = dz^T @ h_c and db_c = sum dz. Every
   output element has exactly one writer: no atomics, deterministic. The logits are recomputed
   once per d_c chunk: 1x for tails with d_c <= BLOCK_DO (128; 64 in fp32), 2x for d 256, 8x for
@@ -85,6 +91,7 @@ import triton.language as tl
 IGNORE_INDEX = -100
 TARGET_PROGRAMS = 264            # ~2 programs per H100 SM when choosing vocabulary splits
 INTERPRET_TARGET_PROGRAMS = 8    # under the interpreter: few splits of several tiles each
+DH_PARTIAL_BYTES = 64 << 20      # the dh kernel's per-split partials of one cluster stay under this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +182,15 @@ def _dlogits(z, offs_n, col, lse, g):
 @triton.jit
 def _bwd_dh_kernel(
     H, W, B, W2, B2, COL, LSE, G, DH, SPAN,
-    V1, V2, D,
-    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhm,
+    V1, V2, D, vocab_per_split,
+    shm, shd, swv, swd, sw2v, sw2d, sb, sb2, sdhs, sdhm,
     HAS_W2: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """Grid (row tiles, cdiv(D, BDO)) over the rows i in [SPAN[0], SPAN[1]) (tiles past the span
-    do nothing). DH[i, o] = sum_j dz[i, j] w_j[o] over the whole vocabulary, for the program's rows
-    and its chunk o of BDO columns of d; rows outside the span are not written."""
+    """Grid (row tiles, cdiv(D, BDO), vocabulary splits) over the rows i in [SPAN[0], SPAN[1])
+    (tiles past the span do nothing). DH[split, i, o] = sum_j dz[i, j] w_j[o] over the split's
+    columns [split * vps, +vps), for the program's rows and its chunk o of BDO columns of d; rows
+    outside the span are not written. The host sums the splits in a fixed order."""
     dtype = H.dtype.element_ty
     row_hi = tl.load(SPAN + 1)
     row0 = tl.load(SPAN) + tl.program_id(0) * BLOCK_M
@@ -196,8 +204,9 @@ def _bwd_dh_kernel(
     col = tl.load(COL + offs_m, mask=mmask, other=-1)
     lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
     g = tl.load(G + offs_m, mask=mmask, other=0.0)      # 0 on masked rows: dz = 0 there
+    split = tl.program_id(2)
     dh = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
-    for n0 in range(0, V1 + V2, BLOCK_N):
+    for n0 in range(split * vocab_per_split, tl.minimum((split + 1) * vocab_per_split, V1 + V2), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                          HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -211,8 +220,8 @@ def _bwd_dh_kernel(
             w += tl.load(W2 + cols2[:, None] * sw2v + offs_o[None, :] * sw2d,
                          mask=in2[:, None] & omask[None, :], other=0.0)
         dh += tl.dot(dz.to(dtype), w, input_precision="ieee", out_dtype=ACC)
-    tl.store(DH + offs_m.to(tl.int64)[:, None] * sdhm + offs_o[None, :], dh.to(DH.dtype.element_ty),
-             mask=mmask[:, None] & omask[None, :])
+    tl.store(DH + split.to(tl.int64) * sdhs + offs_m.to(tl.int64)[:, None] * sdhm + offs_o[None, :],
+             dh.to(DH.dtype.element_ty), mask=mmask[:, None] & omask[None, :])
 
 
 @triton.jit
@@ -343,11 +352,12 @@ def check_supported(hidden: torch.Tensor) -> None:
         raise ValueError("adaptive softmax (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
 
 
-def _splits(vocab: int, row_tiles: int, block_n: int) -> tuple[int, int]:
-    """(number of vocabulary splits, columns per split, a multiple of block_n)."""
+def _splits(vocab: int, row_tiles: int, block_n: int, cap: int = 1 << 30) -> tuple[int, int]:
+    """(number of vocabulary splits, columns per split, a multiple of block_n): about
+    TARGET_PROGRAMS programs with ``row_tiles`` programs per split, at most ``cap`` splits."""
     target = INTERPRET_TARGET_PROGRAMS if _interpreting() else TARGET_PROGRAMS
     tiles = triton.cdiv(vocab, block_n)
-    want = max(1, min(tiles, triton.cdiv(target, max(row_tiles, 1))))
+    want = max(1, min(tiles, cap, triton.cdiv(target, max(row_tiles, 1))))
     per_split = triton.cdiv(tiles, want) * block_n
     return triton.cdiv(vocab, per_split), per_split
 
@@ -397,22 +407,33 @@ def segment_lse(h, w, b, w2=None, b2=None, col=None, span=None, launch=direct):
 
 def segment_dh(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
     """dL/dh (n, d) in the accumulation dtype for dz = g * (softmax - onehot(col)), for the rows in
-    ``span`` (every row when None; the other rows are zero)."""
+    ``span`` (every row when None; the other rows are zero).
+
+    The vocabulary is split across programs (a tail's span may hold a few row tiles only: one
+    program per row tile streaming 160,000 words would leave the GPU idle): per-split partial dh
+    in a (splits, n, d) buffer of at most DH_PARTIAL_BYTES, summed over the splits by torch in a
+    fixed order (deterministic). Splits: ~TARGET_PROGRAMS programs counting the head's row tiles
+    (span None: every row works) or a single row tile (a tail: its span is on the device)."""
     n, d = h.shape
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     cfg = configs("dh", d, h.dtype)
-    if span is None:
-        dh, span = _empty((n, d), _acc_dtype(h.dtype), h.device), _full_span(n, h.device)
-    else:
-        dh = torch.zeros((n, d), dtype=_acc_dtype(h.dtype), device=h.device)
+    acc = _acc_dtype(h.dtype)
     if n == 0:
-        return dh
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        return torch.zeros((n, d), dtype=acc, device=h.device)
+    d_chunks = triton.cdiv(d, cfg["BLOCK_DO"])
+    working_tiles = triton.cdiv(n, cfg["BLOCK_M"]) if span is None else 1
+    n_splits, per_split = _splits(w.shape[0] + V2, working_tiles * d_chunks, cfg["BLOCK_N"],
+                                  cap=max(1, DH_PARTIAL_BYTES // (n * d * 4)))
+    if span is None:
+        part, span = _empty((n_splits, n, d), acc, h.device), _full_span(n, h.device)
+    else:
+        part = torch.zeros((n_splits, n, d), dtype=acc, device=h.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), d_chunks, n_splits)
     launch(_bwd_dh_kernel)[grid](
-        h, w, b, W2, B2, col, lse, g, dh, span, w.shape[0], V2, d,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, dh.stride(0),
-        HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
-    return dh
+        h, w, b, W2, B2, col, lse, g, part, span, w.shape[0], V2, d, per_split,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
+        part.stride(0), part.stride(1), HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+    return part[0] if n_splits == 1 else part.sum(0)
 
 
 def segment_dw(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
@@ -608,39 +629,60 @@ def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, ou
 # ahead-of-time specialisations
 # ---------------------------------------------------------------------------------------------
 
-AOT_WIDTHS = (1024, 256, 64, 16)       # the wt103 cluster widths d_c; block_k/block_do depend on d only
+# the wt103 output layer: vocabulary 267,735, cutoffs 20000 / 40000 / 200000, div_val 4, d 1024
+AOT_D_PROJ, AOT_CUTOFFS, AOT_VOCAB, AOT_DIV_VAL = 1024, (20000, 40000, 200000), 267735, 4
+# known spills (ptxas, triton 3.8 and 3.6): the lse kernel's 8-40 B (fp32 on sm_90, d 256 in 16
+# bit on sm_80); every other kernel: none
+LSE_SPILL_BUDGET = 64
+AOT_EVAL_ROWS = (128, 4096)            # tgt_len 128 at batch 1 and 32: loss forward and backward, log-probs
+AOT_DECODE_ROWS = (1, 32)              # a decode step at batch 1 and 32: log-probs
+
+
+def aot_parameters(dtype: torch.dtype):
+    """(weights, biases, projs, cluster_weight, cluster_bias) of the wt103 layer, on the meta device."""
+    meta = dict(dtype=dtype, device="meta")
+    edges = (0,) + AOT_CUTOFFS + (AOT_VOCAB,)
+    widths = [AOT_D_PROJ // AOT_DIV_VAL ** c for c in range(len(edges) - 1)]
+    weights = [torch.empty(edges[c + 1] - edges[c], d, **meta) for c, d in enumerate(widths)]
+    biases = [torch.empty(w.shape[0], **meta) for w in weights]
+    projs = [torch.empty(AOT_D_PROJ, d, **meta) for d in widths]
+    C = len(AOT_CUTOFFS)
+    return weights, biases, projs, torch.empty(C, AOT_D_PROJ, **meta), torch.empty(C, **meta)
+
+
+def aot_launches(dtype: torch.dtype, launch) -> None:
+    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): the
+    loss forward and backward (every gradient) at the eval row counts, the log-probs at every one."""
+    params = aot_parameters(dtype)
+    n_clusters = len(params[0])
+    needs = dict(hidden=True, weights=[True] * n_clusters, biases=[True] * n_clusters,
+                 projs=[True] * n_clusters, cluster=True)
+    for n in AOT_EVAL_ROWS + AOT_DECODE_ROWS:
+        hidden = torch.empty(n, AOT_D_PROJ, dtype=dtype, device="meta")
+        if n in AOT_EVAL_ROWS:
+            target = torch.empty(n, dtype=torch.long, device="meta")
+            nll, lse = nll_forward(hidden, target, *params, launch=launch)
+            nll_backward(torch.empty_like(nll), hidden, target, *params, lse, needs, launch=launch)
+        log_softmax(hidden, *params, launch=launch)
 
 
 def aot_specs() -> list:
-    """Every configuration a GPU run can pick: dtype (fp32, fp16, bf16) x d_c block class
-    (AOT_WIDTHS) x kernel, HAS_W2 True and False for the kernels that take it, HAS_COL both ways."""
-    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
+    attributes the JIT derives (``aot.specs_from_launches``), for fp32, fp16 and bf16."""
+    from txl_fast.kernels import aot  # noqa: PLC0415
 
-    def sig(fn, types: dict) -> dict:
-        return {name: types.get(name, "i32") for name in fn.arg_names}
-
+    names = {"_lse_fwd_kernel": "adaptive_softmax.lse", "_bwd_dh_kernel": "adaptive_softmax.dh",
+             "_bwd_dw_kernel": "adaptive_softmax.dw", "_logprob_kernel": "adaptive_softmax.logprob"}
     specs = []
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dt in ("fp32", "fp16", "bf16"):
-        for d in AOT_WIDTHS:
-            base = {n: f"*{dt}" for n in ("H", "W", "B", "W2", "B2")}
-            accp = {n: "*fp32" for n in ("LSE_PART", "PICK", "LSE", "G", "DH", "OFF")}
-            types = dict(base, **accp, COL="*i32", SPAN="*i32", DW=f"*{dt}", DB=f"*{dt}", DW2=f"*{dt}", DB2=f"*{dt}",
-                         OUT=f"*{dt}")
-            for kernel, fn, flags in (
-                ("lse", _lse_fwd_kernel, [dict(HAS_W2=a, HAS_COL=c) for a in (True, False) for c in (True, False)]),
-                ("dh", _bwd_dh_kernel, [dict(HAS_W2=a) for a in (True, False)]),
-                ("dw", _bwd_dw_kernel, [dict(HAS_W2=a) for a in (True, False)]),
-                ("logprob", _logprob_kernel, [{}]),
-            ):
-                cfg = dict(configs(kernel, d, torch_dtype[dt])) if not _interpreting() else {}
-                nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 1)
-                for f in flags:
-                    const = dict(cfg, ACC=tl.float32, **f)
-                    s = sig(fn, {**types, **{k: "constexpr" for k in const}})
-                    flag_txt = " ".join(f"{k}={int(v)}" for k, v in f.items())
-                    tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items())
-                    specs.append(AotSpec(name=f"adaptive_softmax.{kernel}", fn=fn, signature=s, constexprs=const,
-                                         num_warps=nw, num_stages=ns, uses_dot=dt != "fp32",
-                                         label=f"{dt} d{d} {tiles} {flag_txt} w{nw} s{ns}".strip()))
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        rec = aot.LaunchRecorder()
+        aot_launches(dtype, rec)
+        for kernel, args, kwargs in rec.launches:
+            (n, d), flags = args[0].shape, {k: int(v) for k, v in kwargs.items() if k.startswith("HAS_")}
+            flag_txt = " ".join(f"{k}={v}" for k, v in flags.items())
+            new = aot.specs_from_launches(names, [(kernel, args, kwargs)], f"{dt} d{d} n{n} {flag_txt}".strip(),
+                                          uses_dot=lambda name: dt != "fp32")
+            for spec in new:
+                spec.spill_budget = LSE_SPILL_BUDGET if spec.name == "adaptive_softmax.lse" else 0
+            specs += new
     return specs

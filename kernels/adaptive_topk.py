@@ -97,9 +97,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def direct(kernel):
+    """The default ``launch``: the kernel itself, launched as it is called (eager)."""
+    return kernel
+
+
+def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int,
+                 launch=direct) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse (n,) in the accumulation dtype, ids (n, min(k, V)) int64, largest logit first) of the
-    logits h @ w^T + b, streamed. 1 <= k <= MAX_K."""
+    logits h @ w^T + b, streamed. 1 <= k <= MAX_K. ``launch(kernel)`` gives what is launched (the
+    kernel itself; a recorder in the ahead-of-time report)."""
     check_supported(h)
     if not 1 <= k <= MAX_K:
         raise ValueError(f"adaptive top-k (triton): k must be in [1, {MAX_K}], got {k}")
@@ -114,7 +121,7 @@ def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> t
     n_splits, per_split = _splits(V, row_tiles, cfg["BLOCK_N"])
     part = _empty((n_splits, n), acc, h.device)
     top = _empty((n, n_splits * K), torch.int64, h.device)
-    _topk_fwd_kernel[(row_tiles, n_splits)](
+    launch(_topk_fwd_kernel)[(row_tiles, n_splits)](
         h, w, b, part, top, n, V, d, per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0), part.stride(0), top.stride(0),
         ACC=_tl_acc(h.dtype), K=K, **cfg)
@@ -123,27 +130,29 @@ def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> t
     return lse, keys & LOW_BITS
 
 
-AOT_WIDTHS = (1024, 256, 64, 16)       # the wt103 cluster widths d_c
+AOT_ROWS = (1, 32)                     # a generation step at batch 1 and 32
 AOT_KS = (1, 64)                       # greedy, and the largest K the kernel takes
+TOP64_SPILL_BUDGET = 32                # known: top-64 at d 1024 spills 24 B on sm_90 under triton 3.6 (none in 3.8)
 
 
 def aot_specs() -> list:
-    """dtype (fp32, fp16, bf16) x cluster width x K."""
-    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+    """Every specialisation a generation step picks on the wt103 output layer
+    (``adaptive_softmax.aot_parameters``): dtype (fp32, fp16, bf16) x cluster x rows x K, with
+    the attributes the JIT derives (``aot.specs_from_launches``)."""
+    from txl_fast.kernels import aot  # noqa: PLC0415
+    from txl_fast.kernels.adaptive_softmax import aot_parameters  # noqa: PLC0415
 
     specs = []
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dt in ("fp32", "fp16", "bf16"):
-        for d in AOT_WIDTHS:
-            for K in AOT_KS:
-                cfg = configs(d, torch_dtype[dt], K)
-                nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-                const = dict(cfg, ACC=tl.float32, K=K)
-                types = {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "LSE_PART": "*fp32", "TOP_PART": "*i64"}
-                signature = {name: "constexpr" if name in const else types.get(name, "i32")
-                             for name in _topk_fwd_kernel.arg_names}
-                tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items())
-                specs.append(AotSpec(name="adaptive_topk.fwd", fn=_topk_fwd_kernel, signature=signature,
-                                     constexprs=const, num_warps=nw, num_stages=ns, uses_dot=dt != "fp32",
-                                     label=f"{dt} d{d} {tiles} top{K} w{nw} s{ns}"))
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        weights, biases, *_ = aot_parameters(dtype)
+        for w, b in zip(weights, biases):
+            for n in AOT_ROWS:
+                for k in AOT_KS:
+                    rec = aot.LaunchRecorder()
+                    cluster_topk(torch.empty(n, w.shape[1], dtype=dtype, device="meta"), w, b, k, launch=rec)
+                    new = aot.specs_from_launches({"_topk_fwd_kernel": "adaptive_topk.fwd"}, rec.launches,
+                                                  f"{dt} d{w.shape[1]} n{n} top{k}", uses_dot=lambda _: dt != "fp32")
+                    for spec in new:
+                        spec.spill_budget = TOP64_SPILL_BUDGET if k == 64 else 0
+                    specs += new
     return specs

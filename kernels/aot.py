@@ -11,6 +11,17 @@ imports the modules in ``MODULES`` (a module
 that does not exist yet is skipped, and the report says so) and compiles every spec for each
 architecture, in parallel over the machine's cores.
 
+Compile what will really run: a kernel module builds its specs by calling its own launchers on
+meta tensors of the real shapes with ``launch=LaunchRecorder()`` (nothing runs; each launch's
+kernel, arguments and options are recorded, an autotuned kernel expands to every candidate
+config) and ``specs_from_launches`` derives each launch's signature, constexprs and attributes
+with triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``, the
+code ``JITFunction.run`` uses): pointers aligned to 16 bytes and ints divisible by 16 get
+``tt.divisibility`` 16, ints equal to 1 become constants, ``do_not_specialize`` is honoured. So
+the table describes the binaries the JIT builds for those shapes (meta tensors have address 0
+plus the view's offset: a view's alignment is the one a GPU allocation, 256-byte aligned, gives).
+Identical specialisations are compiled once (``dedupe``).
+
 Must run without ``TRITON_INTERPRET=1`` (an interpreted kernel cannot be compiled): run it in its
 own process, ``python -m txl_fast.kernels.aot``.
 """
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import importlib
 import multiprocessing
 import os
@@ -44,12 +56,95 @@ class AotSpec:
     num_stages: int = 1
     label: str = ""                             # human-readable specialisation; default from constexprs
     uses_dot: bool = True                       # whether tensor-core instructions are expected
+    attrs: Optional[dict] = None                # {(arg index,): [["tt.divisibility", 16]], ...} as the JIT derives
+    spill_budget: int = 0                       # spill bytes accepted (a known spill the module declares)
 
     def describe(self) -> str:
         if self.label:
             return self.label
         consts = " ".join(f"{k}={v}" for k, v in self.constexprs.items())
         return f"{consts} w{self.num_warps} s{self.num_stages}"
+
+
+class LaunchRecorder:
+    """A launchers' ``launch`` argument that records instead of launching:
+    ``launch(kernel)[grid](*args, **kwargs)`` appends (kernel, args, kwargs) to ``launches``."""
+
+    def __init__(self):
+        self.launches: list[tuple[Any, tuple, dict]] = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.launches.append((kernel, args, dict(kwargs)))
+
+        return _Grid()
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _expand_autotuned(kernel, kwargs: dict) -> list[tuple[Any, dict]]:
+    """[(jit function, kwargs)] per candidate config of an autotuned kernel; the kernel itself else."""
+    from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+
+    if not isinstance(kernel, Autotuner):
+        return [(kernel, kwargs)]
+    return [(kernel.fn, {**kwargs, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            for cfg in kernel.configs]
+
+
+def jit_specialisation(fn, args: tuple, kwargs: dict, arch: int = 90):
+    """What ``JITFunction.run`` derives for launching ``fn(*args, **kwargs)`` on ``arch``:
+    (signature {name: type or "constexpr"}, constexprs {(index,): value}, attrs {(index,): [...]},
+    the JIT's cache key of the specialisation (a str), launch options {name: value})."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import make_backend  # noqa: PLC0415
+    from triton.runtime import jit as triton_jit  # noqa: PLC0415
+
+    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = triton_jit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(*args, **kwargs, **options)
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound, specialization, opts)
+    key = str(specialization) + str(sorted(options.items()))          # as compute_cache_key builds it
+    return signature, constexprs, attrs, key, options
+
+
+def specs_from_launches(name_of: dict, launches, label: str, uses_dot=None) -> list["AotSpec"]:
+    """One AotSpec per recorded launch (per candidate config of an autotuned kernel), named
+    ``name_of[jit function name]``; ``uses_dot(name) -> bool`` (default: every kernel)."""
+    specs = []
+    for kernel, args, kwargs in launches:
+        for fn, kw in _expand_autotuned(kernel, kwargs):
+            signature, constexprs, attrs, _, options = jit_specialisation(fn, args, dict(kw))
+            name = name_of[fn.__name__]
+            tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in kw.items() if k.startswith("BLOCK_"))
+            specs.append(AotSpec(
+                name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
+                num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
+                label=f"{label} {tiles} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}",
+                uses_dot=True if uses_dot is None else uses_dot(name)))
+    return specs
+
+
+def dedupe(specs: list["AotSpec"]) -> list["AotSpec"]:
+    """Identical specialisations (function, signature, constants, attributes, options) once, the
+    first one's label followed by ``+N`` for the N launches that share it."""
+    seen: dict = {}
+    for s in specs:
+        key = (s.fn.__name__, repr(sorted(s.signature.items())), repr(sorted(s.constexprs.items(), key=str)),
+               repr(sorted((s.attrs or {}).items())), s.num_warps, s.num_stages)
+        if key in seen:
+            seen[key][1] += 1
+        else:
+            seen[key] = [s, 0]
+    out = []
+    for s, extra in seen.values():
+        out.append(dataclasses.replace(s, label=s.describe() + (f" (+{extra})" if extra else "")))
+    return out
 
 
 def ptxas_path() -> str:
@@ -78,6 +173,13 @@ def _ptxas(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
     return (int(regs[-1]) if regs else None), (max(spills) if spills else None)
 
 
+@functools.lru_cache(maxsize=None)
+def module_specs(mod_name: str) -> list[AotSpec]:
+    """The module's ``aot_specs()``, deduplicated, computed once per process (the pool's forked
+    workers inherit it)."""
+    return dedupe(importlib.import_module(mod_name).aot_specs())
+
+
 def load_specs(modules=MODULES) -> tuple[list[tuple[str, int, AotSpec]], list[str]]:
     """[(module, index, spec)] for every module that exists, and notes on the ones skipped."""
     specs, notes = [], []
@@ -92,7 +194,7 @@ def load_specs(modules=MODULES) -> tuple[list[tuple[str, int, AotSpec]], list[st
         if not hasattr(mod, "aot_specs"):
             notes.append(f"{mod_name}: no aot_specs(), skipped")
             continue
-        specs += [(mod_name, i, s) for i, s in enumerate(mod.aot_specs())]
+        specs += [(mod_name, i, s) for i, s in enumerate(module_specs(mod_name))]
     return specs, notes
 
 
@@ -102,11 +204,11 @@ def compile_one(spec: AotSpec, arch: int) -> dict:
     from triton.compiler import ASTSource  # noqa: PLC0415
 
     row = dict(kernel=spec.name, specialisation=spec.describe(), arch=f"sm_{arch}", ok=False,
-               registers=None, spill_bytes=None, shared=None, smem_limit=SMEM_LIMIT[arch],
+               registers=None, spill_bytes=None, spill_budget=spec.spill_budget, shared=None, smem_limit=SMEM_LIMIT[arch],
                smem_ok=False, tensor_cores=False, uses_dot=spec.uses_dot, seconds=0.0, error="")
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         ptx = k.asm["ptx"]
@@ -123,7 +225,7 @@ def compile_one(spec: AotSpec, arch: int) -> dict:
 
 def _worker(job: tuple[str, int, int]) -> dict:
     mod_name, index, arch = job
-    spec = importlib.import_module(mod_name).aot_specs()[index]
+    spec = module_specs(mod_name)[index]
     return compile_one(spec, arch)
 
 
@@ -146,21 +248,39 @@ def report(workers: Optional[int] = None, modules=MODULES) -> list[dict]:
     return rows
 
 
+def problems(row: dict) -> list[str]:
+    """What is wrong with one report row: a failed compile, shared memory over the arch's limit,
+    spills over the spec's budget (0 unless the module declares a known spill), a tl.dot not on
+    tensor cores. Empty when the row is fine."""
+    if not row["ok"]:
+        return [f"compile failed: {row['error']}"]
+    out = []
+    if row["shared"] > row["smem_limit"]:
+        out.append(f"shared memory {row['shared']} B > {row['smem_limit']} B")
+    if row["spill_bytes"] is None or row["spill_bytes"] > row.get("spill_budget", 0):
+        out.append(f"spills {row['spill_bytes']} B > {row.get('spill_budget', 0)} B allowed")
+    if row["uses_dot"] and not row["tensor_cores"]:
+        out.append("tl.dot not on tensor cores")
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
     cols = [("kernel", "kernel"), ("specialisation", "specialisation"), ("arch", "arch"),
-            ("registers", "regs"), ("spill_bytes", "spill B"), ("shared", "smem B"),
+            ("registers", "regs"), ("spill_bytes", "spill B"), ("spill_budget", "allowed B"), ("shared", "smem B"),
             ("smem_limit", "limit B"), ("tensor_cores", "mma"), ("seconds", "s"), ("error", "error")]
     cells = [[h for _, h in cols]]
     for r in rows:
         tc = ("yes" if r["tensor_cores"] else "NO") if r["uses_dot"] else "-"
-        vals = {**r, "tensor_cores": tc}
+        vals = {**r, "tensor_cores": tc, "spill_budget": r.get("spill_budget", 0)}
         cells.append(["" if vals[k] is None else str(vals[k]) for k, _ in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = rows[0]["notes"] if rows else []
-    bad = [r for r in rows if not (r["ok"] and r["smem_ok"])]
-    lines.append(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit")
+    bad = [r for r in rows if problems(r)]
+    lines.append(f"{len(rows)} compiles, {len(bad)} with problems (failed, shared memory over the limit, "
+                 "spills over the allowance, no tensor cores)")
+    lines += [f"problem: {r['kernel']} {r['specialisation']} {r['arch']}: {'; '.join(problems(r))}" for r in bad]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -173,6 +293,8 @@ def main(argv=None) -> None:
     rows = report(modules=tuple(argv) or MODULES)
     print(format_table(rows))
     print(f"total {time.perf_counter() - t0:.1f} s")
+    if any(problems(r) for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -55,14 +55,30 @@ Kernel design
   (batch, tile) in a fixed order. ``_bwd_dkdv_kernel`` (one program per key tile, loop over the
   query tiles that see it) accumulates dk and dv in registers and the position gradient
   dr_band = dS_band^T @ (q + w) for each tile pair; r rows are shared by every batch, head-tile
-  and diagonal, so dr_band is added with ``tl.atomic_add`` into an fp32 (Lk, H, D) buffer
-  (fp64 for fp64): simple and race-free, but the summation order (hence the last bits of dr)
-  is not deterministic on a GPU.
-* Decode (small Lq, e.g. 1 during generation): ``_fwd_kernel`` with SPLIT_K=True runs one
-  16-row query tile per (key chunk, batch * head) program, flash-decoding style, writing the
-  unnormalised partial (m, l, acc) per chunk; ``_fwd_combine_kernel`` merges the chunks and writes
-  out, m and l, so the backward is the same as for the tiled path. Used automatically when
-  Lq <= DECODE_MAX_LQ.
+  and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
+  buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
+  the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
+  kernel). The summation order, hence the last bits of dr, is not deterministic on a GPU: two
+  runs differ by fp32 rounding of a sum of ~B * Lq / BM terms per element (expected relative
+  difference ~1e-7, within the GPU check's 1e-6; a prediction, not measured). A deterministic
+  variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
+  Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
+* Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
+  (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
+  per chunk; ``_fwd_combine_kernel`` merges the chunks in chunk order and writes out, m and l,
+  so the backward is the same as for the tiled path. ``split_plan`` takes it for decode (Lq <=
+  DECODE_MAX_LQ, 16-row tiles) and whenever the tiled grid would underfill the GPU
+  (cdiv(Lq, BM) * B * H < UNDERFILL_PROGRAMS = 132, a nominal H100/H200 SM count; wt103 eval at
+  batch 1 is 64 programs), aiming at ~TARGET_PROGRAMS = 264 programs. The r band a split program
+  loads serves SPLIT_ROWS = min(BM, next pow2 of Lq) query rows: at Lq 1, BN = 32 rows of r per
+  key tile instead of BM + BN - 1 padded to 64 (the band product and the r traffic halve).
+  *Predictions* (no GPU was available): wt103 eval at batch 1 goes from 64 programs on 132 SMs
+  to ~320 (5 key chunks per tile), so up to ~2x on that forward (the partials, 2.6 MB, cost
+  ~1 us to write and merge); decode reads half the r bytes of the old band.
+* Growing arguments: Lk, mlen, window, keys_per_split and n_splits change while generation fills
+  the memory; they are ``do_not_specialize`` (the JIT would otherwise compile a new binary each
+  time one of them becomes divisible by 16, or 1: three binaries over Lk 1601 ... 1640). They
+  bound loops and masks only (every load is contiguous along D), so no vectorisation is lost.
 * Head size: any D in 1..128; the tile is padded to BLOCK_D = max(16, next pow2 of D) with masks
   (so D = 48 works, as BLOCK_D 64). Ahead-of-time compiled specialisations: D in {16, 32, 64, 128}.
 * dtypes: fp32 (tl.dot with input_precision "tf32x3" on a GPU: three TF32 tensor-core products,
@@ -75,13 +91,14 @@ What is tested, and on what
 ---------------------------
 ``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
 (fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, strided time-major inputs, NaN canaries, input
+sizes, every mask mode, the decode path, the split path forced over several query tiles, strided time-major inputs, NaN canaries, input
 validation, an allocation bound); ``tests/test_triton_op.py`` runs the same launchers through the
 ``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
 traces them. bf16 cannot run in the interpreter (triton issue 11584): it
 is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
 specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
+instructions for the JIT's own specialisations at the wt103 shapes, and counts the JIT's
+specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
 GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
 hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
 """
@@ -97,8 +114,10 @@ FILL = tl.constexpr(-1.0e30)          # finite fill for invisible scores (log2 d
 LOG2E = 1.4426950408889634
 DECODE_MAX_LQ = 16                    # Lq at or below this takes the split-over-keys path
 DECODE_BLOCK_M = 16                   # the query tile of the decode path (tl.dot needs >= 16)
-MAX_SPLITS = 16                       # decode: at most this many key chunks per (batch, head)
-TARGET_PROGRAMS = 264                 # decode: aim for ~2 programs per H100 SM
+MAX_SPLITS = 16                       # split path: at most this many key chunks per query tile
+TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
+UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
+INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -109,15 +128,19 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 @triton.jit
 def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
             HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, QROWS: tl.constexpr):
     """Masked scores of one tile in the log2 domain, and the visibility mask.
 
     qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
-    r rows n0 - m0 + Lq - BM + [0, BP). Position term: band[a, c - a + BM - 1] for local (a, c).
+    r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query rows the band serves (BM, or on
+    the decode path the real query count rounded up). Position term: band[a, c - a + QROWS - 1]
+    for local (a, c); rows a >= QROWS are padding (clamped index, masked by the caller).
     """
     s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
     band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
-    skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+    skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (QROWS - 1)
+    if QROWS < BLOCK_M:
+        skew = tl.maximum(skew, 0)
     s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
     dist = offs_m[:, None] + mlen - offs_n[None, :]
     visible = dist >= 0
@@ -147,7 +170,11 @@ def _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.c
     return lo, hi
 
 
-@triton.jit
+# Arguments that change while generation fills the memory (one more key a step; the window is
+# mlen + 1 until the memory is full; the decode split count follows Lk): not specialised, or every
+# new value divisible by 16 (or equal to 1) would compile another binary mid-generation. They only
+# bound loops and masks (every load is contiguous along D), so no vectorisation depends on them.
+@triton.jit(do_not_specialize=["Lk", "mlen", "window", "keys_per_split", "n_splits"])
 def _fwd_kernel(
     Q, K, V, R, U, W, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -155,16 +182,21 @@ def _fwd_kernel(
     H, Lq, Lk, mlen, window, keys_per_split, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,
 ):
-    """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H), one query
-    tile (Lq <= BM), keys [split * keys_per_split, +keys_per_split), writes partials MP, LP, AP."""
+    """Tiled: grid (cdiv(Lq, BM), B*H), writes O, M, L. SPLIT_K: grid (n_splits, B*H, cdiv(Lq, BM)),
+    query tile program_id(2), keys [split * keys_per_split, +keys_per_split), writes partials MP,
+    LP, AP; SPLIT_ROWS (a power of 2, min(BM, next pow2 of Lq)) is the rows the r band serves, so
+    that BLOCK_P = next pow2 of SPLIT_ROWS + BN - 1 (Lq 1: BN rows of r per key tile, not BM + BN - 1)."""
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     if SPLIT_K:
-        m0 = 0
+        m0 = tl.program_id(2) * BLOCK_M
+        QROWS: tl.constexpr = SPLIT_ROWS
     else:
         m0 = tl.program_id(0) * BLOCK_M
+        QROWS: tl.constexpr = BLOCK_M
     dtype = Q.dtype.element_ty
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,11 +226,11 @@ def _fwd_kernel(
         nmask = offs_n < Lk
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
-        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
         if SPLIT_K:
             s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,8 +243,8 @@ def _fwd_kernel(
         m_i = m_new
 
     if SPLIT_K:
-        # partials, layout (B*H, n_splits, BM) and (B*H, n_splits, BM, BD), contiguous
-        row = (pid_bh * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
+        row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(MP + row, m_i)
         tl.store(LP + row, l_i)
         tl.store(AP + row[:, None] * BLOCK_D + offs_d[None, :], acc)
@@ -226,22 +258,23 @@ def _fwd_kernel(
         tl.store(L + stat, l_i, mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _fwd_combine_kernel(
     O, M, L, MP, LP, AP, sob, som, soh, sod, H, Lq, n_splits,
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the decode partials of one (batch, head): grid (B*H,)."""
+    """Merge the split-over-keys partials of one (batch * head, query tile): grid (B*H, cdiv(Lq, BM))."""
     pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK_M)
+    tile = pid_bh * tl.num_programs(1) + tl.program_id(1)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for split in range(0, n_splits):
-        row = (pid_bh * n_splits + split) * BLOCK_M + offs_m
+        row = (tile * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_s = tl.load(MP + row)
         l_s = tl.load(LP + row)
         a_s = tl.load(AP + row[:, None] * BLOCK_D + offs_d[None, :])
@@ -277,7 +310,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < Lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
 def _bwd_dq_kernel(
     Q, K, V, R, U, W, DO, M, L, DELTA, DQ, DUP, DWP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -327,7 +360,7 @@ def _bwd_dq_kernel(
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
         ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
@@ -342,7 +375,7 @@ def _bwd_dq_kernel(
     tl.store(DWP + part, tl.sum(dq_p, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
 def _bwd_dkdv_kernel(
     Q, K, V, R, U, W, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -399,7 +432,7 @@ def _bwd_dkdv_kernel(
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
         s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC)
+                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
@@ -408,7 +441,7 @@ def _bwd_dkdv_kernel(
         ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
         dr_band = tl.dot(tl.trans(ds_band.to(dtype)), qv, input_precision=PREC, out_dtype=ACC)  # (BP, BD)
         tl.atomic_add(dr_base + rows[:, None] * sdrp + offs_d[None, :], dr_band,
-                      mask=rmask[:, None] & dmask[None, :])
+                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -537,6 +570,29 @@ def _run(launch, kernel_fn, name, bd, grid, args, reset=None):
     launch(_TUNED[key])[grid](**args)
 
 
+def split_plan(B: int, H: int, Lq: int, Lk: int, bd: int, dtype: torch.dtype):
+    """None for the tiled path; else the split-over-keys (flash-decoding) launch, (BLOCK_M, BLOCK_N,
+    num_warps, num_stages, query tiles, n_splits, keys_per_split): always for Lq <= DECODE_MAX_LQ
+    (decode), and for longer queries when the tiled grid, cdiv(Lq, BM) * B * H programs, would
+    underfill the GPU (fewer than UNDERFILL_PROGRAMS: wt103 eval at batch 1 is 4 * 16 = 64
+    programs). Splits: ~TARGET_PROGRAMS programs, at most MAX_SPLITS per query tile."""
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    interp = _interpreting()
+    if Lq <= DECODE_MAX_LQ:
+        bm, bn, nw, ns = configs("decode", bd, dt)[0]
+    else:
+        bm, bn, nw, ns = configs("fwd", bd, dt)[0]
+        if triton.cdiv(Lq, bm) * B * H >= (INTERPRET_UNDERFILL_PROGRAMS if interp else UNDERFILL_PROGRAMS):
+            return None
+    if interp:
+        bm, bn, nw, ns = (DECODE_BLOCK_M if Lq <= DECODE_MAX_LQ else INTERPRET_BLOCK), INTERPRET_BLOCK, 4, 1
+    q_tiles = triton.cdiv(Lq, bm)
+    n_key_tiles = triton.cdiv(Lk, bn)
+    want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, q_tiles * B * H), n_key_tiles))
+    keys_per_split = triton.cdiv(n_key_tiles, want) * bn
+    return bm, bn, nw, ns, q_tiles, triton.cdiv(Lk, keys_per_split), keys_per_split
+
+
 def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
@@ -565,27 +621,25 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
         H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
         qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
     )
-    if Lq <= DECODE_MAX_LQ:
-        bn = INTERPRET_BLOCK if _interpreting() else DECODE_CANDIDATES[0][1]
-        n_key_tiles = triton.cdiv(Lk, bn)
-        want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, B * H), n_key_tiles))
-        keys_per_split = triton.cdiv(n_key_tiles, want) * bn
-        n_splits = triton.cdiv(Lk, keys_per_split)
-        mp = torch.empty((B * H, n_splits, DECODE_BLOCK_M), dtype=acc_t, device=q.device)
+    plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
+    if plan is not None:
+        bm, bn, nw, ns, q_tiles, n_splits, keys_per_split = plan
+        mp = torch.empty((B * H, q_tiles, n_splits, bm), dtype=acc_t, device=q.device)
         lp = torch.empty_like(mp)
-        ap = torch.empty((B * H, n_splits, DECODE_BLOCK_M, bd), dtype=acc_t, device=q.device)
+        ap = torch.empty((B * H, q_tiles, n_splits, bm, bd), dtype=acc_t, device=q.device)
         args = dict(common, MP=mp, LP=lp, AP=ap, keys_per_split=keys_per_split, n_splits=n_splits, SPLIT_K=True)
-        # the decode tile is fixed (BM 16, BN = the split granularity), so it is not autotuned
-        meta = {"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_P": block_p(DECODE_BLOCK_M, bn)}
-        nw, ns = DECODE_CANDIDATES[0][2:] if not _interpreting() else (4, 1)
-        launch(_fwd_kernel)[(n_splits, B * H)](**args, **meta, num_warps=nw, num_stages=ns)
-        launch(_fwd_combine_kernel)[(B * H,)](
+        # the split tile is fixed (BN = the split granularity), so it is not autotuned; the r band
+        # serves the real queries only (SPLIT_ROWS)
+        split_rows = min(bm, triton.next_power_of_2(Lq))
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_P": block_p(split_rows, bn), "SPLIT_ROWS": split_rows}
+        launch(_fwd_kernel)[(n_splits, B * H, q_tiles)](**args, **meta, num_warps=nw, num_stages=ns)
+        launch(_fwd_combine_kernel)[(B * H, q_tiles)](
             O=out, M=m, L=l, MP=mp, LP=lp, AP=ap, **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
-            H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=DECODE_BLOCK_M, BLOCK_D=bd,
+            H=H, Lq=Lq, n_splits=n_splits, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), BLOCK_M=bm, BLOCK_D=bd,
             num_warps=4)
     else:
         dummy = m  # partial buffers are unused on the tiled path (SPLIT_K=False compiles their stores away)
-        args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False)
+        args = dict(common, MP=dummy, LP=dummy, AP=dummy, keys_per_split=0, n_splits=0, SPLIT_K=False, SPLIT_ROWS=0)
         _run(launch, _fwd_kernel, "fwd", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), args)
     return out, m, l
 
@@ -645,74 +699,73 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
 # ahead-of-time specialisations
 # ---------------------------------------------------------------------------------------------
 
-_TL = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# the wt103 model (n_head 16, d_head 64, eval tgt_len 128 / mem_len 1600, same_length: window =
+# mem_len); the head size sweep keeps d_model = H * D = 1024
+AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
+AOT_BATCHES = (1, 32)
+AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
 
 
-def _sig(names: str, ptr_dtype: str, acc_ptrs: str = "", i32: str = "", fp32: str = "", consts=()) -> dict:
-    sig = {}
-    for n in names.split():
-        sig[n] = f"*{ptr_dtype}"
-    for n in acc_ptrs.split():
-        sig[n] = "*fp32"
-    for n in i32.split():
-        sig[n] = "i32"
-    for n in fp32.split():
-        sig[n] = "fp32"
-    for n in consts:
-        sig[n] = "constexpr"
-    return sig
+def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
+    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
+    forward + backward (memory full, window on) and decode steps, at every AOT batch size (the
+    batch only changes strides divisible by 16: the batches share their binaries)."""
+    H = AOT_D_MODEL // D
+    meta = dict(dtype=dtype, device="meta")
+    for B in AOT_BATCHES:
+        for Lq, window in [(AOT_TGT, AOT_MEM)] + [(lq, AOT_MEM) for lq in AOT_DECODE_LQ if D == 64 or lq == 1]:
+            Lk = AOT_MEM + Lq
+            q = torch.empty(B, Lq, H, D, **meta)
+            # keys/values as the cache hands them over: a time window of a head-major buffer
+            kv_buf = torch.empty(B, H, Lk + 7, D, **meta)
+            k = kv_buf[:, :, 3:3 + Lk].transpose(1, 2)
+            v = torch.empty_like(kv_buf)[:, :, 3:3 + Lk].transpose(1, 2)
+            r, u, w = torch.empty(Lk, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, window, launch=launch)
+            if Lq > DECODE_MAX_LQ:
+                backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, window, launch=launch)
+
+
+def spill_budget(kernel: str, dt: str, D: int) -> int:
+    """Spill bytes (ptxas -v, either arch) the AOT report accepts: the known spills, declared with
+    a bound so that growth still fails. Measured with the JIT's specialisations under triton 3.8
+    and 3.6: none in any kernel in fp16/bf16 at D <= 64 (the wt103 path) except dkdv's 108-144 B
+    on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB at every D
+    (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128 ~1 KB; 16-bit
+    backward at D 128 36-1104 B. All with the 32 x 32 tiles, chosen before a GPU could time
+    smaller ones: fp32 is the validation dtype, not the fast path."""
+    if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
+        return 40960
+    if D == 128 and kernel in ("dq", "dkdv"):
+        return 2048
+    if kernel == "dkdv" and D == 64:
+        return 256
+    return 0
 
 
 def aot_specs() -> list:
-    """Every specialisation a GPU run can pick: dtype (fp32, fp16, bf16) x d_head (16, 32, 64, 128)
-    x each kept configuration of each kernel. HAS_WINDOW is compiled True only (the superset code:
-    HAS_WINDOW=False removes one integer compare per score and a scalar select; it compiled
-    alike in every configuration tried) to halve the compile time."""
-    from txl_fast.kernels.aot import AotSpec  # noqa: PLC0415
+    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
+    attributes the JIT derives (``aot.specs_from_launches``): dtype (fp32, fp16, bf16) x d_head
+    (16, 32, 64, 128) x each kernel's candidate configurations."""
+    from txl_fast.kernels import aot  # noqa: PLC0415
 
-    fwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
-                   "sob som soh sod H Lq Lk mlen window keys_per_split n_splits")
-    bwd_strides = ("sqb sqm sqh sqd skb skn skh skd svb svn svh svd srp srh srd suh sud swh swd "
-                   "sdb sdm sdh sdd")
+    names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
+             "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
     specs = []
-    for dt in ("fp32", "fp16", "bf16"):
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for D in (16, 32, 64, 128):
-            bd = block_d(D)
-            base = dict(HEAD_DIM=D, ACC=tl.float32, PREC="tf32x3", BLOCK_D=bd)
-            tag = f"{dt} D{D}"
-            for kernel_name, fn in (("fwd", _fwd_kernel), ("decode", _fwd_kernel), ("dq", _bwd_dq_kernel),
-                                    ("dkdv", _bwd_dkdv_kernel)):
-                for bm, bn, nw, ns in configs(kernel_name, bd, dt):
-                    for has_window in (True,):
-                        const = dict(base, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p(bm, bn))
-                        if kernel_name in ("fwd", "decode"):
-                            const["SPLIT_K"] = kernel_name == "decode"
-                            sig = _sig("Q K V R U W O", dt, "M L MP LP AP", fwd_strides, "qk_scale", const)
-                        elif kernel_name == "dq":
-                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " sqgb sqgm sqgh sqgd "
-                                       "H Lq Lk mlen window n_tiles", "scale qk_scale", const)
-                            sig["DQ"] = f"*{dt}"
-                            sig["DUP"] = sig["DWP"] = "*fp32"
-                        else:
-                            sig = _sig("Q K V R U W DO", dt, "M L DELTA", bwd_strides + " skgb skgn skgh skgd "
-                                       "svgb svgn svgh svgd sdrp sdrh H Lq Lk mlen window", "scale qk_scale", const)
-                            sig["DK"] = sig["DV"] = f"*{dt}"
-                            sig["DR"] = "*fp32"
-                        sig = {n: sig[n] for n in fn.arg_names}
-                        specs.append(AotSpec(
-                            name=f"rel_attention.{kernel_name}", fn=fn, signature=sig, constexprs=const,
-                            num_warps=nw, num_stages=ns,
-                            label=f"{tag} BM{bm} BN{bn} w{nw} s{ns} window={int(has_window)}"))
-            small = dict(HEAD_DIM=D, ACC=tl.float32, BLOCK_D=bd)
-            sig = _sig("O DO", dt, "DELTA", "sob som soh sod sdb sdm sdh sdd H Lq", "",
-                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
-            specs.append(AotSpec("rel_attention.delta", _bwd_delta_kernel,
-                                 {n: sig[n] for n in _bwd_delta_kernel.arg_names}, dict(small, BLOCK_M=32), 4, 1,
-                                 label=f"{tag} BM32 w4", uses_dot=False))
-            sig = _sig("O", dt, "M L MP LP AP", "sob som soh sod H Lq n_splits", "",
-                       ("HEAD_DIM", "ACC", "BLOCK_M", "BLOCK_D"))
-            specs.append(AotSpec("rel_attention.combine", _fwd_combine_kernel,
-                                 {n: sig[n] for n in _fwd_combine_kernel.arg_names},
-                                 dict(small, BLOCK_M=DECODE_BLOCK_M), 4, 1,
-                                 label=f"{tag} BM16 w4", uses_dot=False))
+            rec = aot.LaunchRecorder()
+            aot_launches(dtype, D, rec)
+            for kernel, args, kwargs in rec.launches:
+                fn = getattr(kernel, "fn", kernel)
+                name = names[fn.__name__]
+                if name == "fwd" and kwargs.get("SPLIT_K"):
+                    name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
+                new = aot.specs_from_launches(
+                    {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
+                    f"{dt} D{D} Lq{kwargs['Lq']}",
+                    uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
+                for spec in new:
+                    spec.spill_budget = spill_budget(name, dt, D)
+                specs += new
     return specs

@@ -68,10 +68,12 @@ def check_all(inputs, dout, window, dtype, path_ok=None):
         assert_rel_close(g, rg, dtype, f"d{name}")
 
 
-@pytest.fixture(params=["tiled", "decode"])
+@pytest.fixture(params=["tiled", "decode", "split"])
 def path(request, monkeypatch):
-    """Force the path: tiled (query tiles) or decode (split over keys, any Lq <= 16)."""
+    """Force the path: tiled (query tiles), decode (split over keys, any Lq <= 16) or split (split
+    over keys for any Lq, as a GPU takes it when the tiled grid underfills the SMs)."""
     monkeypatch.setattr(K, "DECODE_MAX_LQ", 16 if request.param == "decode" else 0)
+    monkeypatch.setattr(K, "INTERPRET_UNDERFILL_PROGRAMS", 10**9 if request.param == "split" else 0)
     return request.param
 
 
@@ -110,6 +112,19 @@ def test_dtypes_odd_sizes(dtype):
     """Lq 37, Lk 53 (no multiple of 16), D 48 (tile 64): three query tiles, four key tiles."""
     inputs, dout = make_inputs(1, 37, 16, 2, 48, seed=3)
     check_all(inputs, dout, 20, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_split_path_over_query_tiles(monkeypatch, dtype, window):
+    """The split-over-keys path beyond decode (Lq 37: three query tiles, each merged over its own
+    key chunks, some of them empty under the window), forced as an underfilled GPU grid takes it."""
+    monkeypatch.setattr(K, "DECODE_MAX_LQ", 0)
+    monkeypatch.setattr(K, "INTERPRET_UNDERFILL_PROGRAMS", 10**9)
+    plan = K.split_plan(1, 2, 37, 53, 64, dtype)
+    assert plan is not None and plan[4] == 3 and plan[5] > 1, plan
+    inputs, dout = make_inputs(1, 37, 16, 2, 48, seed=3)
+    check_all(inputs, dout, window, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

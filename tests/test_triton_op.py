@@ -227,10 +227,14 @@ DECOMPOSE = textwrap.dedent(
     def t(*shape):
         return (0.3 * torch.randn(*shape, dtype=torch.float16)).requires_grad_()
 
+    from txl_fast.kernels import rel_attention as K
     report = {}
-    for lq, mem in ((37, 6), (3, 20)):                  # the tiled and the decode path
+    underfill = K.UNDERFILL_PROGRAMS
+    # the tiled path (underfill check off), the split path (4 programs underfill a GPU), decode
+    for name, lq, mem, K.UNDERFILL_PROGRAMS in (("Lq 37", 37, 6, 0), ("Lq 37 split", 37, 6, underfill),
+                                                ("Lq 3", 3, 20, underfill)):
         attn = [t(2, lq, 2, 16), t(2, lq + mem, 2, 16), t(2, lq + mem, 2, 16), t(lq + mem, 2, 16), t(2, 16), t(2, 16)]
-        report[f"rel_attention Lq {lq}"] = trace(
+        report[f"rel_attention {name}"] = trace(
             lambda *a: torch.ops.txl_fast.rel_attention_triton(*a, 0.25, 7)[0].float().square().sum(), *attn)
     hidden = t(10, 32)
     weights, biases, projs, cw, cb = [t(20, 32), t(30, 8)], [t(20), t(30)], [None, t(32, 8)], t(1, 32), t(1)
@@ -250,6 +254,9 @@ EXPECTED = {
     "rel_attention Lq 37": {"fw": [["_fwd_kernel", ["L", "M", "O"]]],
                             "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
                                    ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
+    "rel_attention Lq 37 split": {"fw": [["_fwd_kernel", ["AP", "LP", "MP"]], ["_fwd_combine_kernel", ["L", "M", "O"]]],
+                                  "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
+                                         ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
     "rel_attention Lq 3": {"fw": [["_fwd_kernel", ["AP", "LP", "MP"]], ["_fwd_combine_kernel", ["L", "M", "O"]]],
                            "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
                                   ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
