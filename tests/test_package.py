@@ -221,3 +221,22 @@ def test_without_triton_the_cli_backend_triton_is_one_line():
     """, block=("triton",))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "txl-fast: error: " + backend.TRITON_MISSING
+
+
+def test_kernels_resolve_from_a_source_checkout_without_an_install(tmp_path):
+    """``PYTHONPATH=<repo>`` alone (the GPU machine runs the repository that way): ``txl_fast.kernels``
+    is the checkout's ``kernels/``. ``python -S`` skips site-packages' .pth files, so the editable
+    install's own mapping is not there to help; site-packages is put on the path for torch."""
+    import os
+    import sysconfig
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(txl_fast.__file__).resolve().parents[1]
+    if not (root / "kernels" / "aot.py").is_file():
+        pytest.skip("not a source checkout")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), sysconfig.get_paths()["purelib"]])}
+    res = subprocess.run([sys.executable, "-S", "-c", "import txl_fast.kernels.aot as a; print(a.__file__)"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()) == root / "kernels" / "aot.py"

@@ -5,6 +5,12 @@ and triton are imported when first used. ``txl_fast.TransfoXLTokenizer`` is a la
 """
 from pathlib import Path
 
+# Run from a source checkout without an install (PYTHONPATH=<repo>, as on the GPU machine),
+# ``kernels/`` sits beside this package rather than in it: let ``txl_fast.kernels`` find it there,
+# as the installed package's mapping (pyproject's package-dir) does.
+if not (Path(__file__).parent / "kernels").is_dir() and (Path(__file__).parents[1] / "kernels" / "aot.py").is_file():
+    __path__.append(str(Path(__file__).parents[1]))  # noqa: F821 (a package's __path__)
+
 from txl_fast.backend import get_backend, set_backend, use_backend
 from txl_fast.config import TransfoXLConfig
 from txl_fast.inference import PRESETS, EvalResult, evaluate, generate

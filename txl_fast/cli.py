@@ -377,12 +377,15 @@ def cmd_kernels(args) -> int:
     except ImportError as e:
         raise ValueError(f"the kernel report needs triton: {e}") from None
     rows = aot.report()
-    bad = [r for r in rows if not r["ok"] or r["shared"] > r["smem_limit"]]
+    bad = [r for r in rows if aot.problems(r)]
     if args.json:
         print(json.dumps(rows))
     else:
         print(aot.format_table(rows))
-        print(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit")
+        for r in bad:
+            print(f"problem: {r['kernel']} {r['specialisation']} sm_{r['arch']}: {'; '.join(aot.problems(r))}")
+        print(f"{len(rows)} compiles, {len(bad)} with a problem (failed, shared memory over the limit, spills over "
+              f"the allowance, tl.dot off tensor cores)")
     return 1 if bad else 0
 
 
