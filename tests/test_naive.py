@@ -8,11 +8,13 @@ from txl_fast import naive
 from txl_fast.ops.rel_attention import rel_shift
 
 
-def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
-    """Pure-Python loops over b, h, i, j, d: the paper's equation with no tensor algebra; r's
-    rows are distances Lr - 1 … 0, larger distances clamped to row 0 (clamp_len)."""
+def scalar_attention(q, k, v, r, u, vb, scale, visible, row, empty_weight=1.0):
+    """Pure-Python loops over b, h, i, j, d: the paper's equation with no tensor algebra. Key j is
+    seen by query i of batch row b when ``visible(b, j, dist)``, dist = i + mlen - j, and its
+    position key is ``r[row(dist)]``; a query that sees no key weighs every key ``empty_weight``
+    (1: HF's finfo.min fill makes the row uniform; 0: zeros)."""
     B, Lq, H, D = q.shape
-    Lk, Lr = k.shape[1], r.shape[0]
+    Lk = k.shape[1]
     mlen = Lk - Lq
     out = torch.zeros(B, Lq, H, D, dtype=torch.float64)
     for b in range(B):
@@ -21,10 +23,10 @@ def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
                 scores = []
                 for j in range(Lk):
                     dist = i + mlen - j
-                    if dist < 0 or (window is not None and dist >= window):
+                    if not visible(b, j, dist):
                         scores.append(None)
                         continue
-                    p = Lr - 1 - min(dist, Lr - 1)
+                    p = row(dist)
                     a = sum((q[b, i, h, x] + u[h, x]).item() * k[b, j, h, x].item() for x in range(D))
                     c = sum((q[b, i, h, x] + vb[h, x]).item() * r[p, h, x].item() for x in range(D))
                     scores.append(scale * (a + c))
@@ -32,12 +34,20 @@ def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
                 if finite:
                     m = max(finite)
                     w = [0.0 if s is None else math.exp(s - m) for s in scores]
-                else:  # no visible key: HF's finfo.min fill makes the row uniform
-                    w = [1.0] * Lk
-                total = sum(w)
+                else:
+                    w = [empty_weight] * Lk
+                total = sum(w) or 1.0
                 for x in range(D):
                     out[b, i, h, x] = sum(w[j] / total * v[b, j, h, x].item() for j in range(Lk))
     return out
+
+
+def scalar_rel_attention(q, k, v, r, u, vb, scale, window):
+    """Causal: r's rows are distances Lr - 1 … 0, larger distances clamped to row 0 (clamp_len)."""
+    Lr = r.shape[0]
+    return scalar_attention(q, k, v, r, u, vb, scale,
+                            visible=lambda b, j, dist: dist >= 0 and (window is None or dist < window),
+                            row=lambda dist: Lr - 1 - min(dist, Lr - 1))
 
 
 @pytest.mark.parametrize("Lq,Lk,window,Lr", [(3, 5, None, 5), (3, 5, 3, 5), (1, 4, None, 4), (4, 4, None, 4),
@@ -55,36 +65,13 @@ def test_rel_attention_matches_scalar_loops(Lq, Lk, window, Lr):
 
 
 def scalar_bidirectional(q, k, v, r, u, vb, scale, context, key_mask, empty_rows):
-    """Pure-Python loops of the bidirectional mode: r's rows are the distances Lk - 1 … -(Lq - 1),
-    key j visible when -right <= i + mlen - j <= left and key_mask[b, j]."""
-    B, Lq, H, D = q.shape
+    """Bidirectional: r's rows are the distances Lk - 1 … -(Lq - 1), key j visible when
+    -right <= dist <= left and key_mask[b, j]."""
     Lk = k.shape[1]
-    mlen = Lk - Lq
-    out = torch.zeros(B, Lq, H, D, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(Lq):
-                scores = []
-                for j in range(Lk):
-                    dist = i + mlen - j
-                    hidden = context is not None and not -context[1] <= dist <= context[0]
-                    if hidden or not key_mask[b, j]:
-                        scores.append(None)
-                        continue
-                    p = Lk - 1 - dist
-                    a = sum((q[b, i, h, x] + u[h, x]).item() * k[b, j, h, x].item() for x in range(D))
-                    c = sum((q[b, i, h, x] + vb[h, x]).item() * r[p, h, x].item() for x in range(D))
-                    scores.append(scale * (a + c))
-                finite = [s for s in scores if s is not None]
-                if finite:
-                    m = max(finite)
-                    w = [0.0 if s is None else math.exp(s - m) for s in scores]
-                else:
-                    w = [1.0 if empty_rows == "uniform" else 0.0] * Lk
-                total = sum(w) or 1.0
-                for x in range(D):
-                    out[b, i, h, x] = sum(w[j] / total * v[b, j, h, x].item() for j in range(Lk))
-    return out
+    return scalar_attention(q, k, v, r, u, vb, scale,
+                            visible=lambda b, j, dist: bool(key_mask[b, j]) and (
+                                context is None or -context[1] <= dist <= context[0]),
+                            row=lambda dist: Lk - 1 - dist, empty_weight=1.0 if empty_rows == "uniform" else 0.0)
 
 
 @pytest.mark.parametrize("Lq,Lk,context,empty_rows", [(3, 3, None, "zero"), (3, 5, (1, 1), "zero"),

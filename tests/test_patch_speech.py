@@ -68,12 +68,17 @@ def compare(module, run, inputs, what, grads=True):
 # ---- SpeechBrain ---------------------------------------------------------------------------------
 
 
+def library(load, name: str):
+    """The library's modules, or a skip saying it is not importable."""
+    try:
+        return load()
+    except ImportError as e:
+        pytest.skip(f"{name} not importable: {e}")
+
+
 @pytest.fixture(scope="module")
 def sb():
-    try:
-        return speech.speechbrain()
-    except ImportError as e:
-        pytest.skip(f"SpeechBrain not importable: {e}")
+    return library(speech.speechbrain, "SpeechBrain")
 
 
 @pytest.mark.parametrize("vbias", [False, True])
@@ -182,10 +187,7 @@ def test_speechbrain_patch_keeps_state_and_travels(sb):
 
 @pytest.fixture(scope="module")
 def esp():
-    try:
-        return speech.espnet()
-    except ImportError as e:
-        pytest.skip(f"ESPnet not importable: {e}")
+    return library(speech.espnet, "ESPnet")
 
 
 @pytest.mark.parametrize("train", [False, True])
