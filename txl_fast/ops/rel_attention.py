@@ -279,7 +279,7 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
         mask = _position_mask(q, r, r_r_bias, scale, k.shape[1], window, uniform_keys)     # (B, H, Lq, keys)
         out = _sdpa(q, k[:, first], v[:, first], r_w_bias, _hide(mask, keys, None, empty_rows), scale)
     else:
-        out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, *q.shape[1:2], k.shape[1]),
+        out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, q.shape[1], k.shape[1]),
                                        keys)
     if empty is not None:
         fix = v.mean(dim=1, keepdim=True) if empty_rows == "uniform" else 0.0
