@@ -126,15 +126,16 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-            HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-            PREC: tl.constexpr, QROWS: tl.constexpr):
+def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+            LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
     """Masked scores of one tile in the log2 domain, and the visibility mask.
 
     qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
     r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query rows the band serves (BM, or on
     the decode path the real query count rounded up). Position term: band[a, c - a + QROWS - 1]
     for local (a, c); rows a >= QROWS are padding (clamped index, masked by the caller).
+    Visible: dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS).
     """
     s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
     band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
@@ -143,9 +144,13 @@ def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
         skew = tl.maximum(skew, 0)
     s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
     dist = offs_m[:, None] + mlen - offs_n[None, :]
-    visible = dist >= 0
-    if HAS_WINDOW:
-        visible = visible & (dist < window)
+    visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    if LOWER:
+        visible = visible & (dist >= dmin)
+    if UPPER:
+        visible = visible & (dist <= dmax)
+    if HAS_LENGTHS:
+        visible = visible & (offs_n < length)[None, :]
     s = tl.where(visible, s, FILL)
     s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
     return s, visible
@@ -160,27 +165,49 @@ def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.conste
 
 
 @triton.jit
-def _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); all keys if window == 0."""
-    hi = tl.minimum(Lk, m0 + BLOCK_M + mlen)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.where(window > 0, tl.maximum(0, m0 + mlen - window + 1), 0)
-        hi = tl.where(window > 0, hi, Lk)
+def _key_length(LENS, b, Lk, HAS_LENGTHS: tl.constexpr):
+    """Batch row b's keys [0, length): its key length, or Lk."""
+    length = Lk
+    if HAS_LENGTHS:
+        length = tl.load(LENS + b)
+    return length
+
+
+@triton.jit
+def _rows_with_keys(Lq, mlen, dmin, dmax, length):
+    """Query rows [0, end) see a key, rows [end, Lq) none (the empty rows). Row i sees the keys
+    [max(0, i + mlen - dmax), min(length, i + mlen - dmin + 1)); with dmin <= 0 the upper end is
+    positive, so the range is empty when length is 0, dmin > dmax, or i + mlen - dmax >= length."""
+    end = tl.minimum(Lq, tl.maximum(0, length - mlen + dmax))
+    return tl.where((length > 0) & (dmin <= dmax), end, 0)
+
+
+@triton.jit
+def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); with ALL_IF_EMPTY
+    (HF's uniform rows) all keys when one of these rows is empty (end: ``_rows_with_keys``)."""
+    lo = tl.maximum(0, m0 + mlen - dmax)
+    hi = tl.minimum(length, m0 + BLOCK_M + mlen - dmin)
+    if ALL_IF_EMPTY:
+        empty = tl.minimum(m0 + BLOCK_M, Lq) > end
+        lo = tl.where(empty, 0, lo)
+        hi = tl.where(empty, Lk, hi)
     return lo, hi
 
 
-# Arguments that change while generation fills the memory (one more key a step; the window is
-# mlen + 1 until the memory is full; the decode split count follows Lk): not specialised, or every
-# new value divisible by 16 (or equal to 1) would compile another binary mid-generation. They only
-# bound loops and masks (every load is contiguous along D), so no vectorisation depends on them.
-@triton.jit(do_not_specialize=["Lk", "mlen", "window", "keys_per_split", "n_splits"])
+# Arguments that change while generation fills the memory (one more key a step; the window, so
+# dmax, is mlen + 1 until the memory is full; the decode split count follows Lk), or with every
+# utterance of a Conformer (Lr, dmin = -(Lq - 1)): not specialised, or every new value divisible
+# by 16 (or equal to 1) would compile another binary. They only bound loops and masks (every load
+# is contiguous along D), so no vectorisation depends on them.
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "keys_per_split", "n_splits"])
 def _fwd_kernel(
-    Q, K, V, R, U, W, O, M, L, MP, LP, AP,
+    Q, K, V, R, U, W, LENS, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sob, som, soh, sod,
-    H, Lq, Lk, mlen, window, keys_per_split, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, keys_per_split, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
@@ -209,7 +236,9 @@ def _fwd_kernel(
     qu = (q + u[None, :]).to(dtype)
     qv = (q + w[None, :]).to(dtype)
 
-    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
+    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, not ZERO_EMPTY, BLOCK_M)
     if SPLIT_K:
         split = tl.program_id(0)
         lo = tl.maximum(lo, split * keys_per_split)
@@ -228,9 +257,9 @@ def _fwd_kernel(
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
         rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
+                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
         if SPLIT_K:
             s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -242,6 +271,9 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
+    if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
+        l_i = tl.where(offs_m < end, l_i, 0.0)
+        acc = tl.where((offs_m < end)[:, None], acc, 0.0)
     if SPLIT_K:
         # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
         row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -310,13 +342,29 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < Lq)
 
 
-@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
+@triton.jit
+def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
+    """The forward's m, 1 / l and delta of rows ``stat``; a row with l = 0 (it sees no key, under
+    ZERO_EMPTY) gets m = 0 and 1 / l = 0, so that its probabilities are 0, never NaN."""
+    m_i = tl.load(M + stat, mask=mmask, other=0.0)
+    l_i = tl.load(L + stat, mask=mmask, other=1.0)
+    if ZERO_EMPTY:
+        seen = l_i > 0
+        m_i = tl.where(seen, m_i, 0.0)
+        inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    else:
+        inv_l = 1.0 / l_i
+    return m_i, inv_l, tl.load(DELTA + stat, mask=mmask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dq_kernel(
-    Q, K, V, R, U, W, DO, M, L, DELTA, DQ, DUP, DWP,
+    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DQ, DUP, DWP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
-    H, Lq, Lk, mlen, window, n_tiles, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, n_tiles, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content and
@@ -338,12 +386,11 @@ def _bwd_dq_kernel(
     qu = (q + u[None, :]).to(dtype)
     qv = (q + w[None, :]).to(dtype)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
-    stat = pid_bh * Lq + offs_m
-    m_i = tl.load(M + stat, mask=mmask, other=0.0)
-    inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
-    delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+    m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
 
-    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    # empty rows have zero score gradients: only the keys some row sees are visited
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, Lq, False, BLOCK_M)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
@@ -358,9 +405,9 @@ def _bwd_dq_kernel(
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
         ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
@@ -375,17 +422,18 @@ def _bwd_dq_kernel(
     tl.store(DWP + part, tl.sum(dq_p, 0))
 
 
-@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dkdv_kernel(
-    Q, K, V, R, U, W, DO, M, L, DELTA, DK, DV, DR,
+    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
-    H, Lq, Lk, mlen, window, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lk, H, BD)."""
+    """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lr, H, BD)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -403,12 +451,16 @@ def _bwd_dkdv_kernel(
     u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
     w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
 
-    # query rows that see a key of this tile: n0 - mlen <= i (< n0 + BN - 1 - mlen + window)
-    q_lo = tl.maximum(0, n0 - mlen)
-    q_hi = Lq
-    if HAS_WINDOW:
-        q_lo = tl.where(window > 0, q_lo, 0)
-        q_hi = tl.where(window > 0, tl.minimum(Lq, tl.maximum(0, n0 + BLOCK_N - 1 - mlen + window)), Lq)
+    # query rows that see a key j of this tile, j < length: n0 - mlen + dmin <= i <= j - mlen + dmax,
+    # and i < end (rows past it see nothing); HF's uniform rows see every key: all rows if any
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
+    q_lo = tl.maximum(0, n0 - mlen + dmin)
+    n_end = tl.minimum(n0 + BLOCK_N, length)
+    q_hi = tl.where(n_end > n0, tl.minimum(end, n_end - mlen + dmax), q_lo)
+    if not ZERO_EMPTY:
+        q_lo = tl.where(end < Lq, 0, q_lo)
+        q_hi = tl.where(end < Lq, Lq, q_hi)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     r_base = R + h * srh
@@ -423,16 +475,13 @@ def _bwd_dkdv_kernel(
         qu = tl.where(mmask[:, None], q + u[None, :], 0.0).to(dtype)
         qv = tl.where(mmask[:, None], q + w[None, :], 0.0).to(dtype)
         do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
-        stat = pid_bh * Lq + offs_m
-        m_i = tl.load(M + stat, mask=mmask, other=0.0)
-        inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
-        delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+        m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
-        rmask = (rows >= 0) & (rows < Lk)
+        rmask = (rows >= 0) & (rows < Lr)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
@@ -506,7 +555,8 @@ def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
             for bm, bn, nw, ns in configs(name, bd, dtype)]
     # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
     # the memory fills, and the best tile depends mostly on Lq and D
-    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "HAS_WINDOW"], reset_to_zero=reset)(kernel_fn)
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_LENGTHS", "ZERO_EMPTY"],
+                           reset_to_zero=reset)(kernel_fn)
 
 
 _TUNED: dict = {}
@@ -593,9 +643,47 @@ def split_plan(B: int, H: int, Lq: int, Lk: int, bd: int, dtype: torch.dtype):
     return bm, bn, nw, ns, q_tiles, triton.cdiv(Lk, keys_per_split), keys_per_split
 
 
-def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
+def visibility(Lq: int, Lk: int, window, causal: bool = True, context=None) -> dict:
+    """The kernels' visibility arguments: key j is visible to query i when d = i + mlen - j lies in
+    [dmin, dmax] (dmin <= 0 always: the kernels rely on it), LOWER / UPPER saying which bound a
+    score must be checked against (constexpr: the causal mode without a window checks d >= 0 only,
+    the bidirectional mode without context nothing). Causal: [0, window - 1]; bidirectional:
+    [-right, left] for context (left, right), every distance -(Lq - 1) … Lk - 1 without."""
+    if causal:
+        upper = Lk - 1 if window is None else min(window, Lk) - 1
+        return dict(dmin=0, dmax=upper, LOWER=True, UPPER=window is not None)
+    if context is None:
+        return dict(dmin=-(Lq - 1), dmax=Lk - 1, LOWER=False, UPPER=False)
+    left, right = context
+    return dict(dmin=-min(right, Lq - 1), dmax=min(left, Lk - 1), LOWER=True, UPPER=True)
+
+
+def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy) -> dict:
+    """The kernel arguments of the attention mode, shared by every kernel but delta; ``dummy`` a
+    pointer that stands for LENS when no key lengths are given (HAS_LENGTHS=False never reads it)."""
+    Lq, Lk = q.shape[1], k.shape[1]
+    Lr = Lk if causal else Lk + Lq - 1
+    if r.shape[0] != Lr:
+        raise ValueError(f"rel_attention (triton): r must have {Lr} rows (one per distance), got {r.shape[0]}")
+    if empty_rows not in ("uniform", "zero"):
+        raise ValueError(f"rel_attention (triton): empty_rows must be 'uniform' or 'zero', got {empty_rows!r}")
+    if key_lengths is not None and (key_lengths.dtype != torch.int32 or key_lengths.shape != (q.shape[0],)
+                                    or key_lengths.device != q.device):
+        raise ValueError("rel_attention (triton): key_lengths must be an int32 tensor (B,) on q's device")
+    return dict(LENS=dummy if key_lengths is None else key_lengths, Lr=Lr, mlen=Lk - Lq,
+                **visibility(Lq, Lk, window, causal, context), HAS_LENGTHS=key_lengths is not None,
+                ZERO_EMPTY=empty_rows == "zero")
+
+
+def forward(q, k, v, r, u, w, scale: float, window, launch=direct, *, causal: bool = True, context=None,
+            key_lengths=None, empty_rows: str = "uniform"):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
+
+    Mode: causal with ``window`` (None or an int), or bidirectional (``causal=False``, r with
+    Lk + Lq - 1 rows) with ``context`` (None or (left, right)); ``key_lengths`` int32 (B,) or None
+    (key j of batch row b visible only if j < key_lengths[b]); ``empty_rows`` "uniform" (HF: a
+    row that sees no key is uniform over the Lk keys) or "zero" (zeros, l = 0).
 
     ``launch(kernel)`` gives what is launched: ``direct`` (the kernel itself) from the autograd
     Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.library``), so
@@ -609,17 +697,16 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     m = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
-    has_window = window is not None
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l,
+        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
         suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
         **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
-        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
-        qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
+        H=H, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
     )
     plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
     if plan is not None:
@@ -644,21 +731,23 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     return out, m, l
 
 
-def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct):
+def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
+             context=None, key_lengths=None, empty_rows: str = "uniform"):
     """Gradients (dq, dk, dv, dr, du, dw), contiguous, in the inputs' dtypes, from the forward's
-    out, m and l; ``launch`` as for ``forward``. Every buffer a kernel writes is allocated here."""
+    out, m and l; ``launch`` and the mode as for ``forward``. Every buffer a kernel writes is
+    allocated here."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     bd = block_d(D)
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc = _acc_dtype(q.dtype)
-    has_window = window is not None
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
     _check_offsets(do=do)
     delta = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
-    dr_acc = torch.zeros((Lk, H, bd), dtype=acc_t, device=q.device)     # atomics target
+    dr_acc = torch.zeros((mode["Lr"], H, bd), dtype=acc_t, device=q.device)     # atomics target
     min_bm = 16
     n_tiles = triton.cdiv(Lq, min_bm)                                       # enough for any BLOCK_M
     du_part = torch.zeros((B, n_tiles, H, bd), dtype=acc_t, device=q.device)
@@ -671,15 +760,14 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         HEAD_DIM=D, ACC=acc, BLOCK_M=dm, BLOCK_D=bd, num_warps=4)
 
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta,
+        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
         suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
         **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())),
-        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
-        scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=acc, PREC=_precision(), BLOCK_D=bd,
+        H=H, Lq=Lq, Lk=Lk, scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=acc, PREC=_precision(), BLOCK_D=bd,
     )
     _run(launch, _bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
         common, DQ=dq, DUP=du_part, DWP=dw_part, n_tiles=n_tiles,
@@ -689,7 +777,7 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         **dict(zip(("skgb", "skgn", "skgh", "skgd"), dk.stride())),
         **dict(zip(("svgb", "svgn", "svgh", "svgd"), dv.stride())),
         sdrp=dr_acc.stride(0), sdrh=dr_acc.stride(1)), reset=["DR"])
-    dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lk, H, D)
+    dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lr, H, D)
     du = du_part.sum((0, 1))[:, :D].to(u.dtype).contiguous()                # (H, D)
     dw = dw_part.sum((0, 1))[:, :D].to(w.dtype).contiguous()
     return dq, dk, dv, dr, du, dw
