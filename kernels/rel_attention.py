@@ -792,12 +792,16 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
 AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
 AOT_BATCHES = (1, 32)
 AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
+# a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
+# mode with key lengths and zero empty rows, over all distances and with a limited context
+AOT_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)))
 
 
 def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
     """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
     forward + backward (memory full, window on) and decode steps, at every AOT batch size (the
-    batch only changes strides divisible by 16: the batches share their binaries)."""
+    batch only changes strides divisible by 16: the batches share their binaries); at D 64 also a
+    Conformer layer's bidirectional forward + backward (``AOT_CONFORMER``)."""
     H = AOT_D_MODEL // D
     meta = dict(dtype=dtype, device="meta")
     for B in AOT_BATCHES:
@@ -812,6 +816,15 @@ def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
             out, m, l = forward(q, k, v, r, u, w, D ** -0.5, window, launch=launch)
             if Lq > DECODE_MAX_LQ:
                 backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, window, launch=launch)
+    if D == AOT_CONFORMER["D"]:
+        B, L, H = AOT_CONFORMER["B"], AOT_CONFORMER["L"], AOT_CONFORMER["H"]
+        q, k, v = (torch.empty(B, L, H, D, **meta) for _ in range(3))
+        r, u, w = torch.empty(2 * L - 1, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+        lengths = torch.empty(B, dtype=torch.int32, device="meta")
+        for context in AOT_CONFORMER["contexts"]:
+            mode = dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, None, launch=launch, **mode)
+            backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, None, launch=launch, **mode)
 
 
 def spill_budget(kernel: str, dt: str, D: int) -> int:
@@ -832,9 +845,9 @@ def spill_budget(kernel: str, dt: str, D: int) -> int:
 
 
 def aot_specs() -> list:
-    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
-    attributes the JIT derives (``aot.specs_from_launches``): dtype (fp32, fp16, bf16) x d_head
-    (16, 32, 64, 128) x each kernel's candidate configurations."""
+    """Every specialisation a GPU run picks at the wt103 shapes and a Conformer layer's
+    (``aot_launches``), with the attributes the JIT derives (``aot.specs_from_launches``): dtype
+    (fp32, fp16, bf16) x d_head (16, 32, 64, 128) x each kernel's candidate configurations."""
     from txl_fast.kernels import aot  # noqa: PLC0415
 
     names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
@@ -849,9 +862,13 @@ def aot_specs() -> list:
                 name = names[fn.__name__]
                 if name == "fwd" and kwargs.get("SPLIT_K"):
                     name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
+                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
+                               if kwargs.get(flag))
+                if kwargs.get("dmin", 0) < 0:
+                    mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
                 new = aot.specs_from_launches(
                     {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
-                    f"{dt} D{D} Lq{kwargs['Lq']}",
+                    f"{dt} D{D} Lq{kwargs['Lq']}{mode}",
                     uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
                 for spec in new:
                     spec.spill_budget = spill_budget(name, dt, D)
