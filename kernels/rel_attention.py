@@ -1,9 +1,12 @@
 """Fused relative-position attention (Transformer-XL), forward and backward, in Triton.
 
 Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
-r (Lk, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
-(q_i + w).r[j + Lq - 1 - i]), visible iff 0 <= i + mlen - j (< window)). The op's clamped
-(Lr, H, D) position keys reach the kernels written out to Lk rows (``full_positions``).
+r (Lr, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
+(q_i + w).r[j + Lq - 1 - i]), row p of r the distance Lk - 1 - p). Key j is visible to query i
+when the distance d = i + mlen - j lies in [dmin, dmax] and j < key_lengths[b] (``visibility``):
+causal, [0, window - 1] and Lr = Lk (the op's clamped position keys written out to Lk rows,
+``full_positions``); bidirectional (Conformer encoders), [-right, left] for a context
+(left, right) or every distance, and Lr = Lk + Lq - 1 (distances down to -(Lq - 1)).
 ``txl_fast.naive`` is the literal validator.
 
 Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
@@ -44,11 +47,22 @@ Kernel design
   dscore the same way (gather with the inverse index, zero outside the band). Nothing of size
   Lq x Lk is ever written to memory.
 * Masking: invisible scores get a finite fill (-1e30 in the log2 domain), keys past Lk get -inf.
-  A row with no visible key (only possible with window == 0) then has all scores equal to the
-  fill and comes out exactly uniform over the Lk keys, as HF's masked_fill(finfo.min) gives;
-  for window == 0 every program visits all keys. The backward zeroes dscore at invisible
+  The bounds a score is checked against are constexpr (LOWER, UPPER, HAS_LENGTHS): the causal
+  mode without a window checks d >= 0 only, as before the bidirectional mode existed, and the
+  bidirectional mode without context or padding checks nothing. The key tiles a query tile
+  visits are those of its rows' band, [m0 + mlen - dmax, m0 + BM - 1 + mlen - dmin], cut at its
+  batch row's key length (``_key_range``; ``_bwd_dkdv_kernel`` bounds its query tiles the same
+  way), so tiles of padding are never read.
+* Empty rows (no visible key: a window of 0, a key length of 0, or a window that falls into the
+  padding). Since dmin <= 0 they are the rows [end, Lq) (``_rows_with_keys``, one formula per
+  program). HF's uniform rows (empty_rows="uniform"): every program whose tile holds an empty row
+  visits all Lk keys, whose scores are all the fill, so the row comes out exactly uniform over
+  the Lk keys, as HF's masked_fill(finfo.min) gives, and the dk/dv programs visit every query
+  tile of a batch row that has one. empty_rows="zero" (ZERO_EMPTY): the forward writes l = 0 and
+  out = 0 for those rows (no test in the key loop), and the backward takes their probabilities
+  as 0 (m = 0, 1/l = 0: never a division by 0). The backward zeroes dscore at invisible
   positions (those scores are constants), and recomputes p = exp2(s - m) / l from the saved m and
-  l (storing m and l apart, not m + log l, keeps 1/Lk exact for such rows).
+  l (storing m and l apart, not m + log l, keeps 1/Lk exact for uniform rows).
 * Backward: ``_bwd_delta_kernel`` computes delta = rowsum(o * do). ``_bwd_dq_kernel`` (one program
   per query tile, loop over key tiles) writes dq = dq_content + dq_position and per-tile partial
   sums of dq_content (-> d r_w_bias) and dq_position (-> d r_r_bias), reduced on the host over
@@ -58,10 +72,10 @@ Kernel design
   and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
   buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
   the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
-  kernel). The summation order, hence the last bits of dr, is not deterministic on a GPU: two
-  runs differ by fp32 rounding of a sum of ~B * Lq / BM terms per element (expected relative
-  difference ~1e-7, within the GPU check's 1e-6; a prediction, not measured). A deterministic
-  variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
+  kernel); bidirectional, DR has the Lk + Lq - 1 rows of r. The summation order, hence the last
+  bits of dr, is not deterministic on a GPU: two runs differ by fp32 rounding of a sum of
+  ~B * Lq / BM terms per element (expected relative difference ~1e-7, within the GPU check's
+  1e-6; a prediction, not measured). A deterministic variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
   Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
 * Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
   (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
@@ -91,14 +105,16 @@ What is tested, and on what
 ---------------------------
 ``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
 (fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, the split path forced over several query tiles, strided time-major inputs, NaN canaries, input
-validation, an allocation bound); ``tests/test_triton_op.py`` runs the same launchers through the
+sizes, every mask mode, the decode path, the split path forced over several query tiles, strided
+time-major inputs, NaN canaries, input validation, an allocation bound; the bidirectional mode and
+key lengths with both kinds of empty rows on the three paths, tiles past a key length never
+read); ``tests/test_triton_op.py`` runs the same launchers through the
 ``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
 traces them. bf16 cannot run in the interpreter (triton issue 11584): it
 is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
 specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions for the JIT's own specialisations at the wt103 shapes, and counts the JIT's
-specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
+instructions for the JIT's own specialisations at the wt103 shapes and a Conformer layer's, and
+counts the JIT's specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
 GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
 hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
 """
@@ -827,20 +843,22 @@ def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
             backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, None, launch=launch, **mode)
 
 
-def spill_budget(kernel: str, dt: str, D: int) -> int:
+def spill_budget(kernel: str, dt: str, D: int, bidirectional: bool = False) -> int:
     """Spill bytes (ptxas -v, either arch) the AOT report accepts: the known spills, declared with
     a bound so that growth still fails. Measured with the JIT's specialisations under triton 3.8
     and 3.6: none in any kernel in fp16/bf16 at D <= 64 (the wt103 path) except dkdv's 108-144 B
     on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB at every D
     (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128 ~1 KB; 16-bit
-    backward at D 128 36-1104 B. All with the 32 x 32 tiles, chosen before a GPU could time
-    smaller ones: fp32 is the validation dtype, not the fast path."""
+    backward at D 128 36-1104 B. The bidirectional dkdv at D 64 in fp16/bf16 (triton 3.8, the
+    Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90. All with
+    the 32 x 32 tiles, chosen before a GPU could time smaller ones: fp32 is the validation dtype,
+    not the fast path."""
     if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
         return 40960
     if D == 128 and kernel in ("dq", "dkdv"):
         return 2048
     if kernel == "dkdv" and D == 64:
-        return 256
+        return 512 if bidirectional else 256
     return 0
 
 
@@ -862,15 +880,16 @@ def aot_specs() -> list:
                 name = names[fn.__name__]
                 if name == "fwd" and kwargs.get("SPLIT_K"):
                     name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
+                bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
                 mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
                                if kwargs.get(flag))
-                if kwargs.get("dmin", 0) < 0:
+                if bidirectional:
                     mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
                 new = aot.specs_from_launches(
                     {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
                     f"{dt} D{D} Lq{kwargs['Lq']}{mode}",
                     uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
                 for spec in new:
-                    spec.spill_budget = spill_budget(name, dt, D)
+                    spec.spill_budget = spill_budget(name, dt, D, bidirectional)
                 specs += new
     return specs
