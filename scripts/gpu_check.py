@@ -31,7 +31,7 @@ goes on, except in stage 1, whose failure ends the run:
 4. timings (``triton.testing.do_bench`` medians) of attention (fused, torch path, SDPA on the
    content term alone: the floor, FlexAttention), the decode step, host time per decode step with
    and without CUDA graphs, a Conformer attention core (the Triton kernels, the torch path)
-   against SDPA with a float position mask,
+   against SDPA with a float position mask and against FlexAttention,
    the adaptive-softmax loss against a cuBLAS head GEMM, and end-to-end
    wt103 ``evaluate``; each with its roofline floor from ``txl_fast.bench.analytic`` on the
    ceilings of stage 1 (stage 5 of the issue: ``floor_ms`` and ``of_floor`` in every timing).
@@ -800,11 +800,12 @@ def time_attention(S: dict, B: int, ceilings: dict, device, smoke: bool, flex: b
     return result
 
 
-def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
+def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool, flex: bool = False) -> dict:
     """A Conformer self-attention core, ragged padding: the Triton kernels (``txl_fast``) and the
     torch path's inference and autograd paths vs the same maths through SDPA with the shifted
     position term as a float mask (what the speech libraries' fastest routes do), forward and
-    forward + backward."""
+    forward + backward; or (flex=True) FlexAttention, its compile seconds and its difference from
+    the kernels' output."""
     import torch
     import torch.nn.functional as F
 
@@ -841,6 +842,16 @@ def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
     result = {"shape": f"B{B} H{H} L{L} D{D} {spec['dtype']}, ragged lengths",
               "floor_model": "analytic.rel_attention fused at Lq = Lk = L; fwd+bwd 3.5x FLOPs, 3x bytes"}
     dout = torch.randn_like(q)
+    if flex:
+        flex_fn, result["flex_compile_s"], flex_q = flex_bidirectional_fn(q, k, v, r, u, w, lengths, scale, device,
+                                                                          smoke)
+        with torch.no_grad():                             # the same function? (flex against the kernels)
+            result["flex_err_vs_fused"] = float(f"{rel_err(flex_fn().transpose(1, 2), on('triton')()):.2e}")
+            result["flex_fwd"] = roofline(bench_ms(flex_fn, smoke), fwd, ceilings, es)
+        result["flex_fwd_bwd"] = "n/a: FlexAttention has no backward on the CPU" if smoke else roofline(
+            bench_ms(lambda: torch.autograd.grad(flex_fn(), flex_q, dout.transpose(1, 2)), smoke), fwd_bwd, ceilings,
+            es)
+        return result
     for name, fn in (("txl_fast", on("triton")), ("torch_path", on("torch")), ("sdpa_float_mask", sdpa_float_mask)):
         with torch.no_grad():
             result[f"{name}_fwd"] = roofline(bench_ms(fn, smoke), fwd, ceilings, es)
@@ -849,11 +860,28 @@ def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
     return result
 
 
+def flex_bidirectional_fn(q, k, v, r, u, w, lengths, scale, device, smoke: bool):
+    """FlexAttention for a Conformer core: the shifted position term as a precomputed score tensor,
+    key padding (one length per batch row) as a per-row block mask."""
+    import torch
+
+    from txl_fast.ops.rel_attention import rel_shift
+
+    L = q.shape[1]
+    qh, kh, vh = [t.detach().transpose(1, 2).contiguous() for t in (q, k, v)]              # (B, H, L, D)
+    with torch.no_grad():                  # (B, H, L, L): scale * (q_i + pos_bias_v) . r_{i - j}
+        position = rel_shift((qh + w.detach()[:, None]) @ r.detach().permute(1, 2, 0), L) * scale
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    return compiled_flex(qh + u.detach()[:, None], kh, vh, position, mask_mod, q.shape[0], scale, device, smoke)
+
+
 def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: bool):
     """FlexAttention with the position term as a precomputed score tensor (score_mod) and the
     causal + memory + same_length visibility as a block mask; its compile seconds apart."""
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from txl_fast.ops.rel_attention import full_positions, visibility_mask
 
@@ -866,24 +894,34 @@ def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: b
         index = (Lk - 1 - distance.clamp(0, Lk - 1)).expand(B, H, Lq, Lk)
         position = raw.gather(3, index).masked_fill(~visibility_mask(Lq, Lk, window, device), 0)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + position[b, h, q_idx, kv_idx]
-
     def mask_mod(b, h, q_idx, kv_idx):
         d = q_idx + mlen - kv_idx
         return (d >= 0) & (d < window)
 
-    block_mask = create_block_mask(mask_mod, None, None, Lq, Lk, device=str(device))
-    run = flex_attention if smoke else torch.compile(flex_attention)
-    # q + r_w_bias: the content term (no gradient on the CPU, where FlexAttention has no backward)
-    qb = (qh + u.detach()[None, :, None]).detach().requires_grad_(not smoke)
+    return compiled_flex(qh + u.detach()[None, :, None], kh, vh, position, mask_mod, None, scale, device, smoke)
 
+
+def compiled_flex(q_content, kh, vh, position, mask_mod, batch, scale, device, smoke: bool):
+    """FlexAttention of (B, H, Lq, D) queries (the content bias already added) with ``position``
+    (B, H, Lq, Lk) added to the scores and ``mask_mod`` as the block mask (per batch row when
+    ``batch`` is B, shared when None): the function, its compile seconds (forward, and backward on
+    a GPU) and the query leaf its gradient is taken for."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + position[b, h, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, batch, None, q_content.shape[2], kh.shape[2], device=str(device))
+    run = flex_attention if smoke else torch.compile(flex_attention)
+    # no gradient on the CPU, where FlexAttention has no backward
+    qb = q_content.detach().requires_grad_(not smoke)
     kf, vf = (kh.detach(), vh.detach()) if smoke else (kh, vh)
 
     def flex():
         return run(qb, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
-    t0 = time.perf_counter()                               # the compile: forward, and backward on a GPU
+    t0 = time.perf_counter()
     out = flex()
     if not smoke:
         torch.autograd.grad(out, [qb, kf, vf], torch.ones_like(out))
@@ -1100,6 +1138,9 @@ def main(argv=None) -> int:
                   device, smoke)
     for B in S["bench_attention"]["batches"]:      # last: each shape is a cold torch.compile
         stage.run(f"flex attention eval B{B}", time_attention, S, B, ceil, device, smoke, flex=True)
+    for spec in S["bench_bidirectional"]:
+        stage.run(f"flex conformer attention B{spec['B']} L{spec['L']} H{spec['H']}", time_bidirectional, spec, ceil,
+                  device, smoke, flex=True)
 
     print_table(report.doc["records"])
     failed = [r for r in report.doc["records"] if r["status"] == "error" or r.get("status_check") == "fail"]
