@@ -165,12 +165,79 @@ def test_flops_match_torch_flop_counter(cached):
 
 # ---- machine and runner --------------------------------------------------------------------------
 def test_machine_measure_is_quick_and_positive():
-    from txl_fast.bench.machine import measure, versions
+    from txl_fast.bench.machine import Machine, measure, versions
 
-    m = measure("cpu", size=256, copy_mib=8, reps=1)
-    assert m.matmul_flops > 0 and m.bandwidth > 0 and m.device == "cpu"
-    assert "GFLOP/s" in m.summary()
+    m = measure("cpu", reps=2, square=128, read_bytes=8 * 2**20, shapes=((16, 64, 32),))
+    assert m.device == "cpu" and set(m.matmul) == {"float32", "bfloat16"}
+    for dtype, shapes in m.matmul.items():
+        assert set(shapes) == {"128x128x128", "16x64x32"}
+        for r in shapes.values():
+            assert r["best"] >= r["median"] > 0
+        assert m.matmul_rate(dtype) == max(r["best"] for r in shapes.values())
+    assert m.read["large"]["bytes"] == 8 * 2**20 and m.read_rate == m.read["large"]["best"] > 0
+    assert m.read["layer"]["best"] > 0 and m.copy["best"] >= m.copy["median"] > 0
+    assert set(m.flags) == {"avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"}
+    line = m.summary()
+    assert "GFLOP/s" in line and "float32" in line and "bfloat16" in line and "read" in line and m.name in line
+    assert Machine.from_dict(json.loads(json.dumps(m.as_dict()))) == m          # the JSON carries it whole
     assert versions()["torch"] == torch.__version__
+
+
+def test_machine_rates_are_best_and_median_of_alternated_rounds():
+    from txl_fast.bench.machine import alternated_times, rate
+
+    calls = []
+    times = alternated_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3)
+    assert calls == ["a", "b"] * 4                       # a warm-up round, then 3 rounds, alternated
+    assert len(times["a"]) == len(times["b"]) == 3
+    assert rate(10.0, [1.0, 2.0, 5.0]) == {"best": 10.0, "median": 5.0}
+
+
+def test_machine_layer_buffer_is_one_wt103_layer():
+    from txl_fast.bench.machine import wt103_layer_bytes
+
+    # qkv 1024 x 3072, o_net 1024 x 1024, r_w/r_r biases 2 x 1024, two layer norms 2 x 2 x 1024,
+    # FF 1024 x 4096 + 4096 and 4096 x 1024 + 1024: 12,594,176 parameters (r_net left out)
+    assert wt103_layer_bytes(4) == 4 * 12_594_176 and wt103_layer_bytes(2) == 2 * 12_594_176
+
+
+# ---- the floor -----------------------------------------------------------------------------------
+def test_decode_step_reads_hand_count_wt103():
+    reads = analytic.decode_step_reads(WT103, mem_len=1600, batch=1, es=4)
+    assert reads["layers"] == 4 * 18 * 12_594_176                     # 906.8 MB
+    assert reads["embedding"] == 4 * (1024 * 1024 + 1024)              # the head's projection, one row
+    assert reads["head"] == 4 * (1024 * 1024 + 20000 * 1025 + 3 * 1025)   # projection, words + biases, clusters
+    assert reads["kv"] == 4 * 18 * 2 * 1601 * 1024                     # 236.1 MB
+    assert reads["positions"] == 4 * 18 * 1001 * 1024                  # clamp_len + 1 distinct distances
+    assert close(sum(reads.values()) / 1e9, 1.307, 0.001)
+    eight = analytic.decode_step_reads(WT103, mem_len=1600, batch=8, es=2)
+    assert eight["kv"] == 8 * reads["kv"] // 2 and eight["layers"] == reads["layers"] // 2
+    assert analytic.decode_step_reads(WT103, real_rows=127)["kv"] == 4 * 18 * 2 * 128 * 1024
+
+
+def test_floor_flops_and_seconds():
+    share = analytic.uniform_share(WT103)
+    steady = analytic.eval_floor_flops(WT103, 1, 128, 1600, 2, share=share)
+    one = analytic.eval_segment(WT103, 1, 128, 1600, cached=True, path="torch", share=share).flops
+    assert steady == pytest.approx(2 * one) and close(one / 1e9, 86.8, 0.01)
+    assert analytic.eval_floor_flops(WT103, 1, 128, 1600, 2, first_real=0, share=share) < steady
+    rate, bw = 1e11, 2e10
+    prompt = analytic.segment(WT103, 1, 128, 0, cached=True, labels=False, path="torch", logits_rows=1).flops
+    steps = sum(sum(analytic.decode_step_reads(WT103, 1600, 1, 4, 128 + i).values()) for i in range(3))
+    assert analytic.generate_floor_seconds(WT103, 1, 128, 4, 1600, rate, bw) == pytest.approx(prompt / rate + steps / bw)
+
+
+def test_floor_check_fails_a_slowed_step():
+    from txl_fast.bench.floor import check_fraction, fraction
+
+    floor_s, fast = 0.010, [0.020, 0.018, 0.019]          # best 18 ms: 56 % of a 10 ms floor
+    assert check_fraction("step", floor_s, fast, 0.5) == pytest.approx(10 / 18)
+    slowed = [t * 1.5 for t in fast]                        # the same step made 1.5x slower: 37 %
+    with pytest.raises(AssertionError, match=r"step: best of 3 runs 27.00 ms against a floor of 10.00 ms is 37%"):
+        check_fraction("step", floor_s, slowed, 0.5)
+    assert fraction(1.0, 4.0) == 0.25
+    with pytest.raises(ValueError, match="positive"):
+        fraction(0.0, 1.0)
 
 
 def test_results_md_section_replaced_in_place(tmp_path):
