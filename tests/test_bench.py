@@ -240,6 +240,17 @@ def test_floor_check_fails_a_slowed_step():
         fraction(0.0, 1.0)
 
 
+def test_runner_refuses_an_unsupported_dtype(capsys):
+    from txl_fast.bench.runner import main
+
+    for dtype in ("int8", "bfloat61", "float64") + (() if torch.cuda.is_available() else ("float16",)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--tiny", "--dtype", dtype])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("txl-fast: error: --dtype " + dtype) and "float32" in err[0], err
+
+
 def test_results_md_section_replaced_in_place(tmp_path):
     from txl_fast.bench.runner import MARK_BEGIN, MARK_END, write_results_md
 
@@ -264,15 +275,18 @@ def test_runner_tiny_smoke(tmp_path, capsys):
     assert "| workload | batch | mem_len | ours tok/s | HF tok/s | ratio |" in printed
     assert "No GPU" in printed or torch.cuda.is_available()
     report = json.loads(out_json.read_text())
-    assert report["machine"]["matmul_flops"] > 0
+    assert report["machine"]["matmul"]["float32"] and report["machine"]["read"]["large"]["best"] > 0
+    assert "| floor ms | ours of floor |" in printed
     kinds = {(r["kind"], r["batch"], r["mem_len"]) for r in report["results"]}
     assert ("eval", 1, 8) in kinds and ("generate", 2, 16) in kinds
     for r in report["results"]:
         assert r["agree"], r["check"]
         assert r["txl_fast"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0
         assert r["txl_fast"]["flops"] > 0 and r["ratio"] > 0
+        assert r["txl_fast"]["frac_floor"] == pytest.approx(r["floor_seconds"] / r["txl_fast"]["seconds"])
     assert [row["batch"] for row in report["prediction"]["rows"]] == [16, 32]
-    assert MARK_BEGIN in out_md.read_text() and "PREDICTION" in out_md.read_text()
+    section = out_md.read_text()
+    assert MARK_BEGIN in section and "PREDICTION" in section and "read" in section and "bfloat16" in section
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:

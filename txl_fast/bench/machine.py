@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from txl_fast import dtypes
 
-MATMUL_DTYPES = ("float32", "bfloat16")
+MATMUL_DTYPES = ("float32", "bfloat16")          # and float16 on CUDA
 # (rows, d_in, d_out) of F.linear: a wt103 segment's qkv, FF-in and FF-out products, and a square
 SEGMENT_SHAPES = ((128, 1024, 3072), (128, 1024, 4096), (128, 4096, 1024))
 
@@ -54,6 +54,8 @@ class Machine:
 
     def matmul_rate(self, dtype: str = "float32") -> float:
         """The floor's FLOP/s for ``dtype``: the best measured over the shapes."""
+        if dtype not in self.matmul:
+            raise ValueError(f"no {dtype} matmul rate was measured (measured: {', '.join(self.matmul)})")
         return max(r["best"] for r in self.matmul[dtype].values())
 
     @property
@@ -168,9 +170,10 @@ def measure(device: str = "cpu", reps: int = 5, square: Optional[int] = None, re
         name, threads, flags, llc = cpu_name(), torch.get_num_threads(), dtypes.cpu_flags(), llc_bytes()
         square, read_bytes = square or 2048, read_bytes or max(256 * 2**20, 4 * (llc or 0))
         method = f"{reps} alternated rounds after a warm-up, perf_counter"
+    matmul_dtypes = MATMUL_DTYPES + (("float16",) if device == "cuda" else ())
     g = torch.Generator(device=device).manual_seed(0)
     fns, work = {}, {}          # (dtype, "MxKxN"), "read large", "read layer", "copy" -> a call, its FLOPs or bytes
-    for dt in MATMUL_DTYPES:
+    for dt in matmul_dtypes:
         for rows, d_in, d_out in ((square, square, square), *shapes):
             x = torch.randn(rows, d_in, generator=g, device=device).to(getattr(torch, dt))
             w = torch.randn(d_out, d_in, generator=g, device=device).to(getattr(torch, dt))
@@ -185,7 +188,7 @@ def measure(device: str = "cpu", reps: int = 5, square: Optional[int] = None, re
     fns["read layer"], work["read layer"] = layer.sum, layer.numel() * 4
     fns["copy"], work["copy"] = (lambda: dst.copy_(big)), 2 * big.numel() * 4
     times = alternated_times(fns, device, reps)
-    matmul = {dt: {} for dt in MATMUL_DTYPES}
+    matmul = {dt: {} for dt in matmul_dtypes}
     for key in fns:
         if isinstance(key, tuple):
             matmul[key[0]][key[1]] = rate(work[key], times[key])
