@@ -251,6 +251,40 @@ def test_runner_refuses_an_unsupported_dtype(capsys):
         assert len(err) == 1 and err[0].startswith("txl-fast: error: --dtype " + dtype) and "float32" in err[0], err
 
 
+def test_bench_engine_tiny_smoke(tmp_path, capsys):
+    """benchmarks/bench_engine.py: the machine line first, every row with HF's time in the same dtype,
+    the ratio, the floor and our fraction of it, a decode-step row per --decode-batch; the JSON carries
+    the machine."""
+    pytest.importorskip("transformers", reason="the comparison needs the peer transformers==4.35.0")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_engine", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py")
+    bench_engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_engine)
+    out_json = tmp_path / "engine.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_engine.main(["--tiny", "--segments", "1", "--new-tokens", "3", "--batch", "1", "--decode-batch",
+                                  "1", "2", "--rounds", "1", "--dtype", "bfloat16", "--json", str(out_json)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.startswith("machine: ") and "bfloat16" in printed.splitlines()[0]
+    assert "| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor |" in printed
+    report = json.loads(out_json.read_text())
+    assert report["dtype"] == "bfloat16" and report["machine"]["read"]["large"]["best"] > 0
+    names = [r["workload"] for r in report["rows"]]
+    assert [n for n in names if n.startswith("greedy decode step")] == [
+        "greedy decode step, memory full (16 real tokens), batch 1",
+        "greedy decode step, memory full (16 real tokens), batch 2"]
+    for r in report["rows"]:
+        assert r["ours_s"] > 0 and r["hf_s"] > 0 and r["floor_s"] > 0
+        assert r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["ours_s"])
+        assert r["ratio"] == pytest.approx(r["hf_s"] / r["ours_s"])
+
+
 def test_results_md_section_replaced_in_place(tmp_path):
     from txl_fast.bench.runner import MARK_BEGIN, MARK_END, write_results_md
 
