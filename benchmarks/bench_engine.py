@@ -8,9 +8,10 @@ matmul rates, read bandwidth), printed as one line. Then the same random weights
 model -> save_pretrained -> txl_fast from_pretrained), both in ``--dtype`` (HF cast to it), the
 paper's wt103 protocol (tgt_len 128, mem_len 1600, clamp_len 1000, same_length), both warmed up,
 runs alternated (ours, HF, ours, HF, ...), medians. Every row: our time, HF's, the ratio, the floor
-(the machine's time for the work ours cannot avoid: FLOPs / the best matmul rate of the dtype for
+(the machine's time for the work ours cannot avoid: FLOPs / the matmul rate of the dtype for
 evaluation and prompts, bytes / the read bandwidth for a decode step; ``txl_fast.bench.floor``) and
-our fraction of it.
+our fraction of it. The rates of a row's floor are measured beside it: a 2048^3 matmul in the dtype
+and a read of the large buffer, called in turn with the row's runs, best of them (``Probes``).
 
 Rows: evaluation in the steady state of a long stream (our cache first runs enough untimed segments
 to fill its memory with real tokens; HF's work per segment does not depend on what its memory holds,
@@ -77,28 +78,48 @@ def hf_decode(hf, token, mems, steps):
             token = hf(token, mems=mems).prediction_scores[:, -1].argmax(-1, keepdim=True)
 
 
-def alternated(sides: dict, rounds: int) -> dict:
-    """Median seconds of each side's call, the sides called in turn for ``rounds`` rounds."""
-    times = {name: [] for name in sides}
+class Probes:
+    """The machine measured beside every row: a square matmul in the dtype and a read of a large
+    buffer, called in turn with the row's sides, so that a row's floor uses the rates the machine
+    gave while that row ran (a load that comes and goes hits both)."""
+
+    def __init__(self, dtype: torch.dtype, square: int, read_bytes: int):
+        self.a, self.b = torch.randn(square, square).to(dtype), torch.randn(square, square).to(dtype)
+        self.buffer = torch.ones(read_bytes // 4)
+        self.flops, self.bytes = 2.0 * square**3, read_bytes
+        self.sides = {"matmul probe": lambda: self.a @ self.b, "read probe": self.buffer.sum}
+        for fn in self.sides.values():                                      # warm-up
+            fn()
+
+    def rates(self, times: dict) -> tuple[float, float]:
+        """(matmul FLOP/s, read bytes/s): the best of the row's probe runs."""
+        return self.flops / min(times["matmul probe"]), self.bytes / min(times["read probe"])
+
+
+def alternated(sides: dict, rounds: int, probes: Probes) -> tuple[dict, tuple[float, float]]:
+    """Median seconds of each side's call and the probes' rates, all called in turn for ``rounds`` rounds."""
+    everything = {**sides, **probes.sides}
+    times = {name: [] for name in everything}
     for _ in range(rounds):
-        for name, fn in sides.items():
+        for name, fn in everything.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(times[name]) for name in sides}, probes.rates(times)
 
 
-def row(name, unit, ours_s, hf_s, floor_s):
+def row(name, unit, ours_s, hf_s, floor_s, rates):
     return dict(workload=name, unit=unit, ours_s=ours_s, hf_s=hf_s, ratio=hf_s / ours_s, floor_s=floor_s,
-                fraction_of_floor=fraction(floor_s, ours_s))
+                fraction_of_floor=fraction(floor_s, ours_s), matmul_flops_per_s=rates[0], read_bytes_per_s=rates[1])
 
 
 def format_rows(rows) -> str:
-    lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor | rates beside it |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['workload']} ({r['unit']}) | {r['ours_s'] * 1e3:.1f} | {r['hf_s'] * 1e3:.1f} "
-                     f"| {r['ratio']:.1f}× | {r['floor_s'] * 1e3:.3g} | {r['fraction_of_floor']:.0%} |")
+                     f"| {r['ratio']:.1f}× | {r['floor_s'] * 1e3:.3g} | {r['fraction_of_floor']:.0%} "
+                     f"| {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {r['read_bytes_per_s'] / 1e9:.1f} GB/s |")
     return "\n".join(lines)
 
 
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
         ours = txl_fast.TransfoXLLMHeadModel.from_pretrained(tmp, dtype=dtype)
     hf = hf.to(dtype)
     cfg, tgt = ours.config, 8 if args.tiny else 128
-    rate, bandwidth = machine.matmul_rate(args.dtype), machine.read_rate
+    probes = Probes(dtype, 256, 16 * 2**20) if args.tiny else Probes(dtype, 2048, machine.read["large"]["bytes"])
     share = analytic.uniform_share(cfg)                                     # random ids: uniform over the vocabulary
     print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters), {args.dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
@@ -149,26 +170,29 @@ def main(argv=None) -> int:
         data = torch.randint(0, cfg.vocab_size, (bsz, tgt * max(args.segments, fill)))
         full = ours_eval(ours, data, tgt, fill)                     # warm-up, and a memory of real tokens
         hf_eval(hf, data[:, : 2 * tgt], tgt, 2)
-        t = alternated({"ours": lambda: ours_eval(ours, data, tgt, args.segments, full),
-                        "hf": lambda: hf_eval(hf, data, tgt, args.segments),
-                        "zero": lambda: ours_eval(ours, data, tgt, args.segments)}, args.rounds)
+        t, rates = alternated({"ours": lambda: ours_eval(ours, data, tgt, args.segments, full),
+                               "hf": lambda: hf_eval(hf, data, tgt, args.segments),
+                               "zero": lambda: ours_eval(ours, data, tgt, args.segments)}, args.rounds, probes)
+        rate = rates[0]
         n = args.segments
         steady = analytic.eval_floor_flops(cfg, bsz, tgt, cfg.mem_len, n, es=es, share=share) / rate
         zero = analytic.eval_floor_flops(cfg, bsz, tgt, cfg.mem_len, n, first_real=0, es=es, share=share) / rate
-        rows.append(row(f"eval, batch {bsz}, memory full", "per segment", t["ours"] / n, t["hf"] / n, steady / n))
+        rows.append(row(f"eval, batch {bsz}, memory full", "per segment", t["ours"] / n, t["hf"] / n, steady / n,
+                        rates))
         rows.append(row(f"eval, batch {bsz}, first {n} segments on the zero memory", "per segment", t["zero"] / n,
-                        t["hf"] / n, zero / n))
+                        t["hf"] / n, zero / n, rates))
     prompt = torch.randint(0, cfg.vocab_size, (1, tgt))
     gen = {"ours": lambda: ours.generate(prompt, args.new_tokens),
            "hf": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
                                      pad_token_id=0)}
     tokens = {name: fn()[0, tgt:] for name, fn in gen.items()}          # warm-up, and the check
-    same = int((tokens["ours"] == tokens["hf"]).sum())
-    t = alternated(gen, args.rounds)
-    floor = analytic.generate_floor_seconds(cfg, 1, tgt, args.new_tokens, cfg.mem_len, rate, bandwidth, es)
+    both = min(len(tokens["ours"]), len(tokens["hf"]))                  # HF stops early at its eos (id 0)
+    same = int((tokens["ours"][:both] == tokens["hf"][:both]).sum())
+    t, rates = alternated(gen, args.rounds, probes)
+    floor = analytic.generate_floor_seconds(cfg, 1, tgt, args.new_tokens, cfg.mem_len, *rates, es)
     k = args.new_tokens
     rows.append(row(f"greedy generation, {tgt}-token prompt on the zero memory, {k} new, batch 1", "per new token",
-                    t["ours"] / k, t["hf"] / k, floor / k))
+                    t["ours"] / k, t["hf"] / k, floor / k, rates))
     steps = max(2, args.new_tokens // 2)
     for bsz in args.decode_batch:
         cache = ours.new_cache(bsz, "zeros", step_hint=1)
@@ -177,11 +201,11 @@ def main(argv=None) -> int:
         mems = [torch.randn(cfg.mem_len, bsz, cfg.d_model, dtype=dtype) for _ in range(cfg.n_layer)]
         token = torch.randint(0, cfg.vocab_size, (bsz, 1))
         ours_decode(ours, cache, token, 1)                                   # warm-up
-        t = alternated({"ours": lambda: ours_decode(ours, cache, token, steps),
-                        "hf": lambda: hf_decode(hf, token, mems, steps)}, args.rounds)
+        t, rates = alternated({"ours": lambda: ours_decode(ours, cache, token, steps),
+                               "hf": lambda: hf_decode(hf, token, mems, steps)}, args.rounds, probes)
         need = sum(analytic.decode_step_reads(cfg, cfg.mem_len, bsz, es).values())
         rows.append(row(f"greedy decode step, memory full ({cfg.mem_len} real tokens), batch {bsz}", "per step",
-                        t["ours"] / steps, t["hf"] / steps, need / bandwidth))
+                        t["ours"] / steps, t["hf"] / steps, need / rates[1], rates))
     print()
     print(format_rows(rows))
     print(f"\ngreedy tokens identical to HF's: {same}/{k} (generation row; {args.dtype})")
