@@ -113,12 +113,17 @@ def row(name, unit, ours_s, hf_s, floor_s, rates):
                 fraction_of_floor=fraction(floor_s, ours_s), matmul_flops_per_s=rates[0], read_bytes_per_s=rates[1])
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def format_rows(rows) -> str:
     lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor | rates beside it |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['workload']} ({r['unit']}) | {r['ours_s'] * 1e3:.1f} | {r['hf_s'] * 1e3:.1f} "
-                     f"| {r['ratio']:.1f}× | {r['floor_s'] * 1e3:.3g} | {r['fraction_of_floor']:.0%} "
+        lines.append(f"| {r['workload']} ({r['unit']}) | {_ms(r['ours_s'])} | {_ms(r['hf_s'])} "
+                     f"| {r['ratio']:.1f}× | {_ms(r['floor_s'])} | {r['fraction_of_floor']:.0%} "
                      f"| {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {r['read_bytes_per_s'] / 1e9:.1f} GB/s |")
     return "\n".join(lines)
 
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
     probes = Probes(dtype, 256, 16 * 2**20) if args.tiny else Probes(dtype, 2048, machine.read["large"]["bytes"])
     share = analytic.uniform_share(cfg)                                     # random ids: uniform over the vocabulary
     print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters), {args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers {transformers.__version__}; "
           f"tgt_len {tgt}, mem_len {cfg.mem_len}, clamp_len {cfg.clamp_len}, same_length {cfg.same_length}; "
           f"medians of {args.rounds} alternated rounds", flush=True)
     rows = []
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
         zero = analytic.eval_floor_flops(cfg, bsz, tgt, cfg.mem_len, n, first_real=0, es=es, share=share) / rate
         rows.append(row(f"eval, batch {bsz}, memory full", "per segment", t["ours"] / n, t["hf"] / n, steady / n,
                         rates))
-        rows.append(row(f"eval, batch {bsz}, first {n} segments on the zero memory", "per segment", t["zero"] / n,
+        rows.append(row(f"eval, batch {bsz}, first {n} segment{'s' if n > 1 else ''} on the zero memory", "per segment",
+                        t["zero"] / n,
                         t["hf"] / n, zero / n, rates))
     prompt = torch.randint(0, cfg.vocab_size, (1, tgt))
     gen = {"ours": lambda: ours.generate(prompt, args.new_tokens),

@@ -70,7 +70,8 @@ class Machine:
         """One line: the machine and its floors."""
         unit, scale = ("TFLOP/s", 1e12) if self.device == "cuda" else ("GFLOP/s", 1e9)
         flags = ", ".join(f for f, on in self.flags.items() if on) or ("no AVX-512/AMX" if self.flags else "")
-        where = f"{self.threads} {'SMs' if self.device == 'cuda' else 'threads'}" + (f"; {flags}" if flags else "")
+        unit_name = "SMs" if self.device == "cuda" else "thread" if self.threads == 1 else "threads"
+        where = f"{self.threads} {unit_name}" + (f"; {flags}" if flags else "")
         matmul = " / ".join(f"{dt} {self.matmul_rate(dt) / scale:.0f}" for dt in self.matmul)
         return (f"{self.name} ({self.device}, {where}): matmul {matmul} {unit}, read {self.read_rate / 1e9:.1f} GB/s "
                 f"({self.read['large']['bytes'] / 2**20:.0f} MiB; one wt103 layer's weights "
