@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     fp32, bf16 = result["float32"], result["bfloat16"]
     same_top1 = (fp32["top1"] == bf16["top1"]).double().mean().item()
     same = sum(int((a == b).sum()) for a, b in zip(fp32["greedy"], bf16["greedy"]))
-    prefix = [int((a != b).nonzero()[0]) if bool((a != b).any()) else len(a) for a, b in zip(fp32["greedy"], bf16["greedy"])]
+    prefix = [int((a != b).nonzero()[0]) if bool((a != b).any()) else len(a)      # identical tokens before the first
+              for a, b in zip(fp32["greedy"], bf16["greedy"])]                       # difference
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; embedded default model, "
           f"held-out text ({fp32['tokens']:,} predicted tokens), protocol {protocol}")
     print("| dtype | perplexity | eval s |")

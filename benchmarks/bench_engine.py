@@ -119,7 +119,8 @@ def _ms(seconds: float) -> str:
 
 
 def format_rows(rows) -> str:
-    lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor | rates beside it |",
+    lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor "
+             "| rates beside it |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['workload']} ({r['unit']}) | {_ms(r['ours_s'])} | {_ms(r['hf_s'])} "
@@ -130,7 +131,8 @@ def format_rows(rows) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both sides (default: %(default)s)")
     p.add_argument("--segments", type=int, default=4, help="evaluation segments per timed run")
     p.add_argument("--new-tokens", type=int, default=16, help="generated tokens per timed run")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4], help="evaluation batch sizes")
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
     cfg, tgt = ours.config, 8 if args.tiny else 128
     probes = Probes(dtype, 256, 16 * 2**20) if args.tiny else Probes(dtype, 2048, machine.read["large"]["bytes"])
     share = analytic.uniform_share(cfg)                                     # random ids: uniform over the vocabulary
-    print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters), {args.dtype}, "
+    params = sum(p.numel() for p in ours.parameters())
+    print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({params / 1e6:.0f}M parameters), {args.dtype}, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers {transformers.__version__}; "
           f"tgt_len {tgt}, mem_len {cfg.mem_len}, clamp_len {cfg.clamp_len}, same_length {cfg.same_length}; "
           f"medians of {args.rounds} alternated rounds", flush=True)
@@ -184,9 +187,9 @@ def main(argv=None) -> int:
         zero = analytic.eval_floor_flops(cfg, bsz, tgt, cfg.mem_len, n, first_real=0, es=es, share=share) / rate
         rows.append(row(f"eval, batch {bsz}, memory full", "per segment", t["ours"] / n, t["hf"] / n, steady / n,
                         rates))
-        rows.append(row(f"eval, batch {bsz}, first {n} segment{'s' if n > 1 else ''} on the zero memory", "per segment",
-                        t["zero"] / n,
-                        t["hf"] / n, zero / n, rates))
+        first = f"first {n} segment{'s' if n > 1 else ''}"
+        rows.append(row(f"eval, batch {bsz}, {first} on the zero memory", "per segment", t["zero"] / n, t["hf"] / n,
+                        zero / n, rates))
     prompt = torch.randint(0, cfg.vocab_size, (1, tgt))
     gen = {"ours": lambda: ours.generate(prompt, args.new_tokens),
            "hf": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,

@@ -224,7 +224,8 @@ def test_floor_flops_and_seconds():
     rate, bw = 1e11, 2e10
     prompt = analytic.segment(WT103, 1, 128, 0, cached=True, labels=False, path="torch", logits_rows=1).flops
     steps = sum(sum(analytic.decode_step_reads(WT103, 1600, 1, 4, 128 + i).values()) for i in range(3))
-    assert analytic.generate_floor_seconds(WT103, 1, 128, 4, 1600, rate, bw) == pytest.approx(prompt / rate + steps / bw)
+    floor = analytic.generate_floor_seconds(WT103, 1, 128, 4, 1600, rate, bw)
+    assert floor == pytest.approx(prompt / rate + steps / bw)
 
 
 def test_floor_check_fails_a_slowed_step():

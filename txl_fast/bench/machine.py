@@ -1,8 +1,8 @@
 """This machine, measured: its CPU flags, and the rates the benchmarks' floors are made of.
 
 Measured in the same run as the benchmark (``measure``, 2-4 s on a 2-core CPU):
-  - matmul FLOP/s in float32 and bfloat16, ``F.linear`` at the shapes a wt103 segment multiplies
-    (128 rows by the (3072, 1024), (4096, 1024) and (1024, 4096) weights) and the 2048^3 square;
+  - matmul FLOP/s in float32 and bfloat16, x @ W^T (as ``F.linear``) at the shapes a wt103 segment
+    multiplies (128 rows by the (3072, 1024), (4096, 1024) and (1024, 4096) weights) and 2048^3;
   - read bandwidth: ``x.sum()`` over a float32 buffer of at least 4x the last-level cache (256 MiB
     at least), and over a buffer the size of one wt103 layer's weights (fp32, r_net left out);
   - copy bandwidth: ``dst.copy_(src)`` of the large buffer, counted as its size read + written.
@@ -24,12 +24,11 @@ from importlib import metadata
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from txl_fast import dtypes
 
 MATMUL_DTYPES = ("float32", "bfloat16")          # and float16 on CUDA
-# (rows, d_in, d_out) of F.linear: a wt103 segment's qkv, FF-in and FF-out products, and a square
+# (rows, d_in, d_out) of x @ W^T: a wt103 segment's qkv, FF-in and FF-out products (and a square)
 SEGMENT_SHAPES = ((128, 1024, 3072), (128, 1024, 4096), (128, 4096, 1024))
 
 
@@ -62,9 +61,6 @@ class Machine:
     def read_rate(self) -> float:
         """The floor's bytes/s: the best read of the large buffer."""
         return self.read["large"]["best"]
-
-    def native_bf16(self) -> bool:
-        return dtypes.native_bf16_matmul(self.flags)
 
     def summary(self) -> str:
         """One line: the machine and its floors."""

@@ -316,7 +316,8 @@ def cuda_kernels(machine: Machine, log: Callable[[str], None]) -> list[dict]:
     def record(op, shape, backend, fn, cost):
         t = median_time(fn, "cuda")
         rows.append(dict(op=op, shape=shape, backend=backend, seconds=t, tflops_per_s=cost.flops / t / 1e12,
-                         gbytes_per_s=cost.bytes / t / 1e9, frac_matmul=cost.flops / t / machine.matmul_rate("bfloat16"),
+                         gbytes_per_s=cost.bytes / t / 1e9,
+                         frac_matmul=cost.flops / t / machine.matmul_rate("bfloat16"),
                          frac_bandwidth=cost.bytes / t / machine.read_rate))
         log(f"  {op:22s} {shape:28s} {backend:6s} {t * 1e6:9.1f} us  {rows[-1]['tflops_per_s']:7.2f} TFLOP/s "
             f"({rows[-1]['frac_matmul']:.0%})  {rows[-1]['gbytes_per_s']:7.1f} GB/s ({rows[-1]['frac_bandwidth']:.0%})")
@@ -412,6 +413,11 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def format_table(results: list[dict]) -> str:
     """One row per point: ours and HF's tokens/s in the same dtype, the ratio, the floor (the
     machine's time for the work ours cannot avoid, ``txl_fast.bench.floor``) and our fraction of it."""
@@ -423,7 +429,7 @@ def format_table(results: list[dict]) -> str:
         name = r["kind"] + ("" if r["mode"] == "cached" else " (uncached)")
         lines.append(
             f"| {name} | {r['batch']} | {r['mem_len']} | {o['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} "
-            f"| {r['ratio']:.2f}× | {r['floor_seconds'] * 1e3:.3g} | {o['frac_floor']:.0%} "
+            f"| {r['ratio']:.2f}× | {_ms(r['floor_seconds'])} | {o['frac_floor']:.0%} "
             f"| {_mib(o['peak_mem_bytes'])} | {_mib(h['peak_mem_bytes'])} | {'ok' if r['agree'] else 'MISMATCH'} |")
     return "\n".join(lines)
 
