@@ -92,6 +92,11 @@ def check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster
 CHUNK_ELEMENTS = 2**20           # logits per piece of the torch loss (4 MB in fp32: stays in cache)
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype sums are accumulated in: float64 stays, the rest (bf16, fp16) go to float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _project(x, proj):
     return x if proj is None else x @ proj                              # (N, d_proj) -> (N, d_c)
 
@@ -106,18 +111,18 @@ def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     head = linear(h0, weights[0], biases[0])                                 # (N, V_0)
     if cluster_weight is not None:
         head = torch.cat([head, linear(h0, cluster_weight, cluster_bias)], dim=-1)
-    return torch.log_softmax(head, dim=-1)
+    return torch.log_softmax(_acc(head), dim=-1)                             # float32 for bf16 / fp16
 
 
 def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     bounds = cluster_bounds(weights)
     head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)
     if len(weights) == 1:
-        return head
+        return head.to(hidden.dtype)
     out = hidden.new_empty(hidden.shape[0], bounds[-1])                 # (N, V), written cluster by cluster
     out[:, : bounds[1]] = head[:, : bounds[1]]
     for c in range(1, len(weights)):
-        tail = torch.log_softmax(linear(_project(hidden, projs[c]), weights[c], biases[c]), dim=-1)
+        tail = torch.log_softmax(_acc(linear(_project(hidden, projs[c]), weights[c], biases[c])), dim=-1)
         out[:, bounds[c] : bounds[c + 1]] = tail + head[:, bounds[1] + c - 1, None]
     return out
 
@@ -125,11 +130,12 @@ def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_b
 def _lse_and_pick(h, weight, bias, col):
     """Per row of h (n, d): the log-sum-exp of the logits h @ weight^T + bias and the logit at column
     ``col`` (n,) (0 where col is outside [0, V)), computed in pieces of CHUNK_ELEMENTS logits so that
-    each piece is reduced while it is in cache and no (n, V) tensor exists. Differentiable."""
-    lse, pick = None, torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    each piece is reduced while it is in cache and no (n, V) tensor exists; both in float32 for bf16 /
+    fp16 logits (``_acc``). Differentiable."""
+    lse, pick = None, _acc(torch.zeros(h.shape[0], dtype=h.dtype, device=h.device))
     chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))
     for start in range(0, weight.shape[0], chunk):
-        z = linear(h, weight[start : start + chunk], bias[start : start + chunk])     # (n, <= chunk)
+        z = _acc(linear(h, weight[start : start + chunk], bias[start : start + chunk]))     # (n, <= chunk)
         piece = torch.logsumexp(z, dim=1)
         lse = piece if lse is None else torch.logaddexp(lse, piece)
         inside = (col >= start) & (col < start + z.shape[1])
@@ -147,7 +153,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     lse, pick = _lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
     if cluster_weight is not None:
         # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
-        cluster_z = linear(h0, cluster_weight, cluster_bias)             # (N, C)
+        cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))       # (N, C)
         lse = torch.logaddexp(lse, torch.logsumexp(cluster_z, dim=1))
         in_tail = (cluster_of > 0) & ~ignored
         at = cluster_z.gather(1, (cluster_of - 1).clamp(0, len(weights) - 2)[:, None]).squeeze(1)
@@ -160,7 +166,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
         tail_lse, tail_pick = _lse_and_pick(_project(hidden[rows], projs[c]), weights[c], biases[c],
                                             target[rows] - bounds[c])
         logprob = logprob.index_add(0, rows, tail_pick - tail_lse)
-    return (-logprob).masked_fill(ignored, 0.0)
+    return (-logprob).masked_fill(ignored, 0.0).to(hidden.dtype)      # reduced in float32, rounded once
 
 
 def _split_params(n: int, params: tuple):
