@@ -361,7 +361,10 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
         r = r[max(0, r.shape[0] - k.shape[1]) :]                    # distances up to the new Lk - 1
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if is_decode(q, causal, window, keys) and not wants_grad:
+        return _decode_out(*inputs, scale, uniform_keys)
+    if wants_grad:
         def attend(*chunk, keys):
             return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
     else:
@@ -379,6 +382,38 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
             out[rows, :, cols] = attend(q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols],
                                         r_w_bias[cols], r_r_bias[cols], keys=None if keys is None else keys[rows])
     return out
+
+
+def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
+    """A decode step: one query per row, causal, every key visible (after the window's drop), no padding."""
+    return q.shape[1] == 1 and causal and window != 0 and keys is None
+
+
+def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
+    """One query per batch row, every key visible: (B, 1, H, D) out as three batched products over
+    the heads, each reading its operand once (the cache's head-major keys, values and position keys
+    are contiguous per head: no copies), and the softmax in fp32. On the CPU faster than the fused
+    kernel, which is built for query blocks (numbers in benchmarks/RESULTS.md, "Decode step").
+
+    Position scores: key j is at distance Lk - 1 - j, r's row Lr - 1 - d, row 0 for every distance
+    >= Lr - 1; the uniform keys 0 .. n-1 enter as key n - 1 with the log-sum-exp of their scores.
+    """
+    B, _, H, D = q.shape
+    Lk, Lr, n = k.shape[1], r.shape[0], max(uniform_keys, 1)
+    query = q.reshape(B, H, D).transpose(0, 1)                                            # (H, B, D)
+    position = torch.bmm((query + r_r_bias[:, None]) * scale, r.permute(1, 2, 0))         # (H, B, Lr)
+    if Lk > Lr:
+        position = torch.cat([position[..., :1].expand(H, B, Lk - Lr), position], dim=-1)
+    else:
+        position = position[..., Lr - Lk :]                                               # (H, B, Lk)
+    if uniform_keys > 1:
+        position = torch.cat([torch.logsumexp(position[..., :n], dim=-1, keepdim=True), position[..., n:]], dim=-1)
+    keys = k[:, n - 1 :].transpose(1, 2).reshape(B * H, Lk - n + 1, D)                    # (B*H, keys, D)
+    values = v[:, n - 1 :].transpose(1, 2).reshape(B * H, Lk - n + 1, D)
+    content_q = ((q.reshape(B, H, D) + r_w_bias) * scale).reshape(B * H, 1, D)
+    score = torch.baddbmm(position.transpose(0, 1).reshape(B * H, 1, -1), content_q, keys.transpose(1, 2))
+    prob = torch.softmax(score, dim=-1, dtype=torch.promote_types(score.dtype, torch.float32)).to(v.dtype)
+    return torch.bmm(prob, values).view(B, 1, H, D)
 
 
 class RelAttentionFunction(torch.autograd.Function):
