@@ -1,6 +1,6 @@
 """The cached decode step against the machine's read bandwidth, op class by op class.
 
-    python benchmarks/bench_decode.py [--dtype float32 bfloat16] [--batch 1 4] [--rounds 7]
+    python benchmarks/bench_decode.py [--dtype float32 bfloat16] [--batch 1 4] [--rounds 7] [--compare]
 
 wt103 configuration (HF's default TransfoXLConfig, 285M parameters, mem_len 1600, clamp_len 1000,
 same_length), random weights, 2 threads, the torch backend. The memory is full: each layer's cache
@@ -15,7 +15,9 @@ step replayed op class by op class over the 18 layers in sequence (so each weigh
 memory, as in a step), the classes alternated round by round with the whole step, medians: ms,
 bytes it must read, GB/s, and its fraction of the floor (bytes / bandwidth over its time). The
 rest of the step (Python, dispatch, the views and bookkeeping between the ops) is the step less
-the sum of the classes. Bytes: the weights (qkv_net, o_net, both feed-forward layers, layer norms),
+the sum of the classes. ``--compare`` times instead the whole step against the previous decode
+path (before packed weights, the decode branch of ``ops.rel_attention`` and unsplit bf16 rows:
+``before()``), alternated step by step. Bytes: the weights (qkv_net, o_net, both feed-forward layers, layer norms),
 the cached keys and values (B x (mem_len + 1) rows x d_model, each twice), the position keys (one
 (clamp_len + 1, d_model) block per layer, shared by the batch: r_net is not re-read, its
 projection is cached), the head cluster and its projection, and a tail cluster only when the
@@ -24,6 +26,7 @@ step scans it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 import statistics
@@ -38,6 +41,8 @@ from txl_fast.inference import _candidates, decode_step
 from txl_fast.model import trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
+linear_module = importlib.import_module("txl_fast.ops.linear")
+attention_module = importlib.import_module("txl_fast.ops.rel_attention")
 
 
 def cpu_name() -> str:
@@ -103,6 +108,9 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
     window = tr.attention_window(1, mlen)
     positions = tr._position_keys(mlen + 1, 1, written_out=False)
     ids = torch.randint(tr.n_token, (bsz, 1), generator=g)
+    weights = [w for layer in layers for w in layer.decode_weights()]
+    packed = tr._packed.get(weights, bsz) or [None] * len(weights)          # as the step takes them
+    qkv, o, ff1, ff2 = (list(zip(layers, packed[i::4])) for i in range(4))
 
     def kv_views(kv):
         return (kv.k[:, :, kv.start : kv.end + 1].transpose(1, 2), kv.v[:, :, kv.start : kv.end + 1].transpose(1, 2))
@@ -122,23 +130,23 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
     kv_bytes = sum(kv.k[:, :, kv.start : kv.end + 1].numel() * 2 * es for kv in cache.layers)
     r_bytes = sum(r.shape[0] * H * D * es for r in positions)
     tails = tail_clusters(model, ids, cache)
-    weights, _, projs, cw, _ = crit.clusters()
-    head_bytes = (weights[0].numel() + weights[0].shape[0] + (projs[0].numel() if projs[0] is not None else 0)
+    head, _, projs, cw, _ = crit.clusters()
+    head_bytes = (head[0].numel() + head[0].shape[0] + (projs[0].numel() if projs[0] is not None else 0)
                   + cw.numel() + cw.shape[0]) * es
-    head_bytes += sum((weights[c].numel() + weights[c].shape[0] + projs[c].numel()) * es for c in tails)
+    head_bytes += sum((head[c].numel() + head[c].shape[0] + projs[c].numel()) * es for c in tails)
     return {
         "embedding": (lambda: tr.word_emb(ids), 0),
-        "qkv_net": (lambda: [ops.linear(h, l.dec_attn.qkv_net.weight) for l in layers],
+        "qkv_net": (lambda: [ops.linear(h, l.dec_attn.qkv_net.weight, None, p) for l, p in qkv],
                     sum(weight_bytes(l.dec_attn.qkv_net) for l in layers)),
         "cache write": (lambda: [(kv.k[:, :, kv.end : kv.end + 1].copy_(k_new.transpose(1, 2)),
                                   kv.v[:, :, kv.end : kv.end + 1].copy_(v_new.transpose(1, 2))) for kv in cache.layers],
                         0),
         "attention (K, V, r)": (attention, kv_bytes + r_bytes),
-        "o_net": (lambda: [ops.linear(h, l.dec_attn.o_net.weight) for l in layers],
+        "o_net": (lambda: [ops.linear(h, l.dec_attn.o_net.weight, None, p) for l, p in o],
                   sum(weight_bytes(l.dec_attn.o_net) for l in layers)),
-        "ff1 + relu": (lambda: [torch.relu(ops.linear(h, l.pos_ff.CoreNet[0].weight, l.pos_ff.CoreNet[0].bias))
-                                for l in layers], sum(weight_bytes(l.pos_ff.CoreNet[0]) for l in layers)),
-        "ff2": (lambda: [ops.linear(inner, l.pos_ff.CoreNet[3].weight, l.pos_ff.CoreNet[3].bias) for l in layers],
+        "ff1 + relu": (lambda: [torch.relu(ops.linear(h, l.pos_ff.CoreNet[0].weight, l.pos_ff.CoreNet[0].bias, p))
+                                for l, p in ff1], sum(weight_bytes(l.pos_ff.CoreNet[0]) for l in layers)),
+        "ff2": (lambda: [ops.linear(inner, l.pos_ff.CoreNet[3].weight, l.pos_ff.CoreNet[3].bias, p) for l, p in ff2],
                 sum(weight_bytes(l.pos_ff.CoreNet[3]) for l in layers)),
         "layer norms + adds": (norms, sum(weight_bytes(l.dec_attn.layer_norm, l.pos_ff.layer_norm) for l in layers)),
         "next token (head" + (f" + tails {tails}" if tails else "") + ")": (
@@ -160,6 +168,15 @@ def tail_clusters(model, ids, cache) -> list:
         decode_step(model.transformer, model.crit, ids, cache, False, 0)
     cache.restore(layout)
     return sorted(set(scanned))
+
+
+@contextlib.contextmanager
+def before():
+    """The decode step as it was before packed weights (none are made, and bf16 rows are split as
+    fp32's), and before rel_attention's decode branch (the fused SDPA path takes one query too)."""
+    with mock.patch.object(linear_module, "MAX_PACKED_ROWS", 0), \
+            mock.patch.object(attention_module, "is_decode", lambda *args: False):
+        yield
 
 
 def time_rounds(fns: dict, rounds: int, bandwidth: Bandwidth) -> dict:
@@ -203,11 +220,37 @@ def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
     print(f"| rest (Python, dispatch, views) | {rest * 1e3:.2f} | {rest / t['step']:.0%} | | | |")
 
 
+def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> str:
+    """One table row: the step before and after, alternated, and their fractions of the floor."""
+    tr, crit = model.transformer, model.crit
+    cache = full_cache(tr, bsz, dtype)
+    ids = torch.randint(tr.n_token, (bsz, 1))
+    layout = cache.layout()
+
+    def step():
+        cache.restore(layout)
+        with trusted_token_ids():
+            decode_step(tr, crit, ids, cache, False, 0)
+
+    def step_before():
+        with before():
+            step()
+
+    step()
+    nbytes = sum(b for _, b in op_classes(model, cache, bsz, dtype).values())
+    t = time_rounds({"before": step_before, "after": step}, rounds, bandwidth)
+    floor = nbytes / bandwidth.gbps / 1e9
+    return (f"| {str(dtype).removeprefix('torch.')} | {bsz} | {nbytes / 1e6:.0f} | {floor * 1e3:.1f} | "
+            f"{t['before'] * 1e3:.1f} | {t['after'] * 1e3:.1f} | {t['before'] / t['after']:.2f}x | "
+            f"{floor / t['before']:.0%} | {floor / t['after']:.0%} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--compare", action="store_true", help="the whole step, before and after, alternated")
     args = p.parse_args()
     torch.set_num_threads(2)
     backend.set_backend("torch")
@@ -218,11 +261,17 @@ def main() -> None:
           f"read bandwidth x.sum() over 600 MB fp32: {bandwidth.gbps:.1f} GB/s (before the timings)")
     torch.manual_seed(0)
     base = txl_fast.TransfoXLLMHeadModel(txl_fast.TransfoXLConfig()).eval()
+    if args.compare:
+        print("\n| dtype | batch | MB read | floor ms | before ms | after ms | speed-up | before: of floor | "
+              "after: of floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
         for name in args.dtype:
             model = base.to(getattr(torch, name))
             for bsz in args.batch:
-                report(model, bsz, getattr(torch, name), args.rounds, bandwidth)
+                if args.compare:
+                    print(compare(model, bsz, getattr(torch, name), args.rounds, bandwidth), flush=True)
+                else:
+                    report(model, bsz, getattr(torch, name), args.rounds, bandwidth)
     print(f"\nread bandwidth over the whole run: median {bandwidth.gbps:.1f} GB/s, "
           f"range {min(bandwidth.samples):.1f}-{max(bandwidth.samples):.1f}")
 

@@ -110,10 +110,27 @@ def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, f
 
     q, k, v, r, u, w = (x.to(dtype).double() for x in inputs)          # float64 on the same rounded inputs
     ref = naive.rel_attention(q, uniform(k), uniform(v), r, u, w, D**-0.5, window)[0]
-    if ra.is_decode(inputs[0], True, window, None):
+    if ra.is_decode(inputs[0].to(dtype), True, window, None):
         assert decode_calls and not fused_calls          # one query per row: the decode products
     else:
         assert fused_calls or window == 0                # window 0: no key visible, the rows' mean value
+    assert_rel_close(out, ref, dtype, "out")
+
+
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[1] == 1 and spec[5] != 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decode_branch_matches_naive(case, dtype, monkeypatch, decode_calls):
+    """The decode branch (one query per row) in every dtype, not only those that take it by default."""
+    B, Lq, mlen, H, D, window, _, n = CASES[case]
+    monkeypatch.setattr(ra, "DECODE_DTYPES", (dtype,))
+    inputs, _ = make_inputs(case, "head_major", seed=len(case))
+    with torch.no_grad(), backend.use_backend("torch"):
+        out = rel_attention(*[x.to(dtype) for x in inputs], scale=D**-0.5, window=window, uniform_keys=n)
+    q, k, v, r, u, w = (x.to(dtype).double() for x in inputs)
+    if n:                                                # the closed form reads row n - 1 for rows [0, n)
+        k, v = (torch.cat([x[:, n - 1 : n].expand(-1, n, -1, -1), x[:, n:]], dim=1) for x in (k, v))
+    ref = naive.rel_attention(q, k, v, r, u, w, D**-0.5, window)[0]
+    assert decode_calls
     assert_rel_close(out, ref, dtype, "out")
 
 
