@@ -220,8 +220,8 @@ def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
     print(f"| rest (Python, dispatch, views) | {rest * 1e3:.2f} | {rest / t['step']:.0%} | | | |")
 
 
-def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> str:
-    """One table row: the step before and after, alternated, and their fractions of the floor."""
+def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> tuple:
+    """The step before and after, alternated: (dtype, batch, bytes read, seconds before, seconds after)."""
     tr, crit = model.transformer, model.crit
     cache = full_cache(tr, bsz, dtype)
     ids = torch.randint(tr.n_token, (bsz, 1))
@@ -239,10 +239,17 @@ def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> str:
     step()
     nbytes = sum(b for _, b in op_classes(model, cache, bsz, dtype).values())
     t = time_rounds({"before": step_before, "after": step}, rounds, bandwidth)
-    floor = nbytes / bandwidth.gbps / 1e9
-    return (f"| {str(dtype).removeprefix('torch.')} | {bsz} | {nbytes / 1e6:.0f} | {floor * 1e3:.1f} | "
-            f"{t['before'] * 1e3:.1f} | {t['after'] * 1e3:.1f} | {t['before'] / t['after']:.2f}x | "
-            f"{floor / t['before']:.0%} | {floor / t['after']:.0%} |")
+    return str(dtype).removeprefix("torch."), bsz, nbytes, t["before"], t["after"]
+
+
+def print_comparison(rows: list, gbps: float) -> None:
+    print(f"\nfloor: bytes / {gbps:.1f} GB/s (the run's median read bandwidth)\n")
+    print("| dtype | batch | MB read | floor ms | before ms | after ms | speed-up | before: of floor | "
+          "after: of floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype, bsz, nbytes, before_s, after_s in rows:
+        floor = nbytes / gbps / 1e9
+        print(f"| {dtype} | {bsz} | {nbytes / 1e6:.0f} | {floor * 1e3:.1f} | {before_s * 1e3:.1f} | "
+              f"{after_s * 1e3:.1f} | {before_s / after_s:.2f}x | {floor / before_s:.0%} | {floor / after_s:.0%} |")
 
 
 def main() -> None:
@@ -261,17 +268,17 @@ def main() -> None:
           f"read bandwidth x.sum() over 600 MB fp32: {bandwidth.gbps:.1f} GB/s (before the timings)")
     torch.manual_seed(0)
     base = txl_fast.TransfoXLLMHeadModel(txl_fast.TransfoXLConfig()).eval()
-    if args.compare:
-        print("\n| dtype | batch | MB read | floor ms | before ms | after ms | speed-up | before: of floor | "
-              "after: of floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    compared = []
     with torch.no_grad():
         for name in args.dtype:
             model = base.to(getattr(torch, name))
             for bsz in args.batch:
                 if args.compare:
-                    print(compare(model, bsz, getattr(torch, name), args.rounds, bandwidth), flush=True)
+                    compared.append(compare(model, bsz, getattr(torch, name), args.rounds, bandwidth))
                 else:
                     report(model, bsz, getattr(torch, name), args.rounds, bandwidth)
+    if compared:
+        print_comparison(compared, bandwidth.gbps)
     print(f"\nread bandwidth over the whole run: median {bandwidth.gbps:.1f} GB/s, "
           f"range {min(bandwidth.samples):.1f}-{max(bandwidth.samples):.1f}")
 
