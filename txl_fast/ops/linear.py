@@ -15,11 +15,11 @@ rows, one thread, other devices, weights that are not contiguous or do not split
 
 A decode step's few rows (``MAX_PACKED_ROWS``, a batch of single tokens) are faster still against a
 weight stored in oneDNN's blocked layout (``pack``, made once: the inference cache's
-``PackedWeights`` keeps them while the weights are unchanged): fp32 at 2 or more rows (split_linear
-reads 14 GB/s at 4 rows, the packed product 30) and bf16 at any row count (F.linear 15 GB/s for one
-row, split_linear 9: bf16 batched products are slow, the packed one 19); measured by
-``python benchmarks/bench_decode.py``, numbers in benchmarks/RESULTS.md. fp32 single rows keep
-split_linear (as fast as the packed product, and no copy of the weight). The packed product carries
+``PackedWeights`` keeps them while the weights are unchanged): fp32 at 2 or more rows (4 rows:
+split_linear reads 10-14 GB/s, the packed product 20-23) and bf16 at any row count (one row:
+F.linear 13-15 GB/s, split_linear 7-9, as bf16 batched products are slow, packed 16-19);
+``python benchmarks/bench_gemv.py --rows 1 4 --dtype bfloat16``, numbers in benchmarks/RESULTS.md
+("Decode step"). fp32 single rows keep split_linear (25-31 GB/s, packed 23-26, and no copy). The packed product carries
 no gradient to the weight: it is taken only when no gradient is wanted.
 """
 from __future__ import annotations
