@@ -17,8 +17,8 @@ bytes it must read, GB/s, and its fraction of the floor (bytes / bandwidth over 
 rest of the step (Python, dispatch, the views and bookkeeping between the ops) is the step less
 the sum of the classes. ``--compare`` times instead the whole step against the previous decode
 path (before packed weights, the decode branch of ``ops.rel_attention`` and unsplit bf16 rows:
-``before()``), alternated step by step. Bytes: the weights (qkv_net, o_net, both feed-forward layers, layer norms),
-the cached keys and values (B x (mem_len + 1) rows x d_model, each twice), the position keys (one
+``before()``), alternated step by step. Bytes: the weights (qkv_net, o_net, both feed-forward
+layers, layer norms), the cached keys and values (B x (mem_len + 1) rows x d_model, each twice), the position keys (one
 (clamp_len + 1, d_model) block per layer, shared by the batch: r_net is not re-read, its
 projection is cached), the head cluster and its projection, and a tail cluster only when the
 step scans it.

@@ -19,8 +19,8 @@ weight stored in oneDNN's blocked layout (``pack``, made once: the inference cac
 split_linear reads 10-14 GB/s, the packed product 20-23) and bf16 at any row count (one row:
 F.linear 13-15 GB/s, split_linear 7-9, as bf16 batched products are slow, packed 16-19);
 ``python benchmarks/bench_gemv.py --rows 1 4 --dtype bfloat16``, numbers in benchmarks/RESULTS.md
-("Decode step"). fp32 single rows keep split_linear (25-31 GB/s, packed 23-26, and no copy). The packed product carries
-no gradient to the weight: it is taken only when no gradient is wanted.
+("Decode step"). fp32 single rows keep split_linear (25-31 GB/s, packed 23-26, and no copy). The
+packed product carries no gradient to the weight: it is taken only when no gradient is wanted.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     blocks = torch.get_num_threads()
     if (x.device.type == "cpu" and blocks > 1 and 0 < rows <= MAX_ROWS and N % blocks == 0
-            and not (x.dtype == torch.bfloat16 and rows <= MAX_PACKED_ROWS) and weight.is_contiguous() and x.shape[-1] == K
-            and (bias is None or bias.shape == (N,))):
+            and not (x.dtype == torch.bfloat16 and rows <= MAX_PACKED_ROWS)      # bf16 batched products: slow
+            and weight.is_contiguous() and x.shape[-1] == K and (bias is None or bias.shape == (N,))):
         return split_linear(x, weight, bias, blocks)
     return F.linear(x, weight, bias)

@@ -397,9 +397,10 @@ def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
 
 def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
     """One query per batch row, every key visible: (B, 1, H, D) out as three batched products over
-    the heads, each reading its operand once (the cache's head-major keys, values and position keys
-    are contiguous per head: no copies), and the softmax in fp32. On the CPU faster than the fused
-    kernel in bf16, which is built for query blocks (see DECODE_DTYPES).
+    the heads (position keys, keys, values: the cache's head-major blocks, passed as views), and the
+    softmax in fp32. On the CPU faster than the fused kernel in bf16 (see DECODE_DTYPES), though
+    still short of the read bandwidth: bf16 ``bmm`` copies blocks whose batch stride is the cache
+    buffer's (benchmarks/RESULTS.md, "Decode step").
 
     Position scores: key j is at distance Lk - 1 - j, r's row Lr - 1 - d, row 0 for every distance
     >= Lr - 1; the uniform keys 0 .. n-1 enter as key n - 1 with the log-sum-exp of their scores.
