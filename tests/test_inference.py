@@ -322,7 +322,16 @@ def test_position_keys_are_kept_across_caches_until_the_weights_change():
 def test_decode_weights_are_packed_once_and_remade_when_they_change():
     """Batch-2 fp32 decode steps take the layer weights packed (``cache.PackedWeights``), kept across
     steps and caches, remade after an in-place update or load_state_dict, never used under autograd
-    or for a single fp32 row; the steps equal the uncached forward throughout."""
+    or for a single fp32 row on two threads; the steps equal the uncached forward throughout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _packed_decode_weights_lifecycle()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _packed_decode_weights_lifecycle():
     model = model_for(mem_len=9, clamp_len=4)
     kept = model.transformer._packed
     g = torch.Generator().manual_seed(3)
@@ -351,7 +360,7 @@ def test_decode_weights_are_packed_once_and_remade_when_they_change():
         assert kept._packed is not second
         model.clear_position_cache()
         assert kept._packed is None
-        step_equals_uncached(cache_bsz=1)                                      # fp32, one row: split_linear
+        step_equals_uncached(cache_bsz=1)                           # fp32, one row, two threads: split_linear
         assert kept._packed is None
     weight = model.transformer.layers[0].dec_attn.qkv_net.weight
     model(ids, cache=model.new_cache(2)).prediction_scores.sum().backward()    # autograd: not packed

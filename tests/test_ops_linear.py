@@ -99,13 +99,37 @@ def test_packed_path_matches_f_linear(dtype, rows, with_bias):
     assert_rel_close(used, F.linear(x, other, b), dtype, "out with another packed weight")
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (``threads(n)``), restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@needs_onednn
+def test_fp32_single_rows_packed_on_one_thread_only(threads):
+    """On one thread split_linear has nothing to split and the packed product is faster; on two
+    split_linear reads faster than the packed product (benchmarks/RESULTS.md, "Decode step")."""
+    w = torch.randn(6, 16)
+    threads(1)
+    assert linear_module.packing_helps(w, 1)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        used = ops.linear(x, w, packed=linear_module.pack(torch.zeros_like(w), 1))
+    assert torch.equal(used, torch.zeros(1, 6)), "one thread: the packed weight was not used"
+    threads(2)
+    assert not linear_module.packing_helps(w, 1)
+
+
 @needs_onednn
 @pytest.mark.parametrize("why,dtype,rows,grad", [
-    ("fp32 single row: split_linear", torch.float32, 1, False),
+    ("fp32 single row on two threads: split_linear", torch.float32, 1, False),
     ("more rows than MAX_PACKED_ROWS", torch.float32, linear_module.MAX_PACKED_ROWS + 1, False),
     ("a gradient is wanted", torch.float32, 4, True),
 ])
-def test_packed_weight_ignored(why, dtype, rows, grad):
+def test_packed_weight_ignored(why, dtype, rows, grad, threads):
+    threads(2)
     g = torch.Generator().manual_seed(2)
     x, w, other = (torch.randn(*s, generator=g) for s in [(rows, 16), (6, 16), (6, 16)])
     w.requires_grad_(grad)

@@ -192,7 +192,7 @@ class PackedWeights:
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 
     ``get(weights, rows)`` returns one packed copy per weight, or None where it would not help
-    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows; a CPU with oneDNN) or while
+    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with oneDNN) or while
     autograd is on; the copies are remade when the row count or a weight's storage or version
     counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a second copy
     of the weights they pack (wt103 bf16: 453 MB for the 18 layers).

@@ -19,7 +19,9 @@ weight stored in oneDNN's blocked layout (``pack``, made once: the inference cac
 split_linear reads 10-14 GB/s, the packed product 20-23) and bf16 at any row count (one row:
 F.linear 13-15 GB/s, split_linear 7-9, as bf16 batched products are slow, packed 16-19);
 ``python benchmarks/bench_gemv.py --rows 1 4 --dtype bfloat16``, numbers in benchmarks/RESULTS.md
-("Decode step"). fp32 single rows keep split_linear (25-31 GB/s, packed 23-26, and no copy). The
+("Decode step"). fp32 single rows keep split_linear on several threads (25-31 GB/s, packed 23-26,
+and no copy); on one thread, where there is nothing to split, they are packed too (a whole decode
+step of ``benchmarks/test_floor.py``'s model: 15.4 against 18.0 ms, best of 25 alternated). The
 packed product carries no gradient to the weight: it is taken only when no gradient is wanted.
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 def packing_helps(weight: torch.Tensor, rows: int) -> bool:
     """Whether products of ``rows`` rows with ``weight`` are faster packed (see the module docstring)."""
     return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and 0 < rows <= MAX_PACKED_ROWS
-            and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and rows > 1)))
+            and (weight.dtype == torch.bfloat16
+                 or (weight.dtype == torch.float32 and (rows > 1 or torch.get_num_threads() == 1))))
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
