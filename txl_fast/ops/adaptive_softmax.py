@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from txl_fast import backend, naive
 from txl_fast.ops.linear import linear
@@ -124,17 +125,25 @@ def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_b
 
 def _lse_and_pick(h, weight, bias, col):
     """Per row of h (n, d): the log-sum-exp of the logits h @ weight^T + bias and the logit at column
-    ``col`` (n,) (0 where col is outside [0, V)), computed in pieces of CHUNK_ELEMENTS logits so that
-    each piece is reduced while it is in cache and no (n, V) tensor exists. Differentiable."""
-    lse, pick = None, torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    ``col`` (n,) (0 where col is outside [0, V)), in float32 for fp16/bf16 logits (else their dtype),
+    computed in pieces of CHUNK_ELEMENTS logits so that each piece is reduced while it is in cache
+    and no (n, V) tensor exists. Differentiable.
+
+    A piece's log-sum-exp is its largest logit less that logit's log-softmax: on the CPU the fused
+    log-softmax (a max pass, an exp-sum pass, a write) and two max passes take half the time of
+    ``torch.logsumexp``'s four passes (wt103's pieces, numbers in benchmarks/RESULTS.md), reading
+    the piece's rows contiguous, as ``F.linear`` writes them."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    lse, pick = None, torch.zeros(h.shape[0], dtype=acc, device=h.device)
     chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))
     for start in range(0, weight.shape[0], chunk):
-        z = linear(h, weight[start : start + chunk], bias[start : start + chunk])     # (n, <= chunk)
-        piece = torch.logsumexp(z, dim=1)
+        z = F.linear(h, weight[start : start + chunk], bias[start : start + chunk])      # (n, <= chunk)
+        # the largest logit less its log-softmax, the largest one (a max with indices is slower than two)
+        piece = z.amax(dim=1).to(acc) - torch.log_softmax(z, dim=1, dtype=acc).amax(dim=1)
         lse = piece if lse is None else torch.logaddexp(lse, piece)
         inside = (col >= start) & (col < start + z.shape[1])
         at = z.gather(1, (col - start).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-        pick = pick + torch.where(inside, at, 0.0)
+        pick = pick + torch.where(inside, at.to(acc), 0.0)
     return lse, pick
 
 
@@ -148,10 +157,10 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     if cluster_weight is not None:
         # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
         cluster_z = linear(h0, cluster_weight, cluster_bias)             # (N, C)
-        lse = torch.logaddexp(lse, torch.logsumexp(cluster_z, dim=1))
+        lse = torch.logaddexp(lse, torch.logsumexp(cluster_z.to(lse.dtype), dim=1))
         in_tail = (cluster_of > 0) & ~ignored
         at = cluster_z.gather(1, (cluster_of - 1).clamp(0, len(weights) - 2)[:, None]).squeeze(1)
-        pick = torch.where(in_tail, at, pick)
+        pick = torch.where(in_tail, at.to(pick.dtype), pick)
     logprob = pick - lse
     for c in range(1, len(weights)):
         rows = (cluster_of == c).nonzero().squeeze(1)
@@ -160,7 +169,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
         tail_lse, tail_pick = _lse_and_pick(_project(hidden[rows], projs[c]), weights[c], biases[c],
                                             target[rows] - bounds[c])
         logprob = logprob.index_add(0, rows, tail_pick - tail_lse)
-    return (-logprob).masked_fill(ignored, 0.0)
+    return (-logprob).masked_fill(ignored, 0.0).to(hidden.dtype)          # accumulated in fp32 for fp16/bf16
 
 
 def _split_params(n: int, params: tuple):
