@@ -9,8 +9,8 @@ hold; the timed segments then slide it as a long stream does), the NLL of every 
 
 First line: the machine. Then per dtype and batch: this machine's matmul rate in that dtype, measured
 in every round between the segments (the machine is shared: the two drift together), at the four
-128·B-row products of a segment (q/k/v, o, ff1, ff2; the faster of ``F.linear`` and ``ops.linear``
-each, their FLOPs over their summed times) and at 2048³, medians; the larger of the two is "the
+128·B-row products of a segment (q/k/v, o, ff1, ff2; the faster of ``F.linear`` and
+``ops.linear``'s ``split_linear`` each, both shown, their FLOPs over their summed times) and at 2048³, medians; the larger of the two is "the
 rate". The segment's time (median of --rounds, alternated with --against's when given), and each
 op class timed apart over the 18 layers' own weights and caches (so each reads what it reads
 inside a segment), its matmul FLOPs, GFLOP/s and fraction of the rate. The attention's content
@@ -40,6 +40,7 @@ import txl_fast
 from txl_fast import ops
 from txl_fast.bench import analytic
 from txl_fast.bench.machine import cpu_name
+from txl_fast.ops.linear import split_linear
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TGT, MEM = 128, 1600
@@ -69,19 +70,24 @@ def cpu_flags() -> str:
     return ", ".join(f for f in wanted if f in flags) or "no AVX-512"
 
 
-def matmul_rate(cfg, batch: int, dtype) -> tuple[float, float, float]:
-    """(the rate, rate at the segment's 128·B-row products, rate at 2048³) in FLOP/s for ``dtype``."""
+def matmul_rate(cfg, batch: int, dtype) -> tuple[float, float, float, dict]:
+    """(the rate, rate at the segment's 128·B-row products, rate at 2048³) in FLOP/s for ``dtype``, and
+    {product: (F.linear's, split_linear's FLOP/s)} at those products."""
     rows, d, hd = TGT * batch, cfg.d_model, cfg.n_head * cfg.d_head
-    shapes = [(d, 3 * hd, False), (hd, d, False), (d, cfg.d_inner, True), (cfg.d_inner, d, True)]
+    shapes = {"q/k/v": (d, 3 * hd, False), "o": (hd, d, False), "ff1": (d, cfg.d_inner, True),
+              "ff2": (cfg.d_inner, d, True)}
     flops = seconds = 0.0
-    for k, n, bias in shapes:
+    each = {}
+    for name, (k, n, bias) in shapes.items():
         x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         b = torch.randn(n, dtype=dtype) if bias else None
-        seconds += min(best_time(lambda: F.linear(x, w, b)), best_time(lambda: ops.linear(x, w, b)))
+        times = (best_time(lambda: F.linear(x, w, b)), best_time(lambda: split_linear(x, w, b, torch.get_num_threads())))
+        each[name] = tuple(2.0 * rows * k * n / t for t in times)
+        seconds += min(times)
         flops += 2.0 * rows * k * n
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     square = 2.0 * 2048**3 / best_time(lambda: torch.mm(a, b))
-    return max(flops / seconds, square), flops / seconds, square
+    return max(flops / seconds, square), flops / seconds, square, each
 
 
 def build(dtype, batch: int):
@@ -213,12 +219,22 @@ def report(dtype, batch: int, rounds: int, against: dict | None, rev: str) -> No
                     start = time.perf_counter()
                     segment()
                     times[name].append(time.perf_counter() - start)
+        errors = {}
+        for name, functions in variants.items():     # the NLL of the last segment's hidden states vs float64
+            with swapped(functions):
+                hidden = model.transformer(ids[:, :-1], cache=cache).last_hidden_state.reshape(-1, cfg.d_model)
+                nll = ops.adaptive_nll(hidden, ids[:, 1:].reshape(-1), *model.crit.clusters())
+            wide = [[None if t is None else t.double() for t in c] if isinstance(c, list) else c.double()
+                    for c in model.crit.clusters()]
+            exact = ops.adaptive_nll(hidden.double(), ids[:, 1:].reshape(-1), *wide)
+            errors[name] = (nll.double() - exact).mean().item(), exact.mean().item()
         breakdowns = {}
         for name, functions in variants.items():
             with swapped(functions):
                 breakdowns[name] = {op: (best_time(fn, reps=3), flops)
                                     for op, (fn, flops) in op_classes(model, cache, ids).items()}
     rate, at_rows, square = (statistics.median(r[i] for r in rates) for i in range(3))
+    products = {name: [statistics.median(r[3][name][i] for r in rates) / 1e9 for i in range(2)] for name in rates[0][3]}
     share = [float(s) for s in torch.bincount(torch.bucketize(ids[:, 1:].reshape(-1),
                                                               torch.tensor(model.crit.cutoffs[:-1]), right=True),
                                               minlength=len(cfg.cutoffs) + 1) / ids[:, 1:].numel()]
@@ -226,7 +242,8 @@ def report(dtype, batch: int, rounds: int, against: dict | None, rev: str) -> No
     label = str(dtype).replace("torch.", "")
     print(f"\n{label}, batch {batch}: matmul {at_rows / 1e9:.0f} GFLOP/s at the segment's products, "
           f"{square / 1e9:.0f} at 2048³ (medians of {rounds}, measured between the segments): the rate "
-          f"{rate / 1e9:.0f} GFLOP/s")
+          f"{rate / 1e9:.0f} GFLOP/s; F.linear / split_linear: "
+          + ", ".join(f"{name} {f:.0f} / {split:.0f}" for name, (f, split) in products.items()))
     for name in variants:
         seconds = statistics.median(times[name])
         ops_ = breakdowns[name]
@@ -236,7 +253,9 @@ def report(dtype, batch: int, rounds: int, against: dict | None, rev: str) -> No
         print(f"\n{label}, batch {batch}, {name}: segment {seconds * 1e3:.0f} ms (median of {rounds}: "
               f"{', '.join(f'{t * 1e3:.0f}' for t in times[name])}), {flops / 1e9:.1f} GFLOP of products "
               f"(analytic, elementwise included: {analytic_flops / 1e9:.1f}), {flops / seconds / 1e9:.0f} GFLOP/s "
-              f"= **{flops / seconds / rate:.0%} of the matmul rate**, {batch * TGT / seconds:.0f} tokens/s\n")
+              f"= **{flops / seconds / rate:.0%} of the matmul rate**, {batch * TGT / seconds:.0f} tokens/s; "
+              f"mean NLL {errors[name][1]:.3f}, off by {errors[name][0]:+.1e} nats against the same hidden "
+              f"states and weights in float64\n")
         print("| op (18 layers) | ms | share | GFLOP | GFLOP/s | of the rate |")
         print("|---|---:|---:|---:|---:|---:|")
         for op in ORDER:
