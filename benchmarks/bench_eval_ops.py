@@ -10,12 +10,13 @@ hold; the timed segments then slide it as a long stream does), the NLL of every 
 First line: the machine. Then per dtype and batch: this machine's matmul rate in that dtype, measured
 in every round between the segments (the machine is shared: the two drift together), at the four
 128·B-row products of a segment (q/k/v, o, ff1, ff2; the faster of ``F.linear`` and
-``ops.linear``'s ``split_linear`` each, both shown, their FLOPs over their summed times) and at 2048³, medians; the larger of the two is "the
-rate". The segment's time (median of --rounds, alternated with --against's when given), and each
-op class timed apart over the 18 layers' own weights and caches (so each reads what it reads
-inside a segment), its matmul FLOPs, GFLOP/s and fraction of the rate. The attention's content
-scores, softmax and values are its whole time less the position term's.
-"overhead" is the segment's time less the ops' sum (Python, views, the cache's moves).
+``ops.linear``'s ``split_linear`` each, both shown; their FLOPs over their summed times) and at
+2048³, medians; the larger of the two is "the rate". The segment's time (median of --rounds,
+alternated with --against's when given), and each op class timed apart over the 18 layers' own
+weights and caches (so each reads what it reads inside a segment), its matmul FLOPs, GFLOP/s and
+fraction of the rate. The attention's content scores, softmax and values are its whole time less
+the position term's. "overhead" is the segment's time less the ops' sum (Python, views, the
+cache's moves, and what the replays do not reproduce: caches and the allocator's state).
 FLOPs are the products' (2 per multiply-add), counted as ``txl_fast.bench.analytic`` does: the
 content scores and values dense over the keys, the position scores over the clamp_len + 1
 distinct distances, the adaptive softmax's head for every token and each tail cluster for its own
@@ -81,7 +82,8 @@ def matmul_rate(cfg, batch: int, dtype) -> tuple[float, float, float, dict]:
     for name, (k, n, bias) in shapes.items():
         x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         b = torch.randn(n, dtype=dtype) if bias else None
-        times = (best_time(lambda: F.linear(x, w, b)), best_time(lambda: split_linear(x, w, b, torch.get_num_threads())))
+        threads = torch.get_num_threads()
+        times = (best_time(lambda: F.linear(x, w, b)), best_time(lambda: split_linear(x, w, b, threads)))
         each[name] = tuple(2.0 * rows * k * n / t for t in times)
         seconds += min(times)
         flops += 2.0 * rows * k * n
@@ -117,7 +119,7 @@ def op_classes(model, cache, ids):
     B, Lq = ids.shape[0], ids.shape[1] - 1
     H, D, d, di = cfg.n_head, cfg.d_head, cfg.d_model, cfg.d_inner
     rows, Lk, Lr = B * Lq, MEM + Lq, cfg.clamp_len + 1
-    layers = [layer for layer in tr.layers]
+    layers = list(tr.layers)
     attn = [layer.dec_attn for layer in layers]
     h = tr.word_emb(ids[:, :-1])                                                     # (B, Lq, d)
     window = tr.attention_window(Lq, MEM)
@@ -156,6 +158,7 @@ def op_classes(model, cache, ids):
         size, width = w.shape[0] + (len(weights) - 1 if c == 0 else 0), w.shape[1]
         softmax_flops += 2.0 * n * width * size + (2.0 * n * d * width if proj is not None else 0.0)
     L = len(layers)
+    ff1, ff2 = ([layer.pos_ff.CoreNet[i] for layer in layers] for i in (0, 3))
     return {
         "embedding": (lambda: tr.word_emb(ids[:, :-1]), 0.0),
         "q/k/v projection": (each(lambda i: ops.linear(h, attn[i].qkv_net.weight)), L * 2.0 * rows * d * 3 * H * D),
@@ -165,10 +168,8 @@ def op_classes(model, cache, ids):
         "o projection": (each(lambda i: ops.linear(attn_out, attn[i].o_net.weight)), L * 2.0 * rows * H * D * d),
         "add + layer norm (2)": (each(lambda i: [layers[i].dec_attn.layer_norm(h + attn_out),
                                                  layers[i].pos_ff.layer_norm(h + attn_out)]), 0.0),
-        "ff1 + relu": (each(lambda i: torch.relu(ops.linear(h, layers[i].pos_ff.CoreNet[0].weight,
-                                                            layers[i].pos_ff.CoreNet[0].bias))), L * 2.0 * rows * d * di),
-        "ff2": (each(lambda i: ops.linear(inner, layers[i].pos_ff.CoreNet[3].weight, layers[i].pos_ff.CoreNet[3].bias)),
-                L * 2.0 * rows * di * d),
+        "ff1 + relu": (each(lambda i: torch.relu(ops.linear(h, ff1[i].weight, ff1[i].bias))), L * 2.0 * rows * d * di),
+        "ff2": (each(lambda i: ops.linear(inner, ff2[i].weight, ff2[i].bias)), L * 2.0 * rows * di * d),
         "adaptive softmax NLL": (lambda: ops.adaptive_nll(h.reshape(-1, d), targets, *clusters), softmax_flops),
     }
 
