@@ -1,9 +1,12 @@
 """Fused relative-position attention (Transformer-XL), forward and backward, in Triton.
 
 Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
-r (Lk, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
-(q_i + w).r[j + Lq - 1 - i]), visible iff 0 <= i + mlen - j (< window)). The op's clamped
-(Lr, H, D) position keys reach the kernels written out to Lk rows (``full_positions``).
+r (Lr, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
+(q_i + w).r[j + Lq - 1 - i]), row p of r the distance Lk - 1 - p). Key j is visible to query i
+when the distance d = i + mlen - j lies in [dmin, dmax] and j < key_lengths[b] (``visibility``):
+causal, [0, window - 1] and Lr = Lk (the op's clamped position keys written out to Lk rows,
+``full_positions``); bidirectional (Conformer encoders), [-right, left] for a context
+(left, right) or every distance, and Lr = Lk + Lq - 1 (distances down to -(Lq - 1)).
 ``txl_fast.naive`` is the literal validator.
 
 Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
@@ -44,11 +47,22 @@ Kernel design
   dscore the same way (gather with the inverse index, zero outside the band). Nothing of size
   Lq x Lk is ever written to memory.
 * Masking: invisible scores get a finite fill (-1e30 in the log2 domain), keys past Lk get -inf.
-  A row with no visible key (only possible with window == 0) then has all scores equal to the
-  fill and comes out exactly uniform over the Lk keys, as HF's masked_fill(finfo.min) gives;
-  for window == 0 every program visits all keys. The backward zeroes dscore at invisible
+  The bounds a score is checked against are constexpr (LOWER, UPPER, HAS_LENGTHS): the causal
+  mode without a window checks d >= 0 only, as before the bidirectional mode existed, and the
+  bidirectional mode without context or padding checks nothing. The key tiles a query tile
+  visits are those of its rows' band, [m0 + mlen - dmax, m0 + BM - 1 + mlen - dmin], cut at its
+  batch row's key length (``_key_range``; ``_bwd_dkdv_kernel`` bounds its query tiles the same
+  way), so tiles of padding are never read.
+* Empty rows (no visible key: a window of 0, a key length of 0, or a window that falls into the
+  padding). Since dmin <= 0 they are the rows [end, Lq) (``_rows_with_keys``, one formula per
+  program). HF's uniform rows (empty_rows="uniform"): every program whose tile holds an empty row
+  visits all Lk keys, whose scores are all the fill, so the row comes out exactly uniform over
+  the Lk keys, as HF's masked_fill(finfo.min) gives, and the dk/dv programs visit every query
+  tile of a batch row that has one. empty_rows="zero" (ZERO_EMPTY): the forward writes l = 0 and
+  out = 0 for those rows (no test in the key loop), and the backward takes their probabilities
+  as 0 (m = 0, 1/l = 0: never a division by 0). The backward zeroes dscore at invisible
   positions (those scores are constants), and recomputes p = exp2(s - m) / l from the saved m and
-  l (storing m and l apart, not m + log l, keeps 1/Lk exact for such rows).
+  l (storing m and l apart, not m + log l, keeps 1/Lk exact for uniform rows).
 * Backward: ``_bwd_delta_kernel`` computes delta = rowsum(o * do). ``_bwd_dq_kernel`` (one program
   per query tile, loop over key tiles) writes dq = dq_content + dq_position and per-tile partial
   sums of dq_content (-> d r_w_bias) and dq_position (-> d r_r_bias), reduced on the host over
@@ -58,10 +72,10 @@ Kernel design
   and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
   buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
   the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
-  kernel). The summation order, hence the last bits of dr, is not deterministic on a GPU: two
-  runs differ by fp32 rounding of a sum of ~B * Lq / BM terms per element (expected relative
-  difference ~1e-7, within the GPU check's 1e-6; a prediction, not measured). A deterministic
-  variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
+  kernel); bidirectional, DR has the Lk + Lq - 1 rows of r. The summation order, hence the last
+  bits of dr, is not deterministic on a GPU: two runs differ by fp32 rounding of a sum of
+  ~B * Lq / BM terms per element (expected relative difference ~1e-7, within the GPU check's
+  1e-6; a prediction, not measured). A deterministic variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
   Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
 * Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
   (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
@@ -91,14 +105,16 @@ What is tested, and on what
 ---------------------------
 ``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
 (fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, the split path forced over several query tiles, strided time-major inputs, NaN canaries, input
-validation, an allocation bound); ``tests/test_triton_op.py`` runs the same launchers through the
+sizes, every mask mode, the decode path, the split path forced over several query tiles, strided
+time-major inputs, NaN canaries, input validation, an allocation bound; the bidirectional mode and
+key lengths with both kinds of empty rows on the three paths, tiles past a key length never
+read); ``tests/test_triton_op.py`` runs the same launchers through the
 ``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
 traces them. bf16 cannot run in the interpreter (triton issue 11584): it
 is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
 specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions for the JIT's own specialisations at the wt103 shapes, and counts the JIT's
-specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
+instructions for the JIT's own specialisations at the wt103 shapes and a Conformer layer's, and
+counts the JIT's specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
 GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
 hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
 """
@@ -126,15 +142,16 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-            HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-            PREC: tl.constexpr, QROWS: tl.constexpr):
+def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+            LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
     """Masked scores of one tile in the log2 domain, and the visibility mask.
 
     qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
     r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query rows the band serves (BM, or on
     the decode path the real query count rounded up). Position term: band[a, c - a + QROWS - 1]
     for local (a, c); rows a >= QROWS are padding (clamped index, masked by the caller).
+    Visible: dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS).
     """
     s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
     band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
@@ -143,9 +160,13 @@ def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
         skew = tl.maximum(skew, 0)
     s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
     dist = offs_m[:, None] + mlen - offs_n[None, :]
-    visible = dist >= 0
-    if HAS_WINDOW:
-        visible = visible & (dist < window)
+    visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    if LOWER:
+        visible = visible & (dist >= dmin)
+    if UPPER:
+        visible = visible & (dist <= dmax)
+    if HAS_LENGTHS:
+        visible = visible & (offs_n < length)[None, :]
     s = tl.where(visible, s, FILL)
     s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
     return s, visible
@@ -160,27 +181,49 @@ def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.conste
 
 
 @triton.jit
-def _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); all keys if window == 0."""
-    hi = tl.minimum(Lk, m0 + BLOCK_M + mlen)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.where(window > 0, tl.maximum(0, m0 + mlen - window + 1), 0)
-        hi = tl.where(window > 0, hi, Lk)
+def _key_length(LENS, b, Lk, HAS_LENGTHS: tl.constexpr):
+    """Batch row b's keys [0, length): its key length, or Lk."""
+    length = Lk
+    if HAS_LENGTHS:
+        length = tl.load(LENS + b)
+    return length
+
+
+@triton.jit
+def _rows_with_keys(Lq, mlen, dmin, dmax, length):
+    """Query rows [0, end) see a key, rows [end, Lq) none (the empty rows). Row i sees the keys
+    [max(0, i + mlen - dmax), min(length, i + mlen - dmin + 1)); with dmin <= 0 the upper end is
+    positive, so the range is empty when length is 0, dmin > dmax, or i + mlen - dmax >= length."""
+    end = tl.minimum(Lq, tl.maximum(0, length - mlen + dmax))
+    return tl.where((length > 0) & (dmin <= dmax), end, 0)
+
+
+@triton.jit
+def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); with ALL_IF_EMPTY
+    (HF's uniform rows) all keys when one of these rows is empty (end: ``_rows_with_keys``)."""
+    lo = tl.maximum(0, m0 + mlen - dmax)
+    hi = tl.minimum(length, m0 + BLOCK_M + mlen - dmin)
+    if ALL_IF_EMPTY:
+        empty = tl.minimum(m0 + BLOCK_M, Lq) > end
+        lo = tl.where(empty, 0, lo)
+        hi = tl.where(empty, Lk, hi)
     return lo, hi
 
 
-# Arguments that change while generation fills the memory (one more key a step; the window is
-# mlen + 1 until the memory is full; the decode split count follows Lk): not specialised, or every
-# new value divisible by 16 (or equal to 1) would compile another binary mid-generation. They only
-# bound loops and masks (every load is contiguous along D), so no vectorisation depends on them.
-@triton.jit(do_not_specialize=["Lk", "mlen", "window", "keys_per_split", "n_splits"])
+# Arguments that change while generation fills the memory (one more key a step; the window, so
+# dmax, is mlen + 1 until the memory is full; the decode split count follows Lk), or with every
+# utterance of a Conformer (Lr, dmin = -(Lq - 1)): not specialised, or every new value divisible
+# by 16 (or equal to 1) would compile another binary. They only bound loops and masks (every load
+# is contiguous along D), so no vectorisation depends on them.
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "keys_per_split", "n_splits"])
 def _fwd_kernel(
-    Q, K, V, R, U, W, O, M, L, MP, LP, AP,
+    Q, K, V, R, U, W, LENS, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sob, som, soh, sod,
-    H, Lq, Lk, mlen, window, keys_per_split, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, keys_per_split, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
@@ -209,7 +252,9 @@ def _fwd_kernel(
     qu = (q + u[None, :]).to(dtype)
     qv = (q + w[None, :]).to(dtype)
 
-    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
+    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, not ZERO_EMPTY, BLOCK_M)
     if SPLIT_K:
         split = tl.program_id(0)
         lo = tl.maximum(lo, split * keys_per_split)
@@ -228,9 +273,9 @@ def _fwd_kernel(
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
         rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
+                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
         if SPLIT_K:
             s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -242,6 +287,9 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
+    if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
+        l_i = tl.where(offs_m < end, l_i, 0.0)
+        acc = tl.where((offs_m < end)[:, None], acc, 0.0)
     if SPLIT_K:
         # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
         row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -310,13 +358,29 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < Lq)
 
 
-@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
+@triton.jit
+def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
+    """The forward's m, 1 / l and delta of rows ``stat``; a row with l = 0 (it sees no key, under
+    ZERO_EMPTY) gets m = 0 and 1 / l = 0, so that its probabilities are 0, never NaN."""
+    m_i = tl.load(M + stat, mask=mmask, other=0.0)
+    l_i = tl.load(L + stat, mask=mmask, other=1.0)
+    if ZERO_EMPTY:
+        seen = l_i > 0
+        m_i = tl.where(seen, m_i, 0.0)
+        inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    else:
+        inv_l = 1.0 / l_i
+    return m_i, inv_l, tl.load(DELTA + stat, mask=mmask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dq_kernel(
-    Q, K, V, R, U, W, DO, M, L, DELTA, DQ, DUP, DWP,
+    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DQ, DUP, DWP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
-    H, Lq, Lk, mlen, window, n_tiles, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, n_tiles, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content and
@@ -338,12 +402,11 @@ def _bwd_dq_kernel(
     qu = (q + u[None, :]).to(dtype)
     qv = (q + w[None, :]).to(dtype)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
-    stat = pid_bh * Lq + offs_m
-    m_i = tl.load(M + stat, mask=mmask, other=0.0)
-    inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
-    delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+    m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
 
-    lo, hi = _key_range(m0, Lq, Lk, mlen, window, HAS_WINDOW, BLOCK_M)
+    # empty rows have zero score gradients: only the keys some row sees are visited
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, Lq, False, BLOCK_M)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
@@ -358,9 +421,9 @@ def _bwd_dq_kernel(
                      mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lk))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
         ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
@@ -375,17 +438,18 @@ def _bwd_dq_kernel(
     tl.store(DWP + part, tl.sum(dq_p, 0))
 
 
-@triton.jit(do_not_specialize=["Lk", "mlen", "window"])
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dkdv_kernel(
-    Q, K, V, R, U, W, DO, M, L, DELTA, DK, DV, DR,
+    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
-    H, Lq, Lk, mlen, window, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lk, H, BD)."""
+    """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lr, H, BD)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -403,12 +467,16 @@ def _bwd_dkdv_kernel(
     u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
     w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
 
-    # query rows that see a key of this tile: n0 - mlen <= i (< n0 + BN - 1 - mlen + window)
-    q_lo = tl.maximum(0, n0 - mlen)
-    q_hi = Lq
-    if HAS_WINDOW:
-        q_lo = tl.where(window > 0, q_lo, 0)
-        q_hi = tl.where(window > 0, tl.minimum(Lq, tl.maximum(0, n0 + BLOCK_N - 1 - mlen + window)), Lq)
+    # query rows that see a key j of this tile, j < length: n0 - mlen + dmin <= i <= j - mlen + dmax,
+    # and i < end (rows past it see nothing); HF's uniform rows see every key: all rows if any
+    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
+    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
+    q_lo = tl.maximum(0, n0 - mlen + dmin)
+    n_end = tl.minimum(n0 + BLOCK_N, length)
+    q_hi = tl.where(n_end > n0, tl.minimum(end, n_end - mlen + dmax), q_lo)
+    if not ZERO_EMPTY:
+        q_lo = tl.where(end < Lq, 0, q_lo)
+        q_hi = tl.where(end < Lq, Lq, q_hi)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     r_base = R + h * srh
@@ -423,16 +491,13 @@ def _bwd_dkdv_kernel(
         qu = tl.where(mmask[:, None], q + u[None, :], 0.0).to(dtype)
         qv = tl.where(mmask[:, None], q + w[None, :], 0.0).to(dtype)
         do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
-        stat = pid_bh * Lq + offs_m
-        m_i = tl.load(M + stat, mask=mmask, other=0.0)
-        inv_l = 1.0 / tl.load(L + stat, mask=mmask, other=1.0)
-        delta = tl.load(DELTA + stat, mask=mmask, other=0.0)
+        m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
-        rmask = (rows >= 0) & (rows < Lk)
+        rmask = (rows >= 0) & (rows < Lr)
         rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                      mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, window, qk_scale,
-                             HAS_WINDOW, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
+                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
         p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
@@ -506,7 +571,8 @@ def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
             for bm, bn, nw, ns in configs(name, bd, dtype)]
     # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
     # the memory fills, and the best tile depends mostly on Lq and D
-    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "HAS_WINDOW"], reset_to_zero=reset)(kernel_fn)
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_LENGTHS", "ZERO_EMPTY"],
+                           reset_to_zero=reset)(kernel_fn)
 
 
 _TUNED: dict = {}
@@ -593,9 +659,47 @@ def split_plan(B: int, H: int, Lq: int, Lk: int, bd: int, dtype: torch.dtype):
     return bm, bn, nw, ns, q_tiles, triton.cdiv(Lk, keys_per_split), keys_per_split
 
 
-def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
+def visibility(Lq: int, Lk: int, window, causal: bool = True, context=None) -> dict:
+    """The kernels' visibility arguments: key j is visible to query i when d = i + mlen - j lies in
+    [dmin, dmax] (dmin <= 0 always: the kernels rely on it), LOWER / UPPER saying which bound a
+    score must be checked against (constexpr: the causal mode without a window checks d >= 0 only,
+    the bidirectional mode without context nothing). Causal: [0, window - 1]; bidirectional:
+    [-right, left] for context (left, right), every distance -(Lq - 1) … Lk - 1 without."""
+    if causal:
+        upper = Lk - 1 if window is None else min(window, Lk) - 1
+        return dict(dmin=0, dmax=upper, LOWER=True, UPPER=window is not None)
+    if context is None:
+        return dict(dmin=-(Lq - 1), dmax=Lk - 1, LOWER=False, UPPER=False)
+    left, right = context
+    return dict(dmin=-min(right, Lq - 1), dmax=min(left, Lk - 1), LOWER=True, UPPER=True)
+
+
+def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy) -> dict:
+    """The kernel arguments of the attention mode, shared by every kernel but delta; ``dummy`` a
+    pointer that stands for LENS when no key lengths are given (HAS_LENGTHS=False never reads it)."""
+    Lq, Lk = q.shape[1], k.shape[1]
+    Lr = Lk if causal else Lk + Lq - 1
+    if r.shape[0] != Lr:
+        raise ValueError(f"rel_attention (triton): r must have {Lr} rows (one per distance), got {r.shape[0]}")
+    if empty_rows not in ("uniform", "zero"):
+        raise ValueError(f"rel_attention (triton): empty_rows must be 'uniform' or 'zero', got {empty_rows!r}")
+    if key_lengths is not None and (key_lengths.dtype != torch.int32 or key_lengths.shape != (q.shape[0],)
+                                    or key_lengths.device != q.device):
+        raise ValueError("rel_attention (triton): key_lengths must be an int32 tensor (B,) on q's device")
+    return dict(LENS=dummy if key_lengths is None else key_lengths, Lr=Lr, mlen=Lk - Lq,
+                **visibility(Lq, Lk, window, causal, context), HAS_LENGTHS=key_lengths is not None,
+                ZERO_EMPTY=empty_rows == "zero")
+
+
+def forward(q, k, v, r, u, w, scale: float, window, launch=direct, *, causal: bool = True, context=None,
+            key_lengths=None, empty_rows: str = "uniform"):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
+
+    Mode: causal with ``window`` (None or an int), or bidirectional (``causal=False``, r with
+    Lk + Lq - 1 rows) with ``context`` (None or (left, right)); ``key_lengths`` int32 (B,) or None
+    (key j of batch row b visible only if j < key_lengths[b]); ``empty_rows`` "uniform" (HF: a
+    row that sees no key is uniform over the Lk keys) or "zero" (zeros, l = 0).
 
     ``launch(kernel)`` gives what is launched: ``direct`` (the kernel itself) from the autograd
     Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.library``), so
@@ -609,17 +713,16 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     m = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
-    has_window = window is not None
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l,
+        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
         suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
         **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
-        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
-        qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
+        H=H, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
     )
     plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
     if plan is not None:
@@ -644,21 +747,23 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct):
     return out, m, l
 
 
-def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct):
+def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
+             context=None, key_lengths=None, empty_rows: str = "uniform"):
     """Gradients (dq, dk, dv, dr, du, dw), contiguous, in the inputs' dtypes, from the forward's
-    out, m and l; ``launch`` as for ``forward``. Every buffer a kernel writes is allocated here."""
+    out, m and l; ``launch`` and the mode as for ``forward``. Every buffer a kernel writes is
+    allocated here."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     bd = block_d(D)
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc = _acc_dtype(q.dtype)
-    has_window = window is not None
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
     _check_offsets(do=do)
     delta = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
-    dr_acc = torch.zeros((Lk, H, bd), dtype=acc_t, device=q.device)     # atomics target
+    dr_acc = torch.zeros((mode["Lr"], H, bd), dtype=acc_t, device=q.device)     # atomics target
     min_bm = 16
     n_tiles = triton.cdiv(Lq, min_bm)                                       # enough for any BLOCK_M
     du_part = torch.zeros((B, n_tiles, H, bd), dtype=acc_t, device=q.device)
@@ -671,15 +776,14 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         HEAD_DIM=D, ACC=acc, BLOCK_M=dm, BLOCK_D=bd, num_warps=4)
 
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta,
+        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
         suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
         **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())),
-        H=H, Lq=Lq, Lk=Lk, mlen=Lk - Lq, window=window if has_window else 0,
-        scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, HAS_WINDOW=has_window, ACC=acc, PREC=_precision(), BLOCK_D=bd,
+        H=H, Lq=Lq, Lk=Lk, scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=acc, PREC=_precision(), BLOCK_D=bd,
     )
     _run(launch, _bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
         common, DQ=dq, DUP=du_part, DWP=dw_part, n_tiles=n_tiles,
@@ -689,7 +793,7 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         **dict(zip(("skgb", "skgn", "skgh", "skgd"), dk.stride())),
         **dict(zip(("svgb", "svgn", "svgh", "svgd"), dv.stride())),
         sdrp=dr_acc.stride(0), sdrh=dr_acc.stride(1)), reset=["DR"])
-    dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lk, H, D)
+    dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lr, H, D)
     du = du_part.sum((0, 1))[:, :D].to(u.dtype).contiguous()                # (H, D)
     dw = dw_part.sum((0, 1))[:, :D].to(w.dtype).contiguous()
     return dq, dk, dv, dr, du, dw
@@ -704,12 +808,16 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
 AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
 AOT_BATCHES = (1, 32)
 AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
+# a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
+# mode with key lengths and zero empty rows, over all distances and with a limited context
+AOT_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)))
 
 
 def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
     """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
     forward + backward (memory full, window on) and decode steps, at every AOT batch size (the
-    batch only changes strides divisible by 16: the batches share their binaries)."""
+    batch only changes strides divisible by 16: the batches share their binaries); at D 64 also a
+    Conformer layer's bidirectional forward + backward (``AOT_CONFORMER``)."""
     H = AOT_D_MODEL // D
     meta = dict(dtype=dtype, device="meta")
     for B in AOT_BATCHES:
@@ -724,29 +832,40 @@ def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
             out, m, l = forward(q, k, v, r, u, w, D ** -0.5, window, launch=launch)
             if Lq > DECODE_MAX_LQ:
                 backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, window, launch=launch)
+    if D == AOT_CONFORMER["D"]:
+        B, L, H = AOT_CONFORMER["B"], AOT_CONFORMER["L"], AOT_CONFORMER["H"]
+        q, k, v = (torch.empty(B, L, H, D, **meta) for _ in range(3))
+        r, u, w = torch.empty(2 * L - 1, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+        lengths = torch.empty(B, dtype=torch.int32, device="meta")
+        for context in AOT_CONFORMER["contexts"]:
+            mode = dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, None, launch=launch, **mode)
+            backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, None, launch=launch, **mode)
 
 
-def spill_budget(kernel: str, dt: str, D: int) -> int:
+def spill_budget(kernel: str, dt: str, D: int, bidirectional: bool = False) -> int:
     """Spill bytes (ptxas -v, either arch) the AOT report accepts: the known spills, declared with
     a bound so that growth still fails. Measured with the JIT's specialisations under triton 3.8
     and 3.6: none in any kernel in fp16/bf16 at D <= 64 (the wt103 path) except dkdv's 108-144 B
     on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB at every D
     (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128 ~1 KB; 16-bit
-    backward at D 128 36-1104 B. All with the 32 x 32 tiles, chosen before a GPU could time
-    smaller ones: fp32 is the validation dtype, not the fast path."""
+    backward at D 128 36-1104 B. The bidirectional dkdv at D 64 in fp16/bf16 (triton 3.8, the
+    Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90. All with
+    the 32 x 32 tiles, chosen before a GPU could time smaller ones: fp32 is the validation dtype,
+    not the fast path."""
     if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
         return 40960
     if D == 128 and kernel in ("dq", "dkdv"):
         return 2048
     if kernel == "dkdv" and D == 64:
-        return 256
+        return 512 if bidirectional else 256
     return 0
 
 
 def aot_specs() -> list:
-    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
-    attributes the JIT derives (``aot.specs_from_launches``): dtype (fp32, fp16, bf16) x d_head
-    (16, 32, 64, 128) x each kernel's candidate configurations."""
+    """Every specialisation a GPU run picks at the wt103 shapes and a Conformer layer's
+    (``aot_launches``), with the attributes the JIT derives (``aot.specs_from_launches``): dtype
+    (fp32, fp16, bf16) x d_head (16, 32, 64, 128) x each kernel's candidate configurations."""
     from txl_fast.kernels import aot  # noqa: PLC0415
 
     names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
@@ -761,11 +880,16 @@ def aot_specs() -> list:
                 name = names[fn.__name__]
                 if name == "fwd" and kwargs.get("SPLIT_K"):
                     name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
+                bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
+                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
+                               if kwargs.get(flag))
+                if bidirectional:
+                    mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
                 new = aot.specs_from_launches(
                     {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
-                    f"{dt} D{D} Lq{kwargs['Lq']}",
+                    f"{dt} D{D} Lq{kwargs['Lq']}{mode}",
                     uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
                 for spec in new:
-                    spec.spill_budget = spill_budget(name, dt, D)
+                    spec.spill_budget = spill_budget(name, dt, D, bidirectional)
                 specs += new
     return specs

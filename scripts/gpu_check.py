@@ -26,11 +26,12 @@ goes on, except in stage 1, whose failure ends the run:
    and its 6 gradients per case and dtype; the adaptive softmax at the wt103 vocabulary (NLL, every
    gradient, log-probs, top-k); torch.compile(fullgraph=True) against eager; gradients bitwise
    repeatable (dr within 1e-6); the cached decode step's host syncs on CUDA (0 expected);
-   generate(cuda_graph=True) against eager tokens; the bidirectional mode (Conformer encoders,
-   the torch path on the device) with padding and a limited context.
+   generate(cuda_graph=True) against eager tokens; the bidirectional mode (Conformer encoders:
+   the Triton kernels, and the torch path for comparison) with padding and a limited context.
 4. timings (``triton.testing.do_bench`` medians) of attention (fused, torch path, SDPA on the
    content term alone: the floor, FlexAttention), the decode step, host time per decode step with
-   and without CUDA graphs, a Conformer attention core against SDPA with a float position mask,
+   and without CUDA graphs, a Conformer attention core (the Triton kernels, the torch path)
+   against SDPA with a float position mask and against FlexAttention,
    the adaptive-softmax loss against a cuBLAS head GEMM, and end-to-end
    wt103 ``evaluate``; each with its roofline floor from ``txl_fast.bench.analytic`` on the
    ceilings of stage 1 (stage 5 of the issue: ``floor_ms`` and ``of_floor`` in every timing).
@@ -122,6 +123,7 @@ BUDGET_S = {"gpu": {"environment": 40, "compile": 110, "correctness": 150, "timi
 TOTAL_S = {"gpu": 470, "smoke": 300}      # no record starts later (the device command's limit is 560 s)
 # relative Frobenius error against float64: (output, gradients); low precision also <= 2x the torch path's
 LIMITS = {"float32": (1e-5, 3e-5), "float16": (1e-2, 1e-2), "bfloat16": (2e-2, 2e-2)}
+BIDIRECTIONAL_DTYPES = ("float32", "bfloat16")
 DR_REPEAT = 1e-6                    # dr is accumulated with atomics: bitwise repeatability is not promised
 # NVIDIA's published Transformer-XL (PyTorch) wt103 inference figure on an A100, FP16, TorchScript,
 # tokens/s by batch size, as quoted in issue 15: published, not measured here
@@ -327,9 +329,15 @@ def warm_cases(S: dict) -> list:
     d = S["bench_decode"]
     cases += [("attention", ((f"decode B{B}", B, 1, d["mem"], d["H"], d["D"], d["mem"], None), d["dtype"]))
               for B in d["batches"]]
+    cases += [("bidirectional", (case, dtype)) for case in S["bidirectional"] for dtype in BIDIRECTIONAL_DTYPES]
+    cases += [("bidirectional", (("bench", spec["B"], spec["L"], 0, spec["H"], spec["D"], None), spec["dtype"]))
+              for spec in S["bench_bidirectional"]]
     cases += [("softmax", (dtype, S["softmax"]["n"])) for dtype in S["softmax_dtypes"]]
     cases += [("softmax", (S["bench_softmax"]["dtype"], n)) for n in S["bench_softmax"]["rows"]]
-    return cases[: S.get("warm_cases")]
+    if "warm_cases" not in S:
+        return cases
+    kinds = [kind for kind, _ in cases]                      # the smoke: the first few of each kind
+    return [c for i, c in enumerate(cases) if kinds[:i].count(c[0]) < S["warm_cases"]]
 
 
 def warm(kind: str, args, smoke: bool) -> float:
@@ -348,6 +356,16 @@ def warm(kind: str, args, smoke: bool) -> float:
                 return 0.0
             x = [t.requires_grad_() for t in attention_inputs(case, dtype, device, 0)]
             out = ops.rel_attention(*x, scale=case[5] ** -0.5, window=case[6])
+            torch.autograd.grad(out, x, torch.randn_like(out))
+        elif kind == "bidirectional":
+            case, dtype = args
+            dtype = getattr(torch, dtype)
+            if smoke and dtype == torch.bfloat16:
+                return 0.0
+            x, lengths = bidirectional_inputs(case, dtype, device, 0)
+            x = [t.requires_grad_() for t in x]
+            out = ops.rel_attention(*x, scale=case[5] ** -0.5, causal=False, context=case[6], key_lengths=lengths,
+                                    empty_rows="zero")
             torch.autograd.grad(out, x, torch.randn_like(out))
         else:
             dtype, n = args
@@ -496,13 +514,16 @@ def bidirectional_inputs(case, dtype, device, seed: int):
 
 
 def check_bidirectional(case, dtype_name: str, device, smoke: bool) -> dict:
-    """The bidirectional mode (Conformer encoders) on the device: the torch path (the Triton kernels
-    are causal only) against float64, output and every gradient; padded keys, zero empty rows."""
+    """The bidirectional mode (Conformer encoders) on the device: the Triton kernels against float64,
+    output and every gradient, and the output without autograd; padded keys, zero empty rows; the
+    torch path's errors beside them (low precision: within 2x of them)."""
     import torch
 
     from txl_fast import naive, ops, use_backend
 
     dtype = getattr(torch, dtype_name)
+    if smoke and dtype == torch.bfloat16:
+        return {"status_check": "skipped", "why": "bf16 is broken in the Triton interpreter"}
     context, D = case[6], case[5]
     x, lengths = bidirectional_inputs(case, dtype, device, seed=7)
     keys = torch.arange(x[1].shape[1], device=device)[None, :] < lengths[:, None]
@@ -510,18 +531,22 @@ def check_bidirectional(case, dtype_name: str, device, smoke: bool) -> dict:
     ref = naive.rel_attention(*x64, D**-0.5, causal=False, context=context, key_mask=keys, empty_rows="zero")[0]
     dout = torch.randn_like(ref)
     refs = [ref, *torch.autograd.grad(ref, x64, dout)]
-    leaves = [t.clone().requires_grad_() for t in x]
-    poison(device)
-    with use_backend("auto"):
-        out = ops.rel_attention(*leaves, scale=D**-0.5, causal=False, context=context, key_lengths=lengths,
-                                empty_rows="zero")
-        got = [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
-        with torch.no_grad():
-            inference = ops.rel_attention(*x, scale=D**-0.5, causal=False, context=context, key_lengths=lengths,
-                                          empty_rows="zero")
-    errors = {n: rel_err(g, r) for n, g, r in zip(("out", *GRADS), got, refs)}
-    errors["out_inference"] = rel_err(inference, ref)
-    return verdict(errors, {}, dtype_name, finite(*got, inference))
+    mode = dict(scale=D**-0.5, causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+
+    def run(backend_name):
+        leaves = [t.clone().requires_grad_() for t in x]
+        poison(device)
+        with use_backend(backend_name):
+            out = ops.rel_attention(*leaves, **mode)
+            got = [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+            with torch.no_grad():
+                inference = ops.rel_attention(*x, **mode)
+        errors = {n: rel_err(g, r) for n, g, r in zip(("out", *GRADS), got, refs)}
+        errors["out_inference"] = rel_err(inference, ref)
+        return errors, finite(*got, inference)
+
+    (errors, all_finite), (torch_errors, _) = run("triton"), run("torch")
+    return verdict(errors, torch_errors, dtype_name, all_finite)
 
 
 def check_softmax(S: dict, dtype_name: str, device, smoke: bool) -> dict:
@@ -775,14 +800,16 @@ def time_attention(S: dict, B: int, ceilings: dict, device, smoke: bool, flex: b
     return result
 
 
-def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
-    """A Conformer self-attention core, ragged padding: the torch path's inference and autograd
-    paths vs the same maths through SDPA with the shifted position term as a float mask (what
-    the speech libraries' fastest routes do), forward and forward + backward."""
+def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool, flex: bool = False) -> dict:
+    """A Conformer self-attention core, ragged padding: the Triton kernels (``txl_fast``) and the
+    torch path's inference and autograd paths vs the same maths through SDPA with the shifted
+    position term as a float mask (what the speech libraries' fastest routes do), forward and
+    forward + backward; or (flex=True) FlexAttention, its compile seconds and its difference from
+    the kernels' output."""
     import torch
     import torch.nn.functional as F
 
-    from txl_fast import ops
+    from txl_fast import ops, use_backend
     from txl_fast.bench import analytic
     from txl_fast.ops.rel_attention import rel_shift
 
@@ -794,8 +821,12 @@ def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
     for t in (q, k, v, r, u, w):
         t.requires_grad_()
 
-    def ours():
-        return ops.rel_attention(q, k, v, r, u, w, scale=scale, causal=False, key_lengths=lengths, empty_rows="zero")
+    def on(backend_name):
+        def attend():
+            with use_backend(backend_name):
+                return ops.rel_attention(q, k, v, r, u, w, scale=scale, causal=False, key_lengths=lengths,
+                                         empty_rows="zero")
+        return attend
 
     def sdpa_float_mask():
         qt = q.transpose(1, 2)                                                               # (B, H, L, D)
@@ -811,7 +842,17 @@ def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
     result = {"shape": f"B{B} H{H} L{L} D{D} {spec['dtype']}, ragged lengths",
               "floor_model": "analytic.rel_attention fused at Lq = Lk = L; fwd+bwd 3.5x FLOPs, 3x bytes"}
     dout = torch.randn_like(q)
-    for name, fn in (("txl_fast", ours), ("sdpa_float_mask", sdpa_float_mask)):
+    if flex:
+        flex_fn, result["flex_compile_s"], flex_q = flex_bidirectional_fn(q, k, v, r, u, w, lengths, scale, device,
+                                                                          smoke)
+        with torch.no_grad():                             # the same function? (flex against the kernels)
+            result["flex_err_vs_fused"] = float(f"{rel_err(flex_fn().transpose(1, 2), on('triton')()):.2e}")
+            result["flex_fwd"] = roofline(bench_ms(flex_fn, smoke), fwd, ceilings, es)
+        result["flex_fwd_bwd"] = "n/a: FlexAttention has no backward on the CPU" if smoke else roofline(
+            bench_ms(lambda: torch.autograd.grad(flex_fn(), flex_q, dout.transpose(1, 2)), smoke), fwd_bwd, ceilings,
+            es)
+        return result
+    for name, fn in (("txl_fast", on("triton")), ("torch_path", on("torch")), ("sdpa_float_mask", sdpa_float_mask)):
         with torch.no_grad():
             result[f"{name}_fwd"] = roofline(bench_ms(fn, smoke), fwd, ceilings, es)
         result[f"{name}_fwd_bwd"] = roofline(
@@ -819,11 +860,28 @@ def time_bidirectional(spec: dict, ceilings: dict, device, smoke: bool) -> dict:
     return result
 
 
+def flex_bidirectional_fn(q, k, v, r, u, w, lengths, scale, device, smoke: bool):
+    """FlexAttention for a Conformer core: the shifted position term as a precomputed score tensor,
+    key padding (one length per batch row) as a per-row block mask."""
+    import torch
+
+    from txl_fast.ops.rel_attention import rel_shift
+
+    L = q.shape[1]
+    qh, kh, vh = [t.detach().transpose(1, 2).contiguous() for t in (q, k, v)]              # (B, H, L, D)
+    with torch.no_grad():                  # (B, H, L, L): scale * (q_i + pos_bias_v) . r_{i - j}
+        position = rel_shift((qh + w.detach()[:, None]) @ r.detach().permute(1, 2, 0), L) * scale
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    return compiled_flex(qh + u.detach()[:, None], kh, vh, position, mask_mod, q.shape[0], scale, device, smoke)
+
+
 def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: bool):
     """FlexAttention with the position term as a precomputed score tensor (score_mod) and the
     causal + memory + same_length visibility as a block mask; its compile seconds apart."""
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from txl_fast.ops.rel_attention import full_positions, visibility_mask
 
@@ -836,24 +894,34 @@ def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: b
         index = (Lk - 1 - distance.clamp(0, Lk - 1)).expand(B, H, Lq, Lk)
         position = raw.gather(3, index).masked_fill(~visibility_mask(Lq, Lk, window, device), 0)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + position[b, h, q_idx, kv_idx]
-
     def mask_mod(b, h, q_idx, kv_idx):
         d = q_idx + mlen - kv_idx
         return (d >= 0) & (d < window)
 
-    block_mask = create_block_mask(mask_mod, None, None, Lq, Lk, device=str(device))
-    run = flex_attention if smoke else torch.compile(flex_attention)
-    # q + r_w_bias: the content term (no gradient on the CPU, where FlexAttention has no backward)
-    qb = (qh + u.detach()[None, :, None]).detach().requires_grad_(not smoke)
+    return compiled_flex(qh + u.detach()[None, :, None], kh, vh, position, mask_mod, None, scale, device, smoke)
 
+
+def compiled_flex(q_content, kh, vh, position, mask_mod, batch, scale, device, smoke: bool):
+    """FlexAttention of (B, H, Lq, D) queries (the content bias already added) with ``position``
+    (B, H, Lq, Lk) added to the scores and ``mask_mod`` as the block mask (per batch row when
+    ``batch`` is B, shared when None): the function, its compile seconds (forward, and backward on
+    a GPU) and the query leaf its gradient is taken for."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + position[b, h, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, batch, None, q_content.shape[2], kh.shape[2], device=str(device))
+    run = flex_attention if smoke else torch.compile(flex_attention)
+    # no gradient on the CPU, where FlexAttention has no backward
+    qb = q_content.detach().requires_grad_(not smoke)
     kf, vf = (kh.detach(), vh.detach()) if smoke else (kh, vh)
 
     def flex():
         return run(qb, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
-    t0 = time.perf_counter()                               # the compile: forward, and backward on a GPU
+    t0 = time.perf_counter()
     out = flex()
     if not smoke:
         torch.autograd.grad(out, [qb, kf, vf], torch.ones_like(out))
@@ -1047,7 +1115,7 @@ def main(argv=None) -> int:
     for k in S["topk"]:
         stage.run(f"adaptive top-k k={k}", check_topk, S, k, device, smoke)
     for case in S["bidirectional"]:
-        for dtype in ("float32", "bfloat16") if not smoke else ("float32",):
+        for dtype in BIDIRECTIONAL_DTYPES if not smoke else ("float32",):
             stage.run(f"bidirectional {case[0]} {dtype}", check_bidirectional, case, dtype, device, smoke)
     stage.run("decode step host syncs", check_decode_syncs, S, device, smoke)
     stage.run("generate cuda_graph vs eager", check_graph_generate, S, device, smoke)
@@ -1070,6 +1138,9 @@ def main(argv=None) -> int:
                   device, smoke)
     for B in S["bench_attention"]["batches"]:      # last: each shape is a cold torch.compile
         stage.run(f"flex attention eval B{B}", time_attention, S, B, ceil, device, smoke, flex=True)
+    for spec in S["bench_bidirectional"]:
+        stage.run(f"flex conformer attention B{spec['B']} L{spec['L']} H{spec['H']}", time_bidirectional, spec, ceil,
+                  device, smoke, flex=True)
 
     print_table(report.doc["records"])
     failed = [r for r in report.doc["records"] if r["status"] == "error" or r.get("status_check") == "fail"]

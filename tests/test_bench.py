@@ -165,12 +165,125 @@ def test_flops_match_torch_flop_counter(cached):
 
 # ---- machine and runner --------------------------------------------------------------------------
 def test_machine_measure_is_quick_and_positive():
-    from txl_fast.bench.machine import measure, versions
+    from txl_fast.bench.machine import Machine, measure, versions
 
-    m = measure("cpu", size=256, copy_mib=8, reps=1)
-    assert m.matmul_flops > 0 and m.bandwidth > 0 and m.device == "cpu"
-    assert "GFLOP/s" in m.summary()
+    m = measure("cpu", reps=2, square=128, read_bytes=8 * 2**20, shapes=((16, 64, 32),))
+    assert m.device == "cpu" and set(m.matmul) == {"float32", "bfloat16"}
+    for dtype, shapes in m.matmul.items():
+        assert set(shapes) == {"128x128x128", "16x64x32"}
+        for r in shapes.values():
+            assert r["best"] >= r["median"] > 0
+        assert m.matmul_rate(dtype) == max(r["best"] for r in shapes.values())
+    assert m.read["large"]["bytes"] == 8 * 2**20 and m.read_rate == m.read["large"]["best"] > 0
+    assert m.read["layer"]["best"] > 0 and m.copy["best"] >= m.copy["median"] > 0
+    assert set(m.flags) == {"avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"}
+    line = m.summary()
+    assert "GFLOP/s" in line and "float32" in line and "bfloat16" in line and "read" in line and m.name in line
+    assert Machine.from_dict(json.loads(json.dumps(m.as_dict()))) == m          # the JSON carries it whole
     assert versions()["torch"] == torch.__version__
+
+
+def test_machine_rates_are_best_and_median_of_alternated_rounds():
+    from txl_fast.bench.machine import alternated_times, rate
+
+    calls = []
+    times = alternated_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3)
+    assert calls == ["a", "b"] * 4                       # a warm-up round, then 3 rounds, alternated
+    assert len(times["a"]) == len(times["b"]) == 3
+    assert rate(10.0, [1.0, 2.0, 5.0]) == {"best": 10.0, "median": 5.0}
+
+
+def test_machine_layer_buffer_is_one_wt103_layer():
+    from txl_fast.bench.machine import wt103_layer_bytes
+
+    # qkv 1024 x 3072, o_net 1024 x 1024, r_w/r_r biases 2 x 1024, two layer norms 2 x 2 x 1024,
+    # FF 1024 x 4096 + 4096 and 4096 x 1024 + 1024: 12,594,176 parameters (r_net left out)
+    assert wt103_layer_bytes(4) == 4 * 12_594_176 and wt103_layer_bytes(2) == 2 * 12_594_176
+
+
+# ---- the floor -----------------------------------------------------------------------------------
+def test_decode_step_reads_hand_count_wt103():
+    reads = analytic.decode_step_reads(WT103, mem_len=1600, batch=1, es=4)
+    assert reads["layers"] == 4 * 18 * 12_594_176                     # 906.8 MB
+    assert reads["embedding"] == 4 * (1024 * 1024 + 1024)              # the head's projection, one row
+    assert reads["head"] == 4 * (1024 * 1024 + 20000 * 1025 + 3 * 1025)   # projection, words + biases, clusters
+    assert reads["kv"] == 4 * 18 * 2 * 1601 * 1024                     # 236.1 MB
+    assert reads["positions"] == 4 * 18 * 1001 * 1024                  # clamp_len + 1 distinct distances
+    assert close(sum(reads.values()) / 1e9, 1.307, 0.001)
+    eight = analytic.decode_step_reads(WT103, mem_len=1600, batch=8, es=2)
+    assert eight["kv"] == 8 * reads["kv"] // 2 and eight["layers"] == reads["layers"] // 2
+    assert analytic.decode_step_reads(WT103, real_rows=127)["kv"] == 4 * 18 * 2 * 128 * 1024
+
+
+def test_floor_flops_and_seconds():
+    share = analytic.uniform_share(WT103)
+    steady = analytic.eval_floor_flops(WT103, 1, 128, 1600, 2, share=share)
+    one = analytic.eval_segment(WT103, 1, 128, 1600, cached=True, path="torch", share=share).flops
+    assert steady == pytest.approx(2 * one) and close(one / 1e9, 86.8, 0.01)
+    assert analytic.eval_floor_flops(WT103, 1, 128, 1600, 2, first_real=0, share=share) < steady
+    rate, bw = 1e11, 2e10
+    prompt = analytic.segment(WT103, 1, 128, 0, cached=True, labels=False, path="torch", logits_rows=1).flops
+    steps = sum(sum(analytic.decode_step_reads(WT103, 1600, 1, 4, 128 + i).values()) for i in range(3))
+    floor = analytic.generate_floor_seconds(WT103, 1, 128, 4, 1600, rate, bw)
+    assert floor == pytest.approx(prompt / rate + steps / bw)
+
+
+def test_floor_check_fails_a_slowed_step():
+    from txl_fast.bench.floor import check_fraction, fraction
+
+    floor_s, fast = 0.010, [0.020, 0.018, 0.019]          # best 18 ms: 56 % of a 10 ms floor
+    assert check_fraction("step", floor_s, fast, 0.5) == pytest.approx(10 / 18)
+    slowed = [t * 1.5 for t in fast]                        # the same step made 1.5x slower: 37 %
+    with pytest.raises(AssertionError, match=r"step: best of 3 runs 27.00 ms against a floor of 10.00 ms is 37%"):
+        check_fraction("step", floor_s, slowed, 0.5)
+    assert fraction(1.0, 4.0) == 0.25
+    with pytest.raises(ValueError, match="positive"):
+        fraction(0.0, 1.0)
+
+
+def test_runner_refuses_an_unsupported_dtype(capsys):
+    from txl_fast.bench.runner import main
+
+    for dtype in ("int8", "bfloat61", "float64") + (() if torch.cuda.is_available() else ("float16",)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--tiny", "--dtype", dtype])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("txl-fast: error: --dtype " + dtype) and "float32" in err[0], err
+
+
+def test_bench_engine_tiny_smoke(tmp_path, capsys):
+    """benchmarks/bench_engine.py: the machine line first, every row with HF's time in the same dtype,
+    the ratio, the floor and our fraction of it, a decode-step row per --decode-batch; the JSON carries
+    the machine."""
+    pytest.importorskip("transformers", reason="the comparison needs the peer transformers==4.35.0")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_engine", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py")
+    bench_engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_engine)
+    out_json = tmp_path / "engine.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_engine.main(["--tiny", "--segments", "1", "--new-tokens", "3", "--batch", "1", "--decode-batch",
+                                  "1", "2", "--rounds", "1", "--dtype", "bfloat16", "--json", str(out_json)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.startswith("machine: ") and "bfloat16" in printed.splitlines()[0]
+    assert "| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor |" in printed
+    report = json.loads(out_json.read_text())
+    assert report["dtype"] == "bfloat16" and report["machine"]["read"]["large"]["best"] > 0
+    names = [r["workload"] for r in report["rows"]]
+    assert [n for n in names if n.startswith("greedy decode step")] == [
+        "greedy decode step, memory full (16 real tokens), batch 1",
+        "greedy decode step, memory full (16 real tokens), batch 2"]
+    for r in report["rows"]:
+        assert r["ours_s"] > 0 and r["hf_s"] > 0 and r["floor_s"] > 0
+        assert r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["ours_s"])
+        assert r["ratio"] == pytest.approx(r["hf_s"] / r["ours_s"])
 
 
 def test_results_md_section_replaced_in_place(tmp_path):
@@ -197,15 +310,18 @@ def test_runner_tiny_smoke(tmp_path, capsys):
     assert "| workload | batch | mem_len | ours tok/s | HF tok/s | ratio |" in printed
     assert "No GPU" in printed or torch.cuda.is_available()
     report = json.loads(out_json.read_text())
-    assert report["machine"]["matmul_flops"] > 0
+    assert report["machine"]["matmul"]["float32"] and report["machine"]["read"]["large"]["best"] > 0
+    assert "| floor ms | ours of floor |" in printed
     kinds = {(r["kind"], r["batch"], r["mem_len"]) for r in report["results"]}
     assert ("eval", 1, 8) in kinds and ("generate", 2, 16) in kinds
     for r in report["results"]:
         assert r["agree"], r["check"]
         assert r["txl_fast"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0
         assert r["txl_fast"]["flops"] > 0 and r["ratio"] > 0
+        assert r["txl_fast"]["frac_floor"] == pytest.approx(r["floor_seconds"] / r["txl_fast"]["seconds"])
     assert [row["batch"] for row in report["prediction"]["rows"]] == [16, 32]
-    assert MARK_BEGIN in out_md.read_text() and "PREDICTION" in out_md.read_text()
+    section = out_md.read_text()
+    assert MARK_BEGIN in section and "PREDICTION" in section and "read" in section and "bfloat16" in section
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:

@@ -46,4 +46,7 @@ def test_cpu_smoke_runs_every_stage_and_all_correctness_records_pass(tmp_path):
     conformer = next(r for name, r in timings.items() if name.startswith("conformer attention"))
     assert all(conformer[f"{path}_{mode}"]["ms"] > 0 for path in ("txl_fast", "sdpa_float_mask")
                for mode in ("fwd", "fwd_bwd"))
+    flex_conformer = next(r for name, r in timings.items() if name.startswith("flex conformer attention"))
+    assert flex_conformer["flex_fwd"]["ms"] > 0
+    assert flex_conformer["flex_err_vs_fused"] < 1e-2                       # flex computes the same function
     assert "stage" in proc.stdout.splitlines()[-len(records) - 1]           # the table is printed last

@@ -318,6 +318,55 @@ def test_position_keys_are_kept_across_caches_until_the_weights_change():
     assert r_net.grad is not None and r_net.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_decode_weights_are_packed_once_and_remade_when_they_change():
+    """Batch-2 fp32 decode steps take the layer weights packed (``cache.PackedWeights``), kept across
+    steps and caches, remade after an in-place update or load_state_dict, never used under autograd
+    or for a single fp32 row on two threads; the steps equal the uncached forward throughout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _packed_decode_weights_lifecycle()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _packed_decode_weights_lifecycle():
+    model = model_for(mem_len=9, clamp_len=4)
+    kept = model.transformer._packed
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 1), generator=g)
+
+    def step_equals_uncached(cache_bsz=2):
+        prompt = torch.randint(0, 97, (cache_bsz, 3), generator=g)
+        step = ids[:cache_bsz]
+        cache = model.new_cache(cache_bsz)
+        model(prompt, cache=cache)
+        ref = model(step, mems=model(prompt).mems).prediction_scores
+        assert (model(step, cache=cache).prediction_scores - ref).abs().max() <= 1e-5
+
+    with torch.no_grad():
+        step_equals_uncached()
+        first = kept._packed
+        assert first is not None and len(first) == 4 * model.config.n_layer
+        step_equals_uncached()
+        assert kept._packed is first                                           # kept across caches
+        model.transformer.layers[1].pos_ff.CoreNet[3].weight.mul_(1.5)         # in place: version bumped
+        step_equals_uncached()
+        assert kept._packed is not first
+        second = kept._packed
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        step_equals_uncached()
+        assert kept._packed is not second
+        model.clear_position_cache()
+        assert kept._packed is None
+        step_equals_uncached(cache_bsz=1)                           # fp32, one row, two threads: split_linear
+        assert kept._packed is None
+    weight = model.transformer.layers[0].dec_attn.qkv_net.weight
+    model(ids, cache=model.new_cache(2)).prediction_scores.sum().backward()    # autograd: not packed
+    assert kept._packed is None and weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 def test_evaluate_and_generate_cached_equal_uncached():
     model = model_for()
     stream = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(6))

@@ -6,7 +6,11 @@ shapes still cross several tiles. What this covers: forward and all six gradient
 1e-10), fp32 (1e-5) and fp16 (1e-2) against a float64 reference; full gradcheck in fp64 for both
 the tiled and the decode (split-over-keys) path; odd sizes; every mask mode; repeated r rows;
 strided time-major inputs; NaN poisoning of every allocation plus NaN canaries around every
-buffer; input validation before launch; an allocation bound (no Lq x Lk tensor).
+buffer; input validation before launch; an allocation bound (no Lq x Lk tensor). The
+bidirectional mode and key padding (per-row lengths, a prefix key mask; windows on either or both
+sides, memory, rows and batch rows with no visible key, both kinds of empty rows) on the tiled,
+decode and split paths, in fp64 (plus fp32, fp16 and a full gradcheck), NaN-poisoned, and
+key tiles past a row's length never read.
 What it does not cover: bf16 (broken in the interpreter; compiled ahead of time in test_aot.py),
 GPU numerics (tf32x3 fp32 dots, atomics ordering), the autotuned tile sizes, and speed.
 """
@@ -275,3 +279,170 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
 
 def test_tolerance_table_is_the_shared_one():
     assert TOLERANCE[torch.float64] == 1e-10 and TOLERANCE[torch.float32] == 1e-5 and TOLERANCE[torch.float16] == 1e-2
+
+
+# ---- the bidirectional mode (Conformer encoders) and key padding -------------------------------
+
+# (B, Lq, mlen, H, D, causal, window or context, key lengths or None): batch rows of length 0
+# (every query empty), windows one-sided on either side, a memory before the chunk (Lq != Lk)
+MODES = {
+    "bidi": (2, 13, 0, 2, 8, False, None, None),
+    "bidi_lengths": (3, 11, 0, 2, 8, False, None, [11, 6, 0]),
+    "bidi_context": (2, 19, 0, 2, 8, False, (3, 2), [19, 9]),
+    "bidi_left_only": (2, 18, 0, 1, 8, False, (4, 0), [18, 11]),
+    "bidi_right_only": (2, 17, 0, 1, 8, False, (0, 3), [17, 4]),
+    "bidi_memory": (2, 7, 9, 2, 8, False, (6, 1), [16, 5]),          # NeMo's cache, ESPnet's left context
+    "causal_lengths": (3, 9, 6, 2, 8, True, None, [15, 7, 0]),
+    "causal_window_lengths": (2, 19, 5, 1, 8, True, 4, [24, 9]),
+}
+
+
+def mode_inputs(case, seed=0):
+    """float64 inputs of a MODES case (r with a row per distance), the op's mode keywords, dout."""
+    B, Lq, mlen, H, D, causal, extent, lengths = MODES[case]
+    Lk = Lq + mlen
+    inputs, dout = make_inputs(B, Lq, mlen, H, D, seed=seed, rows_r=Lk if causal else Lk + Lq - 1)
+    mode = dict(causal=causal, **{"window" if causal else "context": extent})
+    if lengths is not None:
+        mode["key_lengths"] = torch.tensor(lengths)
+    return inputs, mode, dout
+
+
+def check_mode(inputs, mode, dout, dtype, empty_rows):
+    """Output and all six gradients of the triton backend against the float64 naive path."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    scale = inputs[0].shape[-1] ** -0.5
+    with backend.use_backend("triton"):
+        out = rel_attention(*leaves, scale=scale, empty_rows=empty_rows, **mode)
+    out.backward(dout.to(dtype))
+    refs = [x.detach().to(dtype).double().requires_grad_() for x in inputs]
+    naive_mode = {n: x for n, x in mode.items() if n != "key_lengths"}
+    if "key_lengths" in mode:
+        naive_mode["key_mask"] = torch.arange(inputs[1].shape[1])[None, :] < mode["key_lengths"][:, None]
+    ref = naive.rel_attention(*refs, scale, empty_rows=empty_rows, **naive_mode)[0]
+    ref.backward(dout)
+    assert_rel_close(out, ref, dtype, "out")
+    for name, x, rx in zip(NAMES, leaves, refs):
+        assert x.grad is not None and x.grad.dtype == dtype, name
+        assert_rel_close(x.grad, rx.grad, dtype, f"d{name}")
+    return out
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case", list(MODES))
+def test_modes_match_naive(case, empty_rows):
+    inputs, mode, dout = mode_inputs(case, seed=len(case))
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case", ["bidi_lengths", "bidi_context", "bidi_memory"])
+@pytest.mark.parametrize("path", ["decode", "split"], indirect=True)
+def test_modes_on_the_split_paths(path, case, empty_rows):
+    """Split over keys: decode (Lq <= 16 in one query tile) and any Lq (several query tiles, the
+    chunks of an empty row or of a skipped key range merged)."""
+    inputs, mode, dout = mode_inputs(case, seed=len(case) + 1)
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_modes_low_precision(dtype):
+    inputs, mode, dout = mode_inputs("bidi_context", seed=2)
+    check_mode(inputs, mode, dout, dtype, "zero")
+
+
+def test_empty_rows_exact_and_finite():
+    """Every key padding (lengths 0): "zero" gives exact zeros and zero gradients, never NaN (l = 0
+    is not divided by); "uniform" gives HF's uniform row, the mean value over all Lk keys."""
+    inputs, mode, dout = mode_inputs("bidi_lengths", seed=3)
+    mode["key_lengths"] = torch.zeros(3, dtype=torch.int64)
+    out = check_mode(inputs, mode, dout, torch.float64, "zero")
+    assert torch.equal(out, torch.zeros_like(out))
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with backend.use_backend("triton"):
+        rel_attention(*leaves, scale=0.3, empty_rows="zero", **mode).backward(dout)
+        uniform = rel_attention(*inputs, scale=0.3, **mode)
+    assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in leaves)
+    torch.testing.assert_close(uniform, inputs[2].mean(1, keepdim=True).expand_as(uniform), rtol=1e-12, atol=1e-12)
+
+
+def test_tiles_past_the_key_length_are_never_read():
+    """Keys and values past each row's length (a whole 16-key tile) hold NaN: the kernels skip the
+    tiles no query of the row may see, so nothing of them reaches the output or a gradient."""
+    B, Lq, H, D = 2, 20, 2, 8
+    inputs, dout = make_inputs(B, Lq, 0, H, D, seed=4, rows_r=2 * Lq - 1)
+    mode = dict(causal=False, key_lengths=torch.tensor([16, 16]))
+    poisoned = [x.clone() for x in inputs]
+    for x in poisoned[1:3]:
+        x[:, 16:] = float("nan")
+    leaves = [x.clone().requires_grad_() for x in poisoned]
+    with backend.use_backend("triton"):
+        out = rel_attention(*leaves, scale=0.3, empty_rows="zero", **mode)
+    out.backward(dout)
+    refs = [x.clone().requires_grad_() for x in inputs]
+    keys = torch.arange(Lq)[None, :] < 16
+    ref = naive.rel_attention(*refs, 0.3, causal=False, key_mask=keys.expand(B, Lq), empty_rows="zero")[0]
+    ref.backward(dout)
+    assert_rel_close(out, ref, torch.float64, "out")
+    for name, x, rx in zip(NAMES, leaves, refs):
+        grad, ref_grad = (x.grad, rx.grad) if name not in ("k", "v") else (x.grad[:, :16], rx.grad[:, :16])
+        assert_rel_close(grad, ref_grad, torch.float64, f"d{name}")
+        if name in ("k", "v"):
+            assert torch.equal(x.grad[:, 16:], torch.zeros_like(x.grad[:, 16:])), f"d{name} past the length"
+
+
+def test_gradcheck_bidirectional():
+    """Full gradcheck in fp64 on a tiny shape with a limited context, memory, a short batch row and
+    one whose keys are all padding."""
+    inputs, _ = make_inputs(2, 3, 1, 1, 2, seed=9, rows_r=6)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+
+    def f(*xs):
+        with backend.use_backend("triton"):
+            return rel_attention(*xs, scale=0.25, causal=False, context=(2, 1), key_lengths=torch.tensor([2, 0]),
+                                 empty_rows="zero")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+def test_nan_poison_and_canaries_bidirectional():
+    """As test_nan_poison_and_canaries, in the bidirectional mode with padding and empty rows."""
+    inputs, mode, dout = mode_inputs("bidi_context", seed=7)
+    mode["key_lengths"] = torch.tensor([19, 0])
+    embedded = [embed_in_nan(x) for x in inputs + [dout]]
+    views = [v.requires_grad_() if i < 6 else v for i, (v, _) in enumerate(embedded)]
+    poison = PoisonAllocations()
+    with poison, backend.use_backend("triton"):
+        out = rel_attention(*views[:6], scale=0.25, empty_rows="zero", **mode)
+        out.backward(views[6])
+    keys = torch.arange(19)[None, :] < mode["key_lengths"][:, None]
+    ref = naive.rel_attention(*inputs, 0.25, causal=False, context=mode["context"], key_mask=keys, empty_rows="zero")[0]
+    assert_rel_close(out, ref, torch.float64, "out")
+    assert all(torch.isfinite(x.grad).all() for x in views[:6])
+    assert len(poison.buffers) >= 5 and poison.canaries_intact(), "a kernel wrote outside its buffer"
+
+
+def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
+    """A key mask of keys [0, n) per row reaches the kernels as lengths (same result, bit for bit);
+    one with holes is refused by an explicit triton backend with the reason, and runs on the torch
+    path under auto (here forced to resolve to triton, as it would on CUDA)."""
+    inputs, mode, _ = mode_inputs("bidi_context", seed=8)
+    lengths = mode.pop("key_lengths")
+    prefix = torch.arange(19)[None, :] < lengths[:, None]
+    launches = []
+    original = K.forward
+    monkeypatch.setattr(K, "forward", lambda *a, **kw: (launches.append(kw["key_lengths"]), original(*a, **kw))[1])
+    with backend.use_backend("triton"):
+        by_mask = rel_attention(*inputs, scale=0.5, key_mask=prefix, **mode)
+        by_lengths = rel_attention(*inputs, scale=0.5, key_lengths=lengths, **mode)
+    assert torch.equal(by_mask, by_lengths) and launches[0].tolist() == lengths.tolist()
+    holes = prefix.clone()
+    holes[0, 3] = False
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one length per batch row"):
+        rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
+    monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
+    with backend.use_backend("auto"):
+        out = rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
+    ref = naive.rel_attention(*inputs, 0.5, key_mask=holes, **mode)[0]
+    assert_rel_close(out, ref, torch.float64, "out")
+    assert len(launches) == 2

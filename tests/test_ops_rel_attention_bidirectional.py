@@ -192,16 +192,3 @@ def test_bad_input_raises(change, match):
     options = {"causal": False, **{n: x for n, x in change.items() if n not in SHAPES}}
     with pytest.raises(ValueError, match=match):
         rel_attention(*tensors, scale=0.5, **options)
-
-
-def test_explicit_triton_backend_refuses_what_its_kernels_lack(monkeypatch):
-    """The kernels compute the causal mode without padding: an explicit triton choice says so;
-    auto takes the torch path (here forced to resolve to triton, as it would on CUDA)."""
-    tensors = [torch.randn(*s, dtype=torch.float64) for s in SHAPES.values()]
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with backend.use_backend("triton"), pytest.raises(ValueError, match="causal attention without key padding"):
-        rel_attention(*tensors, scale=0.5, causal=False)
-    monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
-    with backend.use_backend("auto"):
-        out = rel_attention(*tensors, scale=0.5, causal=False)
-    assert_rel_close(out, naive.rel_attention(*tensors, 0.5, causal=False)[0], torch.float64, "out")

@@ -1,8 +1,9 @@
 """The torch backend of ``rel_attention`` against the float64 naive path, including its
 cache-sized chunks over (batch row, heads). Both of its paths: with autograd (content matmul plus
 the position mask, softmax, value matmul) output and every input's gradient; without (the fused
-``scaled_dot_product_attention`` with the position mask, and the closed form of uniform keys)
-the output, with a check that the fused kernel is what ran."""
+``scaled_dot_product_attention`` with the position mask, or for one query per row the decode
+step's three batched products, and the closed form of uniform keys) the output, with a check that
+the fused kernel or the decode products are what ran."""
 import importlib
 
 import pytest
@@ -26,6 +27,7 @@ CASES = {
     "clamped_past_window": (2, 3, 7, 3, 4, 2, 8, 0),     # the dropped keys leave fewer than Lr distances
     "zero_memory_prompt": (2, 6, 17, 3, 4, 16, 11, 15),  # some uniform keys dropped, the rest kept
     "zero_memory_decode": (1, 1, 30, 5, 4, 30, 11, 25),
+    "zero_memory_decode_batch": (3, 1, 20, 3, 4, None, 8, 12),
     "uniform_all_dropped": (2, 5, 12, 3, 4, 6, 17, 4),
     "uniform_but_the_last": (2, 4, 3, 2, 4, None, 7, 6),
     "uniform_clamped_no_window": (2, 5, 12, 3, 4, None, 6, 9),
@@ -53,6 +55,14 @@ def fused_calls(monkeypatch):
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: (calls.append(1), sdpa(*a, **kw))[1])
+    return calls
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts the calls of the decode step's path (``_decode_out``)."""
+    calls, decode_out = [], ra._decode_out
+    monkeypatch.setattr(ra, "_decode_out", lambda *a: (calls.append(1), decode_out(*a))[1])
     return calls
 
 
@@ -84,7 +94,7 @@ def test_autograd_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fu
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chunk,dtype", CHUNKS + [(None, torch.bfloat16)])    # (bf16 autograd: dk 1.2e-2 off)
 @pytest.mark.parametrize("layout", ["time_major", "head_major"])
-def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fused_calls):
+def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, fused_calls, decode_calls):
     """Without autograd. With ``uniform_keys=n`` the first n keys and values are given *different*:
     the output must be naive's on inputs whose first n rows are all row n - 1 (the row the closed
     form reads), which only the closed form gives."""
@@ -100,7 +110,27 @@ def test_inference_path_matches_naive(case, chunk, dtype, layout, monkeypatch, f
 
     q, k, v, r, u, w = (x.to(dtype).double() for x in inputs)          # float64 on the same rounded inputs
     ref = naive.rel_attention(q, uniform(k), uniform(v), r, u, w, D**-0.5, window)[0]
-    assert fused_calls or window == 0                    # window 0: no key visible, the rows' mean value
+    if ra.is_decode(inputs[0].to(dtype), True, window, None):
+        assert decode_calls and not fused_calls          # one query per row: the decode products
+    else:
+        assert fused_calls or window == 0                # window 0: no key visible, the rows' mean value
+    assert_rel_close(out, ref, dtype, "out")
+
+
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[1] == 1 and spec[5] != 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decode_branch_matches_naive(case, dtype, monkeypatch, decode_calls):
+    """The decode branch (one query per row) in every dtype, not only those that take it by default."""
+    B, Lq, mlen, H, D, window, _, n = CASES[case]
+    monkeypatch.setattr(ra, "DECODE_DTYPES", (dtype,))
+    inputs, _ = make_inputs(case, "head_major", seed=len(case))
+    with torch.no_grad(), backend.use_backend("torch"):
+        out = rel_attention(*[x.to(dtype) for x in inputs], scale=D**-0.5, window=window, uniform_keys=n)
+    q, k, v, r, u, w = (x.to(dtype).double() for x in inputs)
+    if n:                                                # the closed form reads row n - 1 for rows [0, n)
+        k, v = (torch.cat([x[:, n - 1 : n].expand(-1, n, -1, -1), x[:, n:]], dim=1) for x in (k, v))
+    ref = naive.rel_attention(q, k, v, r, u, w, D**-0.5, window)[0]
+    assert decode_calls
     assert_rel_close(out, ref, dtype, "out")
 
 

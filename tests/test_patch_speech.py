@@ -98,6 +98,30 @@ def test_speechbrain_attention(sb, vbias, train):
     compare(module, run, [x, pos], f"RelPosMHAXL vbias={vbias}")
 
 
+@pytest.mark.skipif(not txl_fast.backend.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton import")
+@pytest.mark.parametrize("train", [False, True])
+def test_speechbrain_attention_on_the_triton_kernels(sb, train, monkeypatch):
+    """The patched module on the triton backend (interpreted on the CPU): its padding mask reaches
+    the kernels as key lengths, the batch row with every key padded included."""
+    kernels = pytest.importorskip("txl_fast.kernels.rel_attention")
+    launches = []
+    original = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *a, **kw: (launches.append(kw), original(*a, **kw))[1])
+    torch.manual_seed(1)
+    L, E = 13, 32
+    module = perturb(sb.RelPosMHAXL(E, 4, vbias=True)).train(train)
+    x, pos = torch.randn(3, L, E), torch.randn(1, 2 * L - 1, E)
+    mask = padding_mask([L, 8, 0], L)
+
+    def run(m, x, pos):
+        return m(x, x, x, pos, key_padding_mask=mask)[0]
+
+    with txl_fast.backend.use_backend("triton"):
+        compare(module, run, [x, pos], "RelPosMHAXL on triton")
+    assert len(launches) == 1 and launches[0]["key_lengths"].tolist() == [L, 8, 0]
+    assert launches[0]["causal"] is False and launches[0]["empty_rows"] == "zero"
+
+
 @pytest.mark.parametrize("vbias", [False, True])
 def test_speechbrain_attention_autocast_bf16(sb, vbias):
     """bf16 through autocast (SpeechBrain's own module fails in plain bf16): against the fp32

@@ -72,3 +72,20 @@ def test_every_benchmark_is_listed_in_one_place():
     assert scripts and all(name in index for name in scripts), scripts
     assert "txl-fast bench" in index
     assert not list((ROOT / "scripts").glob("bench_*.py")), "benchmark scripts live in benchmarks/"
+
+
+def test_how_fast_is_the_output_of_one_command():
+    """The README's speed claims are one command's output: the command, the machine line it prints
+    and its table, header and all (issue 16: no figure the command does not reproduce)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
+    bench_engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_engine)
+    section = README.split("## How fast", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"^\s*(python benchmarks/bench_engine\.py[^\n]*)$", section, re.M)
+    assert command, "the section names the command"
+    bench_engine.parse_args(command.group(1).split()[2:])            # its flags are the script's
+    assert re.search(r"^machine: .+ GFLOP/s, read [0-9.]+ GB/s", section, re.M), "the machine line it prints"
+    table = bench_engine.format_rows([]).splitlines()
+    assert table[0] in section and table[1] in section

@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from txl_fast.ops.linear import pack, packing_helps
+
 
 class LayerKV:
     """Keys and values of one layer's memory, time-ordered in a sliding buffer."""
@@ -184,3 +186,30 @@ class PositionKeys:
 
     def clear(self) -> None:
         self._rows = self._key = None
+
+
+class PackedWeights:
+    """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
+
+    ``get(weights, rows)`` returns one packed copy per weight, or None where it would not help
+    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with oneDNN) or while
+    autograd is on; the copies are remade when the row count or a weight's storage or version
+    counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a second copy
+    of the weights they pack (wt103 bf16: 453 MB for the 18 layers).
+    """
+
+    def __init__(self):
+        self._packed: Optional[list] = None
+        self._key = None
+
+    def get(self, weights: list, rows: int) -> Optional[list]:
+        if torch.is_grad_enabled() or not packing_helps(weights[0], rows):
+            return None
+        key = (rows, tuple((w.data_ptr(), w._version, w.dtype) for w in weights))
+        if self._key != key:
+            self._packed = self._key = None                         # the old copies freed first
+            self._packed, self._key = [pack(w, rows) for w in weights], key
+        return self._packed
+
+    def clear(self) -> None:
+        self._packed = self._key = None

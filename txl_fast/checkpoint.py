@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from txl_fast.config import TransfoXLConfig
+from txl_fast.dtypes import check_dtype
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -174,6 +175,10 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_pretrained(cls, directory, *, dtype: Optional[torch.dtype] = None, device=None):
+    """``cls`` built from ``directory`` in ``dtype`` (a torch.dtype or its name, checked first:
+    ``txl_fast.dtypes.check_dtype``) on ``device``."""
+    if dtype is not None:
+        dtype = check_dtype(dtype, device)
     d = Path(directory)
     if not (d / CONFIG).is_file():
         raise FileNotFoundError(f"no {CONFIG} in {d}" if d.is_dir() else f"checkpoint directory {d} does not exist")

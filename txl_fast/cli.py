@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
 METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
 HELDOUT = "heldout.txt"             # the text held out of its training
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -77,14 +76,14 @@ def _model_dir(name) -> Path:
 
 
 def _load(model_dir: Path, dtype: str, device: str):
-    import torch  # noqa: PLC0415
-
     from txl_fast import TransfoXLLMHeadModel  # noqa: PLC0415
+    from txl_fast.dtypes import check_dtype  # noqa: PLC0415
     from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
 
     device = _check_device(device)
+    dtype = check_dtype(dtype, device)
     tok = TransfoXLTokenizer.from_pretrained(model_dir)
-    model = TransfoXLLMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
+    model = TransfoXLLMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
     if len(tok) != model.config.vocab_size:
         raise ValueError(f"the vocabulary in {model_dir} has {len(tok):,} symbols but the model "
                          f"{model.config.vocab_size:,}: they do not belong together")
@@ -357,9 +356,23 @@ def cmd_info(args) -> int:
     print(f"vocabulary:  {len(tok):,} symbols")
     mem_bytes = model.config.n_layer * model.config.mem_len * model.config.d_model * 4
     print(f"memory:      {mem_bytes / 2**20:.2f} MiB of mems per sequence in the batch (fp32)")
+    print(f"cpu:         {_cpu_dtype_line()}")
     for key, value in cfg.items():
         print(f"  {key:26s} {value}")
     return 0
+
+
+def _cpu_dtype_line() -> str:
+    """This CPU, and whether it multiplies bf16 natively (then bf16 is worth trying; nothing switches by itself)."""
+    from txl_fast import dtypes  # noqa: PLC0415
+    from txl_fast.bench.machine import cpu_name  # noqa: PLC0415
+
+    flags = dtypes.cpu_flags()
+    native = [f.upper().replace("_", "-") for f in ("amx_bf16", "avx512_bf16") if flags[f]]
+    if native:
+        return (f"{cpu_name()}: native bf16 matmul ({', '.join(native)}); eval and generate run in float32 unless "
+                f"asked: try --dtype bfloat16")
+    return f"{cpu_name()}: no native bf16 matmul (neither AMX-BF16 nor AVX512-BF16): float32 is the fast dtype here"
 
 
 def cmd_convert(args) -> int:
@@ -444,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default: the embedded model")
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "naive"],
                        help="default: %(default)s")
-        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default: %(default)s")
+        p.add_argument("--dtype", default="float32",
+                       help="float32 (default), bfloat16 (fast where the CPU multiplies bf16 natively: see "
+                            "`txl-fast info`), float64; float16 on CUDA or a CPU with native fp16 matmul")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
     p = command("eval", "perplexity of a text file or stdin")

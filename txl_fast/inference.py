@@ -28,6 +28,7 @@ import torch
 
 from txl_fast import ops
 from txl_fast.cache import InferenceCache
+from txl_fast.dtypes import check_dtype
 from txl_fast.model import trusted_token_ids
 
 # The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
@@ -73,6 +74,12 @@ def _protocol(transformer, mem_len: int, clamp_len: int, same_length: bool):
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_model_dtype(model) -> None:
+    """A model in a dtype its device cannot run (float16 on a CPU without fp16 matmul) is refused."""
+    p = next(model.parameters())
+    check_dtype(p.dtype, p.device)
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -121,6 +128,7 @@ def evaluate(
     zero-filled memory). A cache that would not fit in the device's free memory is a ValueError.
     progress: a tqdm bar; default when stderr is a terminal.
     """
+    _check_model_dtype(model)
     for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
         _positive(name, value)
     for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
@@ -354,6 +362,7 @@ def generate(
     shapes that change every step), so on the torch backend tokens can differ from eager ones by
     rounding; on the triton backend the arithmetic is the same. Off by default.
     """
+    _check_model_dtype(model)
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from txl_fast import backend
-from txl_fast.cache import InferenceCache, PositionKeys
+from txl_fast.cache import InferenceCache, PackedWeights, PositionKeys
 from txl_fast.config import TransfoXLConfig
 from txl_fast.modules import (
     AdaptiveEmbedding,
@@ -224,6 +224,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         )
         self.pos_emb = PositionalEmbedding(self.d_model)
         self._positions = PositionKeys()                 # the cached forward's r_net(pos_emb), see txl_fast.cache
+        self._packed = PackedWeights()                   # the decode step's weights in oneDNN's layout
         self.init_weights()
 
     def get_input_embeddings(self):
@@ -231,9 +232,11 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
 
     def clear_position_cache(self) -> None:
         """Free the projected position embeddings the cached forward keeps between calls (wt103:
-        18 x 1001 x 1024 floats, 74 MB; 127 MB written out for the Triton kernels); they are
-        rebuilt on the next cached call."""
+        18 x 1001 x 1024 floats, 74 MB; 127 MB written out for the Triton kernels), and the packed
+        copies of the decode step's weights (``txl_fast.cache.PackedWeights``: wt103 bf16, 453 MB;
+        fp32 at batch > 1, 906 MB); they are rebuilt on the next cached call."""
         self._positions.clear()
+        self._packed.clear()
 
     def reset_memory_length(self, mem_len: int) -> None:
         self.mem_len = mem_len
@@ -310,9 +313,11 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         mlen = cache.mlen
         window = self.attention_window(qlen, mlen)
         positions = self._position_keys(mlen + qlen, qlen, written_out=backend.resolve(word_emb) == "triton")
+        weights = [w for layer in self.layers for w in layer.decode_weights()]
+        packed = self._packed.get(weights, bsz) if qlen == 1 else None                  # decode steps only
         core_out = word_emb
-        for layer, kv, r in zip(self.layers, cache.layers, positions):
-            core_out = layer.forward_cached(core_out, r, kv, window)
+        for i, (layer, kv, r) in enumerate(zip(self.layers, cache.layers, positions)):
+            core_out = layer.forward_cached(core_out, r, kv, window, packed and packed[4 * i : 4 * i + 4])
         cache.commit(qlen)
         return core_out
 

@@ -42,16 +42,17 @@ class PositionwiseFF(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_epsilon)
         self.pre_lnorm = pre_lnorm
 
-    def core(self, x: torch.Tensor) -> torch.Tensor:
-        """CoreNet's computation, through ``ops.linear`` (faster for a decode step's or a cached segment's rows)."""
+    def core(self, x: torch.Tensor, packed=(None, None)) -> torch.Tensor:
+        """CoreNet's computation, through ``ops.linear`` (faster for a decode step's or a cached segment's
+        rows); packed: the two weights as ``ops.linear.pack`` made them, or None."""
         first, _, inner_drop, second, out_drop = self.CoreNet
-        x = inner_drop(torch.relu(ops.linear(x, first.weight, first.bias)))          # (B, L, d_inner)
-        return out_drop(ops.linear(x, second.weight, second.bias))                   # (B, L, d)
+        x = inner_drop(torch.relu(ops.linear(x, first.weight, first.bias, packed[0])))    # (B, L, d_inner)
+        return out_drop(ops.linear(x, second.weight, second.bias, packed[1]))             # (B, L, d)
 
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+    def forward(self, inp: torch.Tensor, packed=(None, None)) -> torch.Tensor:
         if self.pre_lnorm:
-            return inp + self.core(self.layer_norm(inp))
-        return self.layer_norm(inp + self.core(inp))
+            return inp + self.core(self.layer_norm(inp), packed)
+        return self.layer_norm(inp + self.core(inp, packed))
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):
@@ -85,8 +86,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, d_head={self.d_head}, pre_lnorm={self.pre_lnorm}"
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(self.layer_norm(x) if self.pre_lnorm else x, self.qkv_net.weight)   # (B, L, 3*H*D)
+    def _heads(self, x: torch.Tensor, packed=None) -> torch.Tensor:
+        return ops.linear(self.layer_norm(x) if self.pre_lnorm else x, self.qkv_net.weight, None, packed)  # (B, L, 3*H*D)
 
     def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
         B, Lq, _ = h.shape
@@ -99,16 +100,17 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         r = self.r_net(pos_emb).view(Lk, H, D)
         return self._attend(h, q, k, v, r, window, head_mask, output_attentions)
 
-    def forward_cached(self, h, r, kv, window=None):
+    def forward_cached(self, h, r, kv, window=None, packed=(None, None)):
         """Inference with an inference-cache layer ``kv`` (txl_fast.cache.LayerKV) holding the memory's
         keys and values: only the new rows are projected. r: (Lr, H, D) position keys of distances
-        Lr - 1 … 0 (Lr = min(mlen + Lq, clamp_len + 1), or mlen + Lq written out for the kernels)."""
+        Lr - 1 … 0 (Lr = min(mlen + Lq, clamp_len + 1), or mlen + Lq written out for the kernels).
+        packed: qkv_net's and o_net's weights as ``ops.linear.pack`` made them, or None."""
         B, Lq, _ = h.shape
-        q, k_new, v_new = self._heads(h).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
+        q, k_new, v_new = self._heads(h, packed[0]).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
         k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)
-        return self._attend(h, q, k, v, r, window, None, False, kv.uniform_rows)[0]
+        return self._attend(h, q, k, v, r, window, None, False, kv.uniform_rows, packed[1])[0]
 
-    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0):
+    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0, packed_o=None):
         B, Lq, H, D = q.shape
         prob = None
         if output_attentions or (self.training and self.dropatt.p > 0):
@@ -123,7 +125,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             out = out * head_mask[:, None]
             prob = None if prob is None else prob * head_mask[:, None, None]
 
-        attn_out = self.drop(ops.linear(out.reshape(B, Lq, H * D), self.o_net.weight))   # (B, Lq, d)
+        attn_out = self.drop(ops.linear(out.reshape(B, Lq, H * D), self.o_net.weight, None, packed_o))   # (B, Lq, d)
         out = h + attn_out if self.pre_lnorm else self.layer_norm(h + attn_out)
         return out, prob
 
@@ -142,8 +144,15 @@ class RelPartialLearnableDecoderLayer(nn.Module):
         out, prob = self.dec_attn(h, pos_emb, mems, window, head_mask, output_attentions)
         return self.pos_ff(out), prob
 
-    def forward_cached(self, h, r, kv, window=None):
-        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window))
+    def decode_weights(self) -> list:
+        """The weights of a cached step's products, in the order ``forward_cached`` takes them packed."""
+        return [self.dec_attn.qkv_net.weight, self.dec_attn.o_net.weight,
+                self.pos_ff.CoreNet[0].weight, self.pos_ff.CoreNet[3].weight]
+
+    def forward_cached(self, h, r, kv, window=None, packed=None):
+        """packed: the ``decode_weights`` as ``ops.linear.pack`` made them, or None."""
+        packed = packed or (None,) * 4
+        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window, packed[:2]), packed[2:])
 
 
 def _cluster_bounds(cutoffs: list[int], n_token: int) -> list[int]:

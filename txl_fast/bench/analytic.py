@@ -325,6 +325,56 @@ def decode_reads(cfg, mem_len: int = 1600, batch: int = 1, es: int = 4) -> dict[
     }
 
 
+def decode_step_reads(cfg, mem_len: int = 1600, batch: int = 1, es: int = 4,
+                      real_rows: Optional[int] = None) -> dict[str, float]:
+    """Bytes a cached greedy decode step must read at least (the floor of ``decode_floor_seconds``):
+
+      layers      every layer's weights but r_net's (its output, the position keys, is cached)
+      embedding   the input token's: the head cluster's projection, and one row per batch row
+      head        the output layer's head cluster (projection, words, biases, the tail clusters'
+                  logits); greedy and top-k decoding scan a tail only where it can win (not counted)
+      kv          every batch row's cached keys and values: ``real_rows`` memory rows (default mem_len;
+                  HF's zero rows are scored in closed form, ``txl_fast.cache``) + the new one
+      positions   the cached position keys: the clamp_len + 1 distinct distances when clamped
+    """
+    p = parameter_count(cfg)
+    (_, d_0, has_proj), *tails = _clusters(cfg)
+    d, heads = cfg.d_model, cfg.n_head * cfg.d_head
+    proj = d * d_0 if has_proj else 0
+    real = mem_len if real_rows is None else real_rows
+    klen = mem_len + 1
+    distinct = min(klen, cfg.clamp_len + 1) if cfg.clamp_len > 0 else klen
+    return {
+        "layers": es * (p["layers"] - p["r_net"]),
+        "embedding": es * (proj + batch * d_0),
+        "head": es * (proj + (cfg.cutoffs[0] if tails else cfg.vocab_size) * (d_0 + 1) + len(tails) * (d_0 + 1)),
+        "kv": es * cfg.n_layer * 2 * batch * (real + 1) * heads,
+        "positions": es * cfg.n_layer * distinct * heads,
+    }
+
+
+def eval_floor_flops(cfg, batch: int, tgt_len: int, mem_len: int, segments: int, *, first_real: Optional[int] = None,
+                     es: int = 4, share: Optional[Sequence[float]] = None) -> float:
+    """FLOPs of ``segments`` cached evaluation segments (txl_fast's torch path, NLL), the memory
+    holding ``first_real`` real rows at the start (default mem_len: the steady state) and growing by
+    tgt_len a segment; HF's zero rows (scored in closed form) counted free. The position
+    projections, made once per cache, are not counted."""
+    real = mem_len if first_real is None else first_real
+    return sum(segment(cfg, batch, tgt_len, min(real + s * tgt_len, mem_len), cached=True, path="torch", es=es,
+                       share=share).flops for s in range(segments))
+
+
+def generate_floor_seconds(cfg, batch: int, prompt_len: int, new_tokens: int, mem_len: int, flops_rate: float,
+                           read_rate: float, es: int = 4) -> float:
+    """Floor of a greedy generation from HF's zero memory: the prompt's FLOPs (its last position
+    scored) at ``flops_rate``, then each of the new_tokens - 1 decode steps' ``decode_step_reads``
+    (the real memory rows growing from the prompt's) at ``read_rate``."""
+    prompt = segment(cfg, batch, prompt_len, 0, cached=True, labels=False, path="torch", es=es, logits_rows=batch)
+    steps = sum(sum(decode_step_reads(cfg, mem_len, batch, es, min(prompt_len + i, mem_len)).values())
+                for i in range(max(new_tokens - 1, 0)))
+    return prompt.flops / flops_rate + steps / read_rate
+
+
 def predict_tokens_per_s(step: Breakdown, tokens: int, device: Device) -> float:
     """Tokens per second if every op ran at its roofline bound on ``device``."""
     return tokens / step.time_on(device)

@@ -1,23 +1,35 @@
-"""This machine's measured rates: matrix-multiply FLOP/s and memory bandwidth, and a timer.
+"""This machine, measured: its CPU flags, and the rates the benchmarks' floors are made of.
 
-CPU: a float32 matmul (2048 x 2048 x 2048) and a 256 MiB tensor copy, timed with
-``time.perf_counter``, median of a few repetitions after a warm-up (about a second in all).
-CUDA: a bf16 matmul (8192^3) and a 1 GiB copy, timed with CUDA events by
-``triton.testing.do_bench`` (median). A copy moves its size twice (read + write); that is the
-bandwidth reported. These are achieved rates, the roofline the benchmarks are measured against,
-not the vendor's peaks.
+Measured in the same run as the benchmark (``measure``, 2-4 s on a 2-core CPU):
+  - matmul FLOP/s in float32 and bfloat16, x @ W^T (as ``F.linear``) at the shapes a wt103 segment
+    multiplies (128 rows by the (3072, 1024), (4096, 1024) and (1024, 4096) weights) and 2048^3;
+  - read bandwidth: ``x.sum()`` over a float32 buffer of at least 4x the last-level cache (256 MiB
+    at least), and over a buffer the size of one wt103 layer's weights (fp32, r_net left out);
+  - copy bandwidth: ``dst.copy_(src)`` of the large buffer, counted as its size read + written.
+Every rate is the best and the median of ``reps`` rounds, the measurements alternated inside each
+round (a load that comes and goes hits them alike), after one warm-up round, timed with
+``time.perf_counter``. On CUDA each is ``triton.testing.do_bench``'s list of CUDA-event times
+instead (8192^3 squares, a 1 GiB buffer). These are achieved rates, the floors the benchmarks
+compare against, not the vendor's peaks: ``matmul_rate(dtype)`` is the best over the shapes,
+``read_rate`` the large buffer's best read.
 """
 from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from importlib import metadata
+from typing import Callable, Optional
 
 import torch
+
+from txl_fast import dtypes
+
+MATMUL_DTYPES = ("float32", "bfloat16")          # and float16 on CUDA
+# (rows, d_in, d_out) of x @ W^T: a wt103 segment's qkv, FF-in and FF-out products (and a square)
+SEGMENT_SHAPES = ((128, 1024, 3072), (128, 1024, 4096), (128, 4096, 1024))
 
 
 @dataclass
@@ -25,19 +37,42 @@ class Machine:
     device: str                 # "cpu" or "cuda"
     name: str                   # CPU model or GPU name
     threads: int                # torch intra-op threads (CPU) / SM count (CUDA)
-    matmul_flops: float         # measured FLOP/s of the matmul below
-    matmul_dtype: str
-    bandwidth: float            # measured bytes/s of a large copy (read + write)
     method: str                 # how it was timed
+    flags: dict                 # CPU flag -> present (dtypes.CPU_FLAGS); {} on CUDA
+    llc_bytes: Optional[int]    # last-level cache, None when unknown
+    matmul: dict                # dtype -> "MxKxN" -> {"best", "median"} FLOP/s
+    read: dict                  # "large" / "layer" -> {"bytes", "best", "median"} bytes/s read
+    copy: dict                  # {"bytes", "best", "median"} bytes/s, read + written
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Machine":
+        return cls(**d)
+
+    def matmul_rate(self, dtype: str = "float32") -> float:
+        """The floor's FLOP/s for ``dtype``: the best measured over the shapes."""
+        if dtype not in self.matmul:
+            raise ValueError(f"no {dtype} matmul rate was measured (measured: {', '.join(self.matmul)})")
+        return max(r["best"] for r in self.matmul[dtype].values())
+
+    @property
+    def read_rate(self) -> float:
+        """The floor's bytes/s: the best read of the large buffer."""
+        return self.read["large"]["best"]
+
     def summary(self) -> str:
+        """One line: the machine and its floors."""
         unit, scale = ("TFLOP/s", 1e12) if self.device == "cuda" else ("GFLOP/s", 1e9)
-        return (f"{self.name} ({self.device}, {self.threads} {'SMs' if self.device == 'cuda' else 'threads'}): "
-                f"{self.matmul_dtype} matmul {self.matmul_flops / scale:.1f} {unit}, "
-                f"copy {self.bandwidth / 1e9:.1f} GB/s ({self.method})")
+        flags = ", ".join(f for f, on in self.flags.items() if on) or ("no AVX-512/AMX" if self.flags else "")
+        unit_name = "SMs" if self.device == "cuda" else "thread" if self.threads == 1 else "threads"
+        where = f"{self.threads} {unit_name}" + (f"; {flags}" if flags else "")
+        matmul = " / ".join(f"{dt} {self.matmul_rate(dt) / scale:.0f}" for dt in self.matmul)
+        return (f"{self.name} ({self.device}, {where}): matmul {matmul} {unit}, read {self.read_rate / 1e9:.1f} GB/s "
+                f"({self.read['large']['bytes'] / 2**20:.0f} MiB; one wt103 layer's weights "
+                f"{self.read['layer']['best'] / 1e9:.1f}), copy {self.copy['best'] / 1e9:.1f} GB/s (best of "
+                f"{self.method})")
 
 
 def cpu_name() -> str:
@@ -49,6 +84,24 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def llc_bytes() -> Optional[int]:
+    """Size of the CPU's last-level cache (sysfs), None when unknown."""
+    root, best = "/sys/devices/system/cpu/cpu0/cache", (0, None)
+    try:
+        for index in os.listdir(root):
+            if not index.startswith("index"):
+                continue
+            with open(f"{root}/{index}/level", encoding="ascii") as f:
+                level = int(f.read())
+            with open(f"{root}/{index}/size", encoding="ascii") as f:
+                text = f.read().strip()
+            size = int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]] if text[-1].isalpha() else int(text)
+            best = max(best, (level, size))
+    except (OSError, ValueError, KeyError):
+        return None
+    return best[1]
 
 
 def median_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, warmup: int = 1) -> float:
@@ -67,30 +120,78 @@ def median_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, wa
     return statistics.median(times)
 
 
-def measure(device: str = "cpu", size: int | None = None, copy_mib: int | None = None, reps: int = 5) -> Machine:
-    """Measure matmul FLOP/s and copy bandwidth on ``device`` ("cpu" or "cuda")."""
+def alternated_times(fns: dict[str, Callable[[], object]], device: str = "cpu", reps: int = 5) -> dict[str, list]:
+    """Seconds of every ``fns`` entry: one warm-up round, then ``reps`` rounds each calling every
+    entry once in turn (CPU, perf_counter); on CUDA do_bench's CUDA-event times, entry by entry."""
+    if device == "cuda":
+        from triton.testing import do_bench  # noqa: PLC0415 (CUDA only)
+
+        return {k: [t / 1e3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")] for k, fn in fns.items()}
+    times = {k: [] for k in fns}
+    for rnd in range(reps + 1):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rnd:
+                times[k].append(time.perf_counter() - start)
+    return times
+
+
+def rate(work: float, seconds: list) -> dict:
+    """{"best", "median"} of work / seconds."""
+    return {"best": work / min(seconds), "median": work / statistics.median(seconds)}
+
+
+def wt103_layer_bytes(es: int = 4) -> int:
+    """Bytes of one wt103 layer's weights a decode step reads (r_net's output is cached)."""
+    from txl_fast.bench import analytic  # noqa: PLC0415
+    from txl_fast.config import TransfoXLConfig  # noqa: PLC0415
+
+    cfg = TransfoXLConfig()
+    p = analytic.parameter_count(cfg)
+    return es * (p["layers"] - p["r_net"]) // cfg.n_layer
+
+
+def measure(device: str = "cpu", reps: int = 5, square: Optional[int] = None, read_bytes: Optional[int] = None,
+            shapes=SEGMENT_SHAPES) -> Machine:
+    """Measure this machine (see the module docstring); ``square``, ``read_bytes`` and ``shapes``
+    shrink it for tests."""
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("measure('cuda') needs a CUDA device")
-        size, copy_mib, dtype = size or 8192, copy_mib or 1024, torch.bfloat16
         props = torch.cuda.get_device_properties(0)
-        name, threads, method = props.name, props.multi_processor_count, "CUDA events, do_bench median"
+        name, threads, flags, llc = props.name, props.multi_processor_count, {}, None
+        square, read_bytes = square or 8192, read_bytes or 2**30
+        method = "do_bench's CUDA-event times"
     else:
-        size, copy_mib, dtype = size or 2048, copy_mib or 256, torch.float32
-        name, threads = cpu_name(), torch.get_num_threads()
-        method = f"perf_counter, median of {reps} after a warm-up"
+        name, threads, flags, llc = cpu_name(), torch.get_num_threads(), dtypes.cpu_flags(), llc_bytes()
+        square, read_bytes = square or 2048, read_bytes or max(256 * 2**20, 4 * (llc or 0))
+        method = f"{reps} alternated rounds after a warm-up, perf_counter"
+    matmul_dtypes = MATMUL_DTYPES + (("float16",) if device == "cuda" else ())
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, generator=g, device=device).to(dtype)
-    b = torch.randn(size, size, generator=g, device=device).to(dtype)
-    c = torch.empty(size, size, device=device, dtype=dtype)
-    t_mm = median_time(lambda: torch.mm(a, b, out=c), device, reps)
-    del a, b, c
-    n = copy_mib * 2**20 // 4
-    src = torch.ones(n, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t_copy = median_time(lambda: dst.copy_(src), device, reps)
-    return Machine(device, name, threads, 2.0 * size**3 / t_mm, str(dtype).replace("torch.", ""),
-                   2.0 * n * 4 / t_copy, method)
+    fns, work = {}, {}          # (dtype, "MxKxN"), "read large", "read layer", "copy" -> a call, its FLOPs or bytes
+    for dt in matmul_dtypes:
+        for rows, d_in, d_out in ((square, square, square), *shapes):
+            x = torch.randn(rows, d_in, generator=g, device=device).to(getattr(torch, dt))
+            w = torch.randn(d_out, d_in, generator=g, device=device).to(getattr(torch, dt))
+            out = torch.empty(rows, d_out, device=device, dtype=x.dtype)
+            key = (dt, f"{rows}x{d_in}x{d_out}")
+            fns[key] = lambda x=x, w=w, out=out: torch.mm(x, w.t(), out=out)
+            work[key] = 2.0 * rows * d_in * d_out
+    big = torch.ones(read_bytes // 4, device=device)
+    layer = torch.ones(min(wt103_layer_bytes(), read_bytes) // 4, device=device)
+    dst = torch.empty_like(big)
+    fns["read large"], work["read large"] = big.sum, big.numel() * 4
+    fns["read layer"], work["read layer"] = layer.sum, layer.numel() * 4
+    fns["copy"], work["copy"] = (lambda: dst.copy_(big)), 2 * big.numel() * 4
+    times = alternated_times(fns, device, reps)
+    matmul = {dt: {} for dt in matmul_dtypes}
+    for key in fns:
+        if isinstance(key, tuple):
+            matmul[key[0]][key[1]] = rate(work[key], times[key])
+    read = {k: {"bytes": work[f"read {k}"], **rate(work[f"read {k}"], times[f"read {k}"])} for k in ("large", "layer")}
+    copy = {"bytes": work["copy"], **rate(work["copy"], times["copy"])}
+    return Machine(device, name, threads, method, flags, llc, matmul, read, copy)
 
 
 def versions() -> dict[str, str]:

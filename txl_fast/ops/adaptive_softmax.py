@@ -96,6 +96,11 @@ def check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster
 CHUNK_ELEMENTS = 2**19
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype sums are accumulated in: float64 stays, the rest (bf16, fp16) go to float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _project(x, proj):
     return x if proj is None else x @ proj                              # (N, d_proj) -> (N, d_c)
 
@@ -110,39 +115,39 @@ def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     head = linear(h0, weights[0], biases[0])                                 # (N, V_0)
     if cluster_weight is not None:
         head = torch.cat([head, linear(h0, cluster_weight, cluster_bias)], dim=-1)
-    return torch.log_softmax(head, dim=-1)
+    return torch.log_softmax(_acc(head), dim=-1)                             # float32 for bf16 / fp16
 
 
 def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     bounds = cluster_bounds(weights)
     head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)
     if len(weights) == 1:
-        return head
+        return head.to(hidden.dtype)
     out = hidden.new_empty(hidden.shape[0], bounds[-1])                 # (N, V), written cluster by cluster
     out[:, : bounds[1]] = head[:, : bounds[1]]
     for c in range(1, len(weights)):
-        tail = torch.log_softmax(linear(_project(hidden, projs[c]), weights[c], biases[c]), dim=-1)
+        tail = torch.log_softmax(_acc(linear(_project(hidden, projs[c]), weights[c], biases[c])), dim=-1)
         out[:, bounds[c] : bounds[c + 1]] = tail + head[:, bounds[1] + c - 1, None]
     return out
 
 
 def _lse_and_pick(h, weight, bias, col):
     """Per row of h (n, d): the log-sum-exp of the logits h @ weight^T + bias and the logit at column
-    ``col`` (n,) (0 where col is outside [0, V)), in float32 for fp16/bf16 logits (else their dtype),
-    computed in pieces of CHUNK_ELEMENTS logits so that each piece is reduced while it is in cache
-    and no (n, V) tensor exists. Differentiable.
+    ``col`` (n,) (0 where col is outside [0, V)), computed in pieces of CHUNK_ELEMENTS logits so that
+    each piece is reduced while it is in cache and no (n, V) tensor exists; both in float32 for bf16 /
+    fp16 logits (the dtype ``_acc`` gives). Differentiable.
 
-    A piece's log-sum-exp is its largest logit less that logit's log-softmax: the fused log-softmax
-    takes bf16 logits and reduces them in float32 (``torch.logsumexp`` would return bf16, and the
-    pieces' sum in bf16 drifted: wt103's NLL at batch 4 was off by 0.25 nats a token), reading the
-    piece's rows contiguous, as ``F.linear`` writes them. As fast as before (numbers in
-    benchmarks/RESULTS.md)."""
+    A piece's log-sum-exp is its largest logit less its largest log-softmax: the fused log-softmax
+    reads the bf16 / fp16 logits and reduces them in float32 itself, faster than converting the piece
+    and ``torch.logsumexp``'s four passes (with the pieces of CHUNK_ELEMENTS, the loss of a wt103
+    segment at batch 4, fp32 / bf16: 363 / 255 ms before, 242 / 160 after; benchmarks/RESULTS.md);
+    ``F.linear`` writes the piece's rows contiguous, as the log-softmax reads them."""
     acc = torch.promote_types(h.dtype, torch.float32)
     lse, pick = None, torch.zeros(h.shape[0], dtype=acc, device=h.device)
     chunk = max(1, CHUNK_ELEMENTS // max(h.shape[0], 1))
     for start in range(0, weight.shape[0], chunk):
         z = F.linear(h, weight[start : start + chunk], bias[start : start + chunk])      # (n, <= chunk)
-        # the largest logit less its log-softmax, the largest one (a max with indices is slower than two)
+        # the largest logit less its log-softmax (two maxima: faster than one max with its index)
         piece = z.amax(dim=1).to(acc) - torch.log_softmax(z, dim=1, dtype=acc).amax(dim=1)
         lse = piece if lse is None else torch.logaddexp(lse, piece)
         inside = (col >= start) & (col < start + z.shape[1])
@@ -160,11 +165,11 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     lse, pick = _lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
     if cluster_weight is not None:
         # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
-        cluster_z = linear(h0, cluster_weight, cluster_bias)             # (N, C)
-        lse = torch.logaddexp(lse, torch.logsumexp(cluster_z.to(lse.dtype), dim=1))
+        cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))       # (N, C)
+        lse = torch.logaddexp(lse, torch.logsumexp(cluster_z, dim=1))
         in_tail = (cluster_of > 0) & ~ignored
         at = cluster_z.gather(1, (cluster_of - 1).clamp(0, len(weights) - 2)[:, None]).squeeze(1)
-        pick = torch.where(in_tail, at.to(pick.dtype), pick)
+        pick = torch.where(in_tail, at, pick)
     logprob = pick - lse
     for c in range(1, len(weights)):
         rows = (cluster_of == c).nonzero().squeeze(1)
@@ -173,7 +178,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
         tail_lse, tail_pick = _lse_and_pick(_project(hidden[rows], projs[c]), weights[c], biases[c],
                                             target[rows] - bounds[c])
         logprob = logprob.index_add(0, rows, tail_pick - tail_lse)
-    return (-logprob).masked_fill(ignored, 0.0).to(hidden.dtype)          # accumulated in fp32 for fp16/bf16
+    return (-logprob).masked_fill(ignored, 0.0).to(hidden.dtype)      # reduced in float32, rounded once
 
 
 def _split_params(n: int, params: tuple):

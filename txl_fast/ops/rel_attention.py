@@ -361,7 +361,10 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
         r = r[max(0, r.shape[0] - k.shape[1]) :]                    # distances up to the new Lk - 1
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if is_decode(q, causal, window, keys) and not wants_grad:
+        return _decode_out(*inputs, scale, uniform_keys)
+    if wants_grad:
         def attend(*chunk, keys):
             return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
     else:
@@ -381,37 +384,89 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     return out
 
 
+# dtypes whose decode steps take ``_decode_out``: in bf16 it is twice as fast as the fused kernel
+# (wt103 cache, 18 layers, batch 1: 29 against 61 ms), in fp32 slower (42 against 33 ms)
+DECODE_DTYPES = (torch.bfloat16,)
+
+
+def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
+    """A decode step ``_decode_out`` takes: one query per row, causal, every key visible (after the
+    window's drop), no padding, a dtype of DECODE_DTYPES."""
+    return q.shape[1] == 1 and causal and window != 0 and keys is None and q.dtype in DECODE_DTYPES
+
+
+def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
+    """One query per batch row, every key visible: (B, 1, H, D) out as three batched products over
+    the heads (position keys, keys, values: the cache's head-major blocks, passed as views), and the
+    softmax in fp32. On the CPU faster than the fused kernel in bf16 (see DECODE_DTYPES), though
+    still short of the read bandwidth: bf16 ``bmm`` copies blocks whose batch stride is the cache
+    buffer's (benchmarks/RESULTS.md, "Decode step").
+
+    Position scores: key j is at distance Lk - 1 - j, r's row Lr - 1 - d, row 0 for every distance
+    >= Lr - 1; the uniform keys 0 .. n-1 enter as key n - 1 with the log-sum-exp of their scores.
+    """
+    B, _, H, D = q.shape
+    Lk, Lr, n = k.shape[1], r.shape[0], max(uniform_keys, 1)
+    query = q.reshape(B, H, D).transpose(0, 1)                                            # (H, B, D)
+    position = torch.bmm((query + r_r_bias[:, None]) * scale, r.permute(1, 2, 0))         # (H, B, Lr)
+    if Lk > Lr:
+        position = torch.cat([position[..., :1].expand(H, B, Lk - Lr), position], dim=-1)
+    else:
+        position = position[..., Lr - Lk :]                                               # (H, B, Lk)
+    if uniform_keys > 1:
+        position = torch.cat([torch.logsumexp(position[..., :n], dim=-1, keepdim=True), position[..., n:]], dim=-1)
+    keys = k[:, n - 1 :].transpose(1, 2).reshape(B * H, Lk - n + 1, D)                    # (B*H, keys, D)
+    values = v[:, n - 1 :].transpose(1, 2).reshape(B * H, Lk - n + 1, D)
+    content_q = ((q.reshape(B, H, D) + r_w_bias) * scale).reshape(B * H, D, 1)
+    # keys @ query, not query @ keys^T: the keys' batch stride is the buffer's (capacity x D), and
+    # the transposed product is then 2-4x slower (bf16: 3 against 5-7 GB/s; fp32: 11 against 19)
+    score = torch.bmm(keys, content_q).view(B * H, 1, -1).add_(position.transpose(0, 1).reshape(B * H, 1, -1))
+    prob = torch.softmax(score, dim=-1, dtype=torch.promote_types(score.dtype, torch.float32)).to(v.dtype)
+    return torch.bmm(prob, values).view(B, 1, H, D)
+
+
 class RelAttentionFunction(torch.autograd.Function):
     """The fused Triton kernels (``txl_fast.kernels.rel_attention``) under autograd.
 
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
-    none for scale and window. The same launchers back the ``triton_op``
-    ``txl_fast::rel_attention_triton`` (``txl_fast.ops.library``), launching through
-    ``torch.library.wrap_triton`` there. Call it after ``check_inputs``; triton is imported lazily here.
+    none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
+    empty_rows). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
+    (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
+    after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window):
+    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
+                empty_rows="uniform"):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window)
+        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows)
+        out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
         ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
-        ctx.scale, ctx.window = scale, window
+        ctx.scale, ctx.window, ctx.mode = scale, window, mode
         return out
 
     @staticmethod
     def backward(ctx, dout):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
-        grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window)
-        return (*grads, None, None)
+        grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _is_plain(causal, keys, empty_rows) -> bool:
-    """What the Triton kernels compute: causal attention, no padding (every row sees a key, or HF's
-    uniform rows)."""
-    return causal and keys is None and empty_rows == "uniform"
+def kernel_key_lengths(key_lengths, key_mask, Lk: int):
+    """The padding as the Triton kernels take it: (int32 (B,) lengths or None, None), or (None, the
+    reason) for a key mask that is not a prefix mask (keys [0, n) visible in every batch row: the
+    kernels skip key tiles by one length per row). Looking at a mask's values syncs with the device."""
+    if key_lengths is not None:
+        return key_lengths.to(torch.int32), None
+    if key_mask is None:
+        return None, None
+    lengths = key_mask.sum(-1)                                                  # (B,)
+    if not torch.equal(key_mask, torch.arange(Lk, device=key_mask.device) < lengths[:, None]):
+        return None, "a key_mask with holes (not keys [0, n) per batch row)"
+    return lengths.to(torch.int32), None
 
 
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
@@ -421,23 +476,26 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     """Fused relative attention on the current backend; shapes, the clamped r, the bidirectional
     mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
 
-    The Triton kernels compute the causal mode without padding; the other modes run on the torch
-    path under the ``auto`` backend, and are an error on an explicit ``triton`` backend."""
+    The Triton kernels compute every mode; a ``key_mask`` reaches them as per-row lengths when it
+    is a prefix mask. One with holes runs on the torch path under the ``auto`` backend and is an
+    error on an explicit ``triton`` backend."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
-    keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     name = backend.resolve(q)
+    if name == "triton":
+        lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
+        if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
+            positions = full_positions(r, k.shape[1]) if causal else r
+            return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
+                                              lengths, empty_rows)
+        if backend.get_backend() == "triton":
+            raise ValueError(f"rel_attention: the triton kernels take key padding as one length per batch row; "
+                             f"{refusal} needs the torch or auto backend")
+        name = "torch"
+    keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
                                    key_mask=keys, empty_rows=empty_rows)[0]
-    if name == "triton" and not _is_plain(causal, keys, empty_rows):
-        if backend.get_backend() == "triton":
-            raise ValueError("rel_attention: the triton backend computes causal attention without key padding "
-                             "and with HF's empty rows; use the torch or auto backend for causal=False, "
-                             "key_lengths/key_mask or empty_rows='zero'")
-        name = "torch"
-    if name == "triton":         # the kernels index r by distance up to Lk - 1: clamped rows written out
-        return RelAttentionFunction.apply(q, k, v, full_positions(r, k.shape[1]), r_w_bias, r_r_bias, scale, window)
     return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
                                     causal=causal, context=context, keys=keys, empty_rows=empty_rows)
 
