@@ -59,6 +59,7 @@ def test_split_path_matches_f_linear(lead, K, N, with_bias, dtype):
     ("weight not contiguous", torch.randn(2, 8), torch.randn(8, 6).t()),
     ("no rows", torch.randn(0, 8), torch.randn(6, 8)),
     ("one thread", torch.randn(2, 8), torch.randn(6, 8)),
+    ("bf16 segment rows", torch.randn(linear_module.MAX_PACKED_ROWS + 1, 8).bfloat16(), torch.randn(6, 8).bfloat16()),
 ])
 def test_other_inputs_are_f_linear(why, x, w):
     if why == "one thread":

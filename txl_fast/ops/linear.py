@@ -11,7 +11,11 @@ a plain reduction over the same bytes), about 2x for 4-16 rows, 1.3x for the 128
 cached segment, 1.07x for 512, and 0.92-1.0x for HF's 1728; hence MAX_ROWS. Each output is the
 same dot product as F.linear's, summed in another order (fp32: ~1e-7 relative). Elsewhere (more
 rows, one thread, other devices, weights that are not contiguous or do not split evenly)
-``linear`` is ``F.linear``.
+``linear`` is ``F.linear``; so it is for bf16 at every row count, as bf16 batched products are
+slow on this machine (AVX-512-BF16, no AMX): at a cached segment's four products F.linear is
+1.0-1.5x faster at 128 rows and 1.1-1.8x at 512 (``python benchmarks/bench_eval_ops.py``'s rate
+lines, numbers in benchmarks/RESULTS.md, "Evaluation against the matmul rate"); a decode step's
+rows below.
 
 A decode step's few rows (``MAX_PACKED_ROWS``, a batch of single tokens) are faster still against a
 weight stored in oneDNN's blocked layout (``pack``, made once: the inference cache's
@@ -70,7 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     blocks = torch.get_num_threads()
     if (x.device.type == "cpu" and blocks > 1 and 0 < rows <= MAX_ROWS and N % blocks == 0
-            and not (x.dtype == torch.bfloat16 and rows <= MAX_PACKED_ROWS)      # bf16 batched products: slow
+            and x.dtype != torch.bfloat16                                       # bf16 batched products: slow
             and weight.is_contiguous() and x.shape[-1] == K and (bias is None or bias.shape == (N,))):
         return split_linear(x, weight, bias, blocks)
     return F.linear(x, weight, bias)
