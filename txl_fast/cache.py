@@ -192,10 +192,11 @@ class PackedWeights:
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 
     ``get(weights, rows)`` returns one packed copy per weight, or None where it would not help
-    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with oneDNN) or while
-    autograd is on; the copies are remade when the row count or a weight's storage or version
-    counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a second copy
-    of the weights they pack (wt103 bf16: 453 MB for the 18 layers).
+    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with
+    oneDNN) or while autograd is on; the copies are remade when the row count or a weight's storage
+    or version counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a
+    second copy of the weights they pack (wt103's 18 layers: 453 MB bf16, 906 MB fp32), freed when
+    a step finds packing no help (more rows, more threads) or by ``clear_position_cache``.
     """
 
     def __init__(self):
@@ -203,7 +204,10 @@ class PackedWeights:
         self._key = None
 
     def get(self, weights: list, rows: int) -> Optional[list]:
-        if torch.is_grad_enabled() or not packing_helps(weights[0], rows):
+        if torch.is_grad_enabled():
+            return None
+        if not packing_helps(weights[0], rows):      # e.g. fp32 single rows on more threads: the copies go
+            self.clear()
             return None
         key = (rows, tuple((w.data_ptr(), w._version, w.dtype) for w in weights))
         if self._key != key:
