@@ -11,7 +11,10 @@ runs alternated (ours, HF, ours, HF, ...), medians. Every row: our time, HF's, t
 (the machine's time for the work ours cannot avoid: FLOPs / the matmul rate of the dtype for
 evaluation and prompts, bytes / the read bandwidth for a decode step; ``txl_fast.bench.floor``) and
 our fraction of it. The rates of a row's floor are measured beside it: a 2048^3 matmul in the dtype
-and a read of the large buffer, called in turn with the row's runs, best of them (``Probes``).
+and a read (``sum``) of each of our model's large weights, the pages a decode step reads, called in
+turn with the row's runs, best of them (``Probes``). The machine line's own buffer is not used for
+the floor: on the development machine a separately allocated buffer read 20-40 % faster or slower
+than the weights from one allocation to the next.
 
 Rows: evaluation in the steady state of a long stream (our cache first runs enough untimed segments
 to fill its memory with real tokens; HF's work per segment does not depend on what its memory holds,
@@ -79,17 +82,21 @@ def hf_decode(hf, token, mems, steps):
 
 
 class Probes:
-    """The machine measured beside every row: a square matmul in the dtype and a read of a large
-    buffer, called in turn with the row's sides, so that a row's floor uses the rates the machine
-    gave while that row ran (a load that comes and goes hits both)."""
+    """The machine measured beside every row: a square matmul in the dtype and a read of the
+    tensors ``read`` (our weights), called in turn with the row's sides, so that a row's floor uses
+    the rates the machine gave while that row ran (a load that comes and goes hits both)."""
 
-    def __init__(self, dtype: torch.dtype, square: int, read_bytes: int):
+    def __init__(self, dtype: torch.dtype, square: int, read: list):
         self.a, self.b = torch.randn(square, square).to(dtype), torch.randn(square, square).to(dtype)
-        self.buffer = torch.ones(read_bytes // 4)
-        self.flops, self.bytes = 2.0 * square**3, read_bytes
-        self.sides = {"matmul probe": lambda: self.a @ self.b, "read probe": self.buffer.sum}
+        self.read = read
+        self.flops, self.bytes = 2.0 * square**3, sum(t.numel() * t.element_size() for t in read)
+        self.sides = {"matmul probe": lambda: self.a @ self.b, "read probe": self.read_all}
         for fn in self.sides.values():                                      # warm-up
             fn()
+
+    def read_all(self) -> None:
+        for t in self.read:
+            t.sum()
 
     def rates(self, times: dict) -> tuple[float, float]:
         """(matmul FLOP/s, read bytes/s): the best of the row's probe runs."""
@@ -165,7 +172,8 @@ def main(argv=None) -> int:
         ours = txl_fast.TransfoXLLMHeadModel.from_pretrained(tmp, dtype=dtype)
     hf = hf.to(dtype)
     cfg, tgt = ours.config, 8 if args.tiny else 128
-    probes = Probes(dtype, 256, 16 * 2**20) if args.tiny else Probes(dtype, 2048, machine.read["large"]["bytes"])
+    weights = [p.detach() for p in ours.parameters() if p.numel() * p.element_size() >= 2**20]   # a decode step's pages
+    probes = Probes(dtype, 256, [torch.ones(2**22)]) if args.tiny else Probes(dtype, 2048, weights)
     share = analytic.uniform_share(cfg)                                     # random ids: uniform over the vocabulary
     params = sum(p.numel() for p in ours.parameters())
     print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({params / 1e6:.0f}M parameters), {args.dtype}, "
