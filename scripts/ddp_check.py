@@ -105,7 +105,8 @@ def main() -> None:
                 f.write(text)
         else:
             print(text)
-    dist.destroy_process_group()
+    dist.barrier()              # both ranks done before either tears gloo down (a rank that left early
+    dist.destroy_process_group()   # aborted the other's teardown: "terminate called", ~1 run in 10)
 
 
 if __name__ == "__main__":
