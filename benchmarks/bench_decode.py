@@ -38,6 +38,7 @@ import torch
 import txl_fast
 from txl_fast import backend, ops
 from txl_fast.inference import _candidates, decode_step
+from txl_fast.bench.machine import alternated_times
 from txl_fast.model import trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
@@ -180,19 +181,14 @@ def before():
 
 
 def time_rounds(fns: dict, rounds: int, bandwidth: Bandwidth) -> dict:
-    """Median seconds per call, the functions alternated round by round (one warm-up round)."""
-    times = {name: [] for name in fns}
-    for r in range(rounds + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if r:
-                times[name].append(time.perf_counter() - start)
-        bandwidth.sample()
+    """Median seconds per call, the functions alternated round by round (one warm-up round), the
+    bandwidth sampled after each round."""
+    times = alternated_times(fns, reps=rounds, after_round=bandwidth.sample)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
+def fixed_step(model, bsz: int, dtype):
+    """A full cache and a greedy decode step that runs on the same full memory every time."""
     tr, crit = model.transformer, model.crit
     cache = full_cache(tr, bsz, dtype)
     ids = torch.randint(tr.n_token, (bsz, 1))
@@ -204,6 +200,11 @@ def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
             decode_step(tr, crit, ids, cache, False, 0)
 
     step()                                          # position keys made and kept
+    return cache, step
+
+
+def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
+    cache, step = fixed_step(model, bsz, dtype)
     classes = op_classes(model, cache, bsz, dtype)
     t = time_rounds({"step": step, **{name: fn for name, (fn, _) in classes.items()}}, rounds, bandwidth)
     gbps = bandwidth.gbps
@@ -222,21 +223,12 @@ def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
 
 def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> tuple:
     """The step before and after, alternated: (dtype, batch, bytes read, seconds before, seconds after)."""
-    tr, crit = model.transformer, model.crit
-    cache = full_cache(tr, bsz, dtype)
-    ids = torch.randint(tr.n_token, (bsz, 1))
-    layout = cache.layout()
-
-    def step():
-        cache.restore(layout)
-        with trusted_token_ids():
-            decode_step(tr, crit, ids, cache, False, 0)
+    cache, step = fixed_step(model, bsz, dtype)
 
     def step_before():
         with before():
             step()
 
-    step()
     nbytes = sum(b for _, b in op_classes(model, cache, bsz, dtype).values())
     t = time_rounds({"before": step_before, "after": step}, rounds, bandwidth)
     return str(dtype).removeprefix("torch."), bsz, nbytes, t["before"], t["after"]

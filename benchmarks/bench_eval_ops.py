@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import txl_fast
 from txl_fast import ops
 from txl_fast.bench import analytic
-from txl_fast.bench.machine import cpu_name
+from txl_fast.bench.machine import cpu_name, median_time
 from txl_fast.ops.linear import split_linear
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,17 +49,6 @@ SWAPPED = ("linear", "rel_attention", "adaptive_nll")        # the txl_fast.ops 
 ORDER = ("embedding", "q/k/v projection", "cache write", "attention: position scores + mask",
          "attention: content, softmax, values", "o projection", "add + layer norm (2)", "ff1 + relu", "ff2",
          "adaptive softmax NLL")
-
-
-def best_time(fn, reps: int = 5) -> float:
-    """Median seconds of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cpu_flags() -> str:
@@ -83,12 +72,12 @@ def matmul_rate(cfg, batch: int, dtype) -> tuple[float, float, float, dict]:
         x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         b = torch.randn(n, dtype=dtype) if bias else None
         threads = torch.get_num_threads()
-        times = (best_time(lambda: F.linear(x, w, b)), best_time(lambda: split_linear(x, w, b, threads)))
+        times = (median_time(lambda: F.linear(x, w, b)), median_time(lambda: split_linear(x, w, b, threads)))
         each[name] = tuple(2.0 * rows * k * n / t for t in times)
         seconds += min(times)
         flops += 2.0 * rows * k * n
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    square = 2.0 * 2048**3 / best_time(lambda: torch.mm(a, b))
+    square = 2.0 * 2048**3 / median_time(lambda: torch.mm(a, b))
     return max(flops / seconds, square), flops / seconds, square, each
 
 
@@ -232,7 +221,7 @@ def report(dtype, batch: int, rounds: int, against: dict | None, rev: str) -> No
         breakdowns = {}
         for name, functions in variants.items():
             with swapped(functions):
-                breakdowns[name] = {op: (best_time(fn, reps=3), flops)
+                breakdowns[name] = {op: (median_time(fn, reps=3), flops)
                                     for op, (fn, flops) in op_classes(model, cache, ids).items()}
     rate, at_rows, square = (statistics.median(r[i] for r in rates) for i in range(3))
     products = {name: [statistics.median(r[3][name][i] for r in rates) / 1e9 for i in range(2)] for name in rates[0][3]}

@@ -120,9 +120,11 @@ def median_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, wa
     return statistics.median(times)
 
 
-def alternated_times(fns: dict[str, Callable[[], object]], device: str = "cpu", reps: int = 5) -> dict[str, list]:
+def alternated_times(fns: dict[str, Callable[[], object]], device: str = "cpu", reps: int = 5,
+                     after_round: Optional[Callable[[], object]] = None) -> dict[str, list]:
     """Seconds of every ``fns`` entry: one warm-up round, then ``reps`` rounds each calling every
-    entry once in turn (CPU, perf_counter); on CUDA do_bench's CUDA-event times, entry by entry."""
+    entry once in turn (CPU, perf_counter; ``after_round()`` after each round, e.g. a probe of the
+    machine); on CUDA do_bench's CUDA-event times, entry by entry."""
     if device == "cuda":
         from triton.testing import do_bench  # noqa: PLC0415 (CUDA only)
 
@@ -134,6 +136,8 @@ def alternated_times(fns: dict[str, Callable[[], object]], device: str = "cpu", 
             fn()
             if rnd:
                 times[k].append(time.perf_counter() - start)
+        if after_round is not None:
+            after_round()
     return times
 
 
