@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import platform
 import statistics
 import time
 from unittest import mock
@@ -36,35 +35,14 @@ from unittest import mock
 import torch
 
 import txl_fast
-from txl_fast import backend, ops
+from txl_fast import backend, dtypes, ops
 from txl_fast.inference import _candidates, decode_step
-from txl_fast.bench.machine import alternated_times
+from txl_fast.bench.machine import alternated_times, cpu_name, flags_line
 from txl_fast.model import trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
 linear_module = importlib.import_module("txl_fast.ops.linear")
 attention_module = importlib.import_module("txl_fast.ops.rel_attention")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "flags unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(flag for flag in wanted if flag in flags) or "no AVX-512"
 
 
 class Bandwidth:
@@ -256,7 +234,8 @@ def main() -> None:
     bandwidth = Bandwidth()
     for _ in range(3):
         bandwidth.sample()
-    print(f"machine: {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"machine: {cpu_name()} ({flags_line(dtypes.cpu_flags())}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; "
           f"read bandwidth x.sum() over 600 MB fp32: {bandwidth.gbps:.1f} GB/s (before the timings)")
     torch.manual_seed(0)
     base = txl_fast.TransfoXLLMHeadModel(txl_fast.TransfoXLConfig()).eval()

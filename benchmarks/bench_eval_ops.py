@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import txl_fast
-from txl_fast import ops
+from txl_fast import dtypes, ops
 from txl_fast.bench import analytic
-from txl_fast.bench.machine import cpu_name, median_time
+from txl_fast.bench.machine import cpu_name, flags_line, median_time
 from txl_fast.ops.linear import split_linear
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,15 +49,6 @@ SWAPPED = ("linear", "rel_attention", "adaptive_nll")        # the txl_fast.ops 
 ORDER = ("embedding", "q/k/v projection", "cache write", "attention: position scores + mask",
          "attention: content, softmax, values", "o projection", "add + layer norm (2)", "ff1 + relu", "ff2",
          "adaptive softmax NLL")
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "flags unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return ", ".join(f for f in wanted if f in flags) or "no AVX-512"
 
 
 def matmul_rate(cfg, batch: int, dtype) -> tuple[float, float, float, dict]:
@@ -266,7 +257,8 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = txl_fast.TransfoXLConfig()
     against = load_revision(args.against) if args.against else None
-    print(f"{cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{cpu_name()} ({flags_line(dtypes.cpu_flags())}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
     for dt in args.dtype:
         for b in args.batch:
             report(getattr(torch, dt), b, args.rounds, against, args.against)

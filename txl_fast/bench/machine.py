@@ -65,7 +65,7 @@ class Machine:
     def summary(self) -> str:
         """One line: the machine and its floors."""
         unit, scale = ("TFLOP/s", 1e12) if self.device == "cuda" else ("GFLOP/s", 1e9)
-        flags = ", ".join(f for f, on in self.flags.items() if on) or ("no AVX-512/AMX" if self.flags else "")
+        flags = flags_line(self.flags)
         unit_name = "SMs" if self.device == "cuda" else "thread" if self.threads == 1 else "threads"
         where = f"{self.threads} {unit_name}" + (f"; {flags}" if flags else "")
         matmul = " / ".join(f"{dt} {self.matmul_rate(dt) / scale:.0f}" for dt in self.matmul)
@@ -73,6 +73,11 @@ class Machine:
                 f"({self.read['large']['bytes'] / 2**20:.0f} MiB; one wt103 layer's weights "
                 f"{self.read['layer']['best'] / 1e9:.1f}), copy {self.copy['best'] / 1e9:.1f} GB/s (best of "
                 f"{self.method})")
+
+
+def flags_line(flags: dict) -> str:
+    """The flags that are on (``dtypes.cpu_flags()``), comma-separated, for a benchmark's machine line."""
+    return ", ".join(f for f, on in flags.items() if on) or ("no AVX-512/AMX" if flags else "")
 
 
 def cpu_name() -> str:
