@@ -38,6 +38,13 @@ CONFIG = dict(vocab_size=2000, cutoffs=[500, 1000], d_model=1024, d_embed=1024, 
               div_val=4, n_layer=4, mem_len=64, clamp_len=1000, same_length=True, dropout=0.0)
 
 
+def timed(fn, into: list) -> None:
+    """Call fn() and append its seconds to ``into``."""
+    start = time.perf_counter()
+    fn()
+    into.append(time.perf_counter() - start)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for both sides: a thread that waits for a busy sibling at every op would
@@ -71,13 +78,9 @@ def test_decode_step_reaches_half_the_bandwidth_floor(benchmark, decode_setup, o
     def read_weights():
         for w in weights:
             w.sum()
+
     token = torch.randint(0, cfg.vocab_size, (1, 1))
     reads, steps = [], []
-
-    def timed(fn, into):
-        start = time.perf_counter()
-        fn()
-        into.append(time.perf_counter() - start)
 
     def step():
         with torch.no_grad():
@@ -118,11 +121,6 @@ def test_eval_segment_reaches_half_the_matmul_floor(benchmark, decode_setup, one
     cache = model.new_cache(1, "zeros", step_hint=128)
     a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     products, segments = [], []
-
-    def timed(fn, into):
-        start = time.perf_counter()
-        fn()
-        into.append(time.perf_counter() - start)
 
     def segment():
         with torch.no_grad():
