@@ -1,6 +1,6 @@
 """The cached decode step against the machine's read bandwidth, op class by op class.
 
-    python benchmarks/bench_decode.py [--dtype float32 bfloat16] [--batch 1 4] [--rounds 7] [--compare]
+    python benchmarks/bench_decode.py [--dtype float32 bfloat16] [--batch 1 4] [--rounds 7] [--compare] [--compile]
 
 wt103 configuration (HF's default TransfoXLConfig, 285M parameters, mem_len 1600, clamp_len 1000,
 same_length), random weights, 2 threads, the torch backend. The memory is full: each layer's cache
@@ -17,7 +17,9 @@ bytes it must read, GB/s, and its fraction of the floor (bytes / bandwidth over 
 rest of the step (Python, dispatch, the views and bookkeeping between the ops) is the step less
 the sum of the classes. ``--compare`` times instead the whole step against the previous decode
 path (before packed weights, the decode branch of ``ops.rel_attention`` and unsplit bf16 rows:
-``before()``), alternated step by step. Bytes: the weights (qkv_net, o_net, both feed-forward
+``before()``), alternated step by step; with ``--compile``, the eager step as it is now against the
+step whose attention is compiled (``backend.use_cpu_compile``, ``ops.compiled_decode``; alone,
+``--compile`` runs the op table so). Bytes: the weights (qkv_net, o_net, both feed-forward
 layers, layer norms), the cached keys and values (B x (mem_len + 1) rows x d_model, each twice), the position keys (one
 (clamp_len + 1, d_model) block per layer, shared by the batch: r_net is not re-read, its
 projection is cached), the head cluster and its projection, and a tail cluster only when the
@@ -154,7 +156,7 @@ def before():
     """The decode step as it was before packed weights (none are made, and bf16 rows are split as
     fp32's), and before rel_attention's decode branch (the fused SDPA path takes one query too)."""
     with mock.patch.object(linear_module, "MAX_PACKED_ROWS", 0), \
-            mock.patch.object(attention_module, "is_decode", lambda *args: False):
+            mock.patch.object(attention_module, "DECODE_DTYPES", ()):
         yield
 
 
@@ -199,16 +201,22 @@ def report(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> None:
     print(f"| rest (Python, dispatch, views) | {rest * 1e3:.2f} | {rest / t['step']:.0%} | | | |")
 
 
-def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth) -> tuple:
-    """The step before and after, alternated: (dtype, batch, bytes read, seconds before, seconds after)."""
+def compare(model, bsz: int, dtype, rounds: int, bandwidth: Bandwidth, compiled: bool) -> tuple:
+    """The step before and after, alternated: (dtype, batch, bytes read, seconds before, seconds after).
+    compiled: "before" is the eager step as it is now, "after" the step with the compiled attention."""
     cache, step = fixed_step(model, bsz, dtype)
+    contexts = (contextlib.nullcontext, backend.use_cpu_compile) if compiled else (before, contextlib.nullcontext)
 
-    def step_before():
-        with before():
-            step()
+    def stepping(context):
+        def run():
+            with context():
+                step()
+        return run
 
+    with contexts[1]():
+        step()                                      # compiled (and the shapes' graphs cached) before timing
     nbytes = sum(b for _, b in op_classes(model, cache, bsz, dtype).values())
-    t = time_rounds({"before": step_before, "after": step}, rounds, bandwidth)
+    t = time_rounds({"before": stepping(contexts[0]), "after": stepping(contexts[1])}, rounds, bandwidth)
     return str(dtype).removeprefix("torch."), bsz, nbytes, t["before"], t["after"]
 
 
@@ -228,6 +236,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--compare", action="store_true", help="the whole step, before and after, alternated")
+    p.add_argument("--compile", action="store_true",
+                   help="the attention compiled (backend.use_cpu_compile); with --compare: the eager step against it")
     args = p.parse_args()
     torch.set_num_threads(2)
     backend.set_backend("torch")
@@ -245,9 +255,10 @@ def main() -> None:
             model = base.to(getattr(torch, name))
             for bsz in args.batch:
                 if args.compare:
-                    compared.append(compare(model, bsz, getattr(torch, name), args.rounds, bandwidth))
+                    compared.append(compare(model, bsz, getattr(torch, name), args.rounds, bandwidth, args.compile))
                 else:
-                    report(model, bsz, getattr(torch, name), args.rounds, bandwidth)
+                    with backend.use_cpu_compile(args.compile):
+                        report(model, bsz, getattr(torch, name), args.rounds, bandwidth)
     if compared:
         print_comparison(compared, bandwidth.gbps)
     print(f"\nread bandwidth over the whole run: median {bandwidth.gbps:.1f} GB/s, "

@@ -1,6 +1,6 @@
 """Ours vs HF transformers 4.35 on the wt103 configuration, each row against this machine's floor.
 
-    python benchmarks/bench_engine.py [--dtype float32|bfloat16] [--segments 4] [--new-tokens 16]
+    python benchmarks/bench_engine.py [--dtype float32|bfloat16] [--segments 4] [--new-tokens 16] [--compile]
                                       [--batch 1 4] [--decode-batch 1 4 8] [--rounds 2] [--json PATH]
 
 First the machine, measured in the same run (``txl_fast.bench.machine``: CPU flags, fp32 and bf16
@@ -146,6 +146,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 4, 8],
                    help="decode-step batch sizes (each fills a memory of mem_len real tokens first)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="our decode steps' attention compiled (txl_fast.use_cpu_compile): the generation and decode rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH", help="write the machine and the rows as JSON")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)       # tests: a tiny model, seconds
@@ -154,6 +156,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with txl_fast.use_cpu_compile(args.compile):        # no C++ compiler: refused before any work
+        return run(args)
+
+
+def run(args) -> int:
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -179,7 +186,8 @@ def main(argv=None) -> int:
     print(f"{'tiny test' if args.tiny else 'wt103'} configuration ({params / 1e6:.0f}M parameters), {args.dtype}, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers {transformers.__version__}; "
           f"tgt_len {tgt}, mem_len {cfg.mem_len}, clamp_len {cfg.clamp_len}, same_length {cfg.same_length}; "
-          f"medians of {args.rounds} alternated rounds", flush=True)
+          f"medians of {args.rounds} alternated rounds"
+          f"{'; our decode attention compiled (use_cpu_compile)' if args.compile else ''}", flush=True)
     rows = []
     fill = -(-cfg.mem_len // tgt)                                   # segments that fill the memory
     for bsz in args.batch:

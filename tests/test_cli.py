@@ -55,6 +55,24 @@ def test_generate_is_deterministic_with_a_seed(capsys):
     assert first.startswith("The") and 2 <= len(first.split()) <= 9     # <eos> prints a newline, not a word
 
 
+def test_generate_compile_gives_the_same_text(capsys, monkeypatch):
+    """--compile: the decode attention compiled for the CPU, the same greedy continuation; refused
+    with one line (exit 2) without a C++ compiler and off the CPU."""
+    args = ["generate", "The", "--max-new-tokens", "12", "--greedy"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main(args + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert main(args + ["--compile", "--device", "cuda"]) == 2
+    assert "--compile compiles the decode step for the CPU" in capsys.readouterr().err
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: (_ for _ in ()).throw(RuntimeError("no g++")))
+    assert main(args + ["--compile"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a C++ compiler" in err
+
+
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

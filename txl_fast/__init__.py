@@ -11,7 +11,7 @@ from pathlib import Path
 if not (Path(__file__).parent / "kernels").is_dir() and (Path(__file__).parents[1] / "kernels" / "aot.py").is_file():
     __path__.append(str(Path(__file__).parents[1]))  # noqa: F821 (a package's __path__)
 
-from txl_fast.backend import get_backend, set_backend, use_backend
+from txl_fast.backend import get_backend, set_backend, use_backend, use_cpu_compile
 from txl_fast.config import TransfoXLConfig
 from txl_fast.inference import PRESETS, EvalResult, evaluate, generate
 from txl_fast.model import (
@@ -49,6 +49,7 @@ __all__ = [
     "set_backend",
     "unpatch",
     "use_backend",
+    "use_cpu_compile",
 ]
 __version__ = "0.1.0"
 

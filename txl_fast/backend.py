@@ -10,6 +10,10 @@ shapes, ``.item()``): on CUDA, so that a decode step can be captured in a CUDA g
 its launches without waiting; elsewhere only inside ``force_sync_free()`` (the tests use it to
 run the CUDA formulation on the CPU), since a CPU "sync" costs nothing there.
 
+``use_cpu_compile()`` (also a context variable; off by default) lets the ops that have a compiled CPU
+form run it: today a decode step's attention (``ops.compiled_decode``), compiled by torch.compile's
+Inductor on first use, which needs a C++ compiler: turning it on without one is a ValueError.
+
 Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported); without it an explicit ``triton`` choice on CPU tensors is an error,
 raised here, before any launch.
@@ -28,6 +32,7 @@ import torch
 BACKENDS = ("naive", "torch", "triton", "auto")
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("txl_fast_backend", default="auto")
+_cpu_compile: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_cpu_compile", default=False)
 _force_sync_free: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_sync_free", default=False)
 
 
@@ -124,6 +129,45 @@ def compile_disabled(reason: str) -> Callable:
         return call
 
     return decorate
+
+
+def _require_cpp_compiler() -> None:
+    """Inductor's CPU code needs a C++ compiler ($CXX, else g++): a ValueError naming it when none runs."""
+    from torch._inductor import cpp_builder  # noqa: PLC0415 (imports the compiler stack: only when asked)
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 (InvalidCxxCompiler, or a compiler that fails to run)
+        raise ValueError("compiling the CPU decode step (torch.compile, Inductor) needs a C++ compiler: "
+                         f"none runs here ({type(e).__name__}); install g++ or set CXX") from None
+
+
+def _checked_cpu_compile(enabled) -> bool:
+    if not isinstance(enabled, bool):
+        raise TypeError(f"the CPU compile setting is True or False, not {enabled!r}")
+    if enabled:
+        _require_cpp_compiler()
+    return enabled
+
+
+def set_cpu_compile(enabled: bool) -> None:
+    """Turn the compiled CPU forms of the ops on or off for this thread/context (see above)."""
+    _cpu_compile.set(_checked_cpu_compile(enabled))
+
+
+def cpu_compile() -> bool:
+    return _cpu_compile.get()
+
+
+@contextlib.contextmanager
+def use_cpu_compile(enabled: bool = True):
+    """``with use_cpu_compile(): model.generate(...)`` runs the block's decode steps with the compiled
+    CPU attention (``ops.compiled_decode``) and restores the previous setting."""
+    token = _cpu_compile.set(_checked_cpu_compile(enabled))
+    try:
+        yield
+    finally:
+        _cpu_compile.reset(token)
 
 
 def sync_free(tensor: torch.Tensor) -> bool:

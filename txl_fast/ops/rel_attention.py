@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from txl_fast import backend, naive
+from txl_fast.ops import compiled_decode
 
 
 def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
@@ -362,7 +363,9 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if is_decode(q, causal, window, keys) and not wants_grad:
+    if not wants_grad and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
+        return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
+    if not wants_grad and is_decode(q, causal, window, keys):
         return _decode_out(*inputs, scale, uniform_keys)
     if wants_grad:
         def attend(*chunk, keys):
@@ -389,10 +392,16 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
 DECODE_DTYPES = (torch.bfloat16,)
 
 
+def is_one_query(q, causal: bool, window: Optional[int], keys) -> bool:
+    """A decode step: one query per row, causal, every key visible (after the window's drop), no
+    padding. Without autograd it takes ``compiled_decode`` under ``backend.use_cpu_compile()`` on
+    the CPU, else ``_decode_out`` in a dtype of DECODE_DTYPES, else the fused kernel."""
+    return q.shape[1] == 1 and causal and window != 0 and keys is None
+
+
 def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
-    """A decode step ``_decode_out`` takes: one query per row, causal, every key visible (after the
-    window's drop), no padding, a dtype of DECODE_DTYPES."""
-    return q.shape[1] == 1 and causal and window != 0 and keys is None and q.dtype in DECODE_DTYPES
+    """A decode step ``_decode_out`` takes (without the compiled CPU form): a dtype of DECODE_DTYPES."""
+    return is_one_query(q, causal, window, keys) and q.dtype in DECODE_DTYPES
 
 
 def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
