@@ -3,6 +3,7 @@ against the float64 naive path, through ``rel_attention`` and through a model's 
 its switch's refusals. Dynamo may not fall back to running the function eagerly here (its
 recompile limit, raised for the many shapes and dtypes of these cases, is made an error), so every
 comparison checks compiled code."""
+import copy
 import importlib
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from helpers import assert_rel_close, our_model
 from txl_fast import backend, naive
-from txl_fast.ops import rel_attention
+from txl_fast.ops import linear, rel_attention
 
 compiled_decode = importlib.import_module("txl_fast.ops.compiled_decode")
 ra = importlib.import_module("txl_fast.ops.rel_attention")
@@ -110,6 +111,57 @@ def test_model_decode_steps_equal_eager(name, init, compiled_calls):
     with backend.use_cpu_compile():
         tokens = model.generate(ids[:, :4], 8, init_mems=init)
     assert torch.equal(tokens, model.generate(ids[:, :4], 8, init_mems=init))
+
+
+@pytest.fixture
+def row_calls(monkeypatch):
+    calls, row_linear = [], compiled_decode.row_linear
+    monkeypatch.setattr(compiled_decode, "row_linear", lambda *a: (calls.append(1), row_linear(*a))[1])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,bias", [((48, 40), True), ((40, 72), False), ((3, 5), True)])
+def test_one_row_products_match_float64(shape, bias, dtype, row_calls):
+    """ops.linear's one-row product under the switch: compiled, float32 sums; more rows, fp32 rows
+    and autograd keep their eager products."""
+    g = torch.Generator().manual_seed(shape[0])
+    w, x = torch.randn(*shape, generator=g).to(dtype), torch.randn(1, 1, shape[1], generator=g).to(dtype)
+    b = torch.randn(shape[0], generator=g).to(dtype) if bias else None
+    with torch.no_grad(), backend.use_cpu_compile():
+        out = linear(x, w, b)
+        assert len(row_calls) == 1
+        linear(x.expand(2, 1, -1), w, b)                                        # two rows
+        linear(x.float(), w.float(), None)                                       # fp32
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert_rel_close(out, ref, dtype, "row_linear")
+    with backend.use_cpu_compile():
+        linear(x, w.requires_grad_(), b)                                         # autograd
+    assert len(row_calls) == 1
+
+
+def test_bf16_model_steps_take_the_compiled_rows_and_pack_nothing(compiled_calls, row_calls):
+    """bf16 steps against float64 steps of the same (bf16-rounded) weights."""
+    model = our_model("default", dtype=torch.bfloat16)
+    reference = copy.deepcopy(model).double()
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(4))
+
+    def steps(m):
+        cache = m.transformer.new_cache(1, "zeros")
+        m(ids[:, :4], cache=cache)
+        return torch.stack([m(ids[:, t : t + 1], cache=cache).prediction_scores for t in range(4, 10)])
+
+    with torch.no_grad():
+        ref = steps(reference)
+        steps(model)
+        assert model.transformer._packed._packed is not None                 # eager bf16 steps pack
+        with backend.use_cpu_compile():
+            out = steps(model)
+        assert model.transformer._packed._packed is None                     # compiled rows: no copies
+    assert compiled_calls and row_calls
+    assert_rel_close(out, ref, torch.bfloat16, "bf16 decode step scores")
 
 
 def test_switch_refusals(monkeypatch):

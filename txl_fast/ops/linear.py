@@ -27,6 +27,9 @@ F.linear 13-15 GB/s, split_linear 7-9, as bf16 batched products are slow, packed
 and no copy); on one thread, where there is nothing to split, they are packed too (a whole decode
 step of ``benchmarks/test_floor.py``'s model: 15.4 against 18.0 ms, best of 25 alternated). The
 packed product carries no gradient to the weight: it is taken only when no gradient is wanted.
+
+Under ``backend.use_cpu_compile()`` a single bf16 (or fp16) row takes ``compiled_decode.row_linear``
+instead, a loop Inductor compiles (faster than the packed product, and no packed copy is made).
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from txl_fast import backend
+from txl_fast.ops import compiled_decode
 
 MAX_ROWS = 512       # measured faster up to here; slower at 1728
 MAX_PACKED_ROWS = 16  # a decode step's batch
@@ -49,11 +55,20 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out.view(N, rows).t().reshape(*x.shape[:-1], N)                      # (S, N/S, rows) -> (..., N)
 
 
+def compiled_row(weight: torch.Tensor, rows: int) -> bool:
+    """Whether a product of ``rows`` rows takes ``compiled_decode.row_linear`` (under
+    ``backend.use_cpu_compile()``: one row on the CPU in its ROW_DTYPES)."""
+    return (rows == 1 and weight.device.type == "cpu" and weight.dtype in compiled_decode.ROW_DTYPES
+            and backend.cpu_compile())
+
+
 def packing_helps(weight: torch.Tensor, rows: int) -> bool:
-    """Whether products of ``rows`` rows with ``weight`` are faster packed (see the module docstring)."""
+    """Whether products of ``rows`` rows with ``weight`` are faster packed (see the module docstring)
+    than the product ``linear`` takes otherwise."""
     return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and 0 < rows <= MAX_PACKED_ROWS
             and (weight.dtype == torch.bfloat16
-                 or (weight.dtype == torch.float32 and (rows > 1 or torch.get_num_threads() == 1))))
+                 or (weight.dtype == torch.float32 and (rows > 1 or torch.get_num_threads() == 1)))
+            and not compiled_row(weight, rows))
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -69,8 +84,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``packing_helps`` at x's rows."""
     N, K = weight.shape
     rows = x.numel() // K if K else 0
-    if (packed is not None and x.dtype == packed.dtype and x.shape[-1] == K and packing_helps(weight, rows)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    if inference and x.dtype == weight.dtype and x.shape[-1] == K and compiled_row(weight, rows):
+        return compiled_decode.row_linear(x, weight, bias)
+    if packed is not None and x.dtype == packed.dtype and x.shape[-1] == K and packing_helps(weight, rows) and inference:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     blocks = torch.get_num_threads()
     if (x.device.type == "cpu" and blocks > 1 and 0 < rows <= MAX_ROWS and N % blocks == 0
