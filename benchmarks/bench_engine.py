@@ -187,7 +187,7 @@ def run(args) -> int:
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers {transformers.__version__}; "
           f"tgt_len {tgt}, mem_len {cfg.mem_len}, clamp_len {cfg.clamp_len}, same_length {cfg.same_length}; "
           f"medians of {args.rounds} alternated rounds"
-          f"{'; our decode attention compiled (use_cpu_compile)' if args.compile else ''}", flush=True)
+          f"{'; our decode steps compiled (use_cpu_compile)' if args.compile else ''}", flush=True)
     rows = []
     fill = -(-cfg.mem_len // tgt)                                   # segments that fill the memory
     for bsz in args.batch:

@@ -252,10 +252,11 @@ def test_runner_refuses_an_unsupported_dtype(capsys):
         assert len(err) == 1 and err[0].startswith("txl-fast: error: --dtype " + dtype) and "float32" in err[0], err
 
 
-def test_bench_engine_tiny_smoke(tmp_path, capsys):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bench_engine_tiny_smoke(tmp_path, capsys, compiled):
     """benchmarks/bench_engine.py: the machine line first, every row with HF's time in the same dtype,
     the ratio, the floor and our fraction of it, a decode-step row per --decode-batch; the JSON carries
-    the machine."""
+    the machine. --compile: our decode steps compiled (use_cpu_compile), said in the header."""
     pytest.importorskip("transformers", reason="the comparison needs the peer transformers==4.35.0")
     import importlib.util
     from pathlib import Path
@@ -268,11 +269,13 @@ def test_bench_engine_tiny_smoke(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         assert bench_engine.main(["--tiny", "--segments", "1", "--new-tokens", "3", "--batch", "1", "--decode-batch",
-                                  "1", "2", "--rounds", "1", "--dtype", "bfloat16", "--json", str(out_json)]) == 0
+                                  "1", "2", "--rounds", "1", "--dtype", "bfloat16", "--json", str(out_json)]
+                                 + ["--compile"] * compiled) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert printed.startswith("machine: ") and "bfloat16" in printed.splitlines()[0]
+    assert ("our decode steps compiled" in printed.splitlines()[1]) == compiled
     assert "| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor |" in printed
     report = json.loads(out_json.read_text())
     assert report["dtype"] == "bfloat16" and report["machine"]["read"]["large"]["best"] > 0

@@ -11,7 +11,8 @@ its launches without waiting; elsewhere only inside ``force_sync_free()`` (the t
 run the CUDA formulation on the CPU), since a CPU "sync" costs nothing there.
 
 ``use_cpu_compile()`` (also a context variable; off by default) lets the ops that have a compiled CPU
-form run it: today a decode step's attention (``ops.compiled_decode``), compiled by torch.compile's
+form run it: today a decode step's attention and its bf16 / fp16 one-row products
+(``ops.compiled_decode``), compiled by torch.compile's
 Inductor on first use, which needs a C++ compiler: turning it on without one is a ValueError.
 
 Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
@@ -162,7 +163,7 @@ def cpu_compile() -> bool:
 @contextlib.contextmanager
 def use_cpu_compile(enabled: bool = True):
     """``with use_cpu_compile(): model.generate(...)`` runs the block's decode steps with the compiled
-    CPU attention (``ops.compiled_decode``) and restores the previous setting."""
+    CPU attention and one-row products (``ops.compiled_decode``) and restores the previous setting."""
     token = _cpu_compile.set(_checked_cpu_compile(enabled))
     try:
         yield

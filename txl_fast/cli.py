@@ -502,8 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"(default: {SAMPLING['top_p']})")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step's attention for the CPU (torch.compile, Inductor: needs a C++ "
-                        "compiler, takes seconds once; then faster steps, and bf16 scores kept in float32)")
+                   help="compile the decode step's attention (and bf16 one-row products) for the CPU (torch.compile, "
+                        "Inductor: needs a C++ compiler, takes seconds once; then faster steps, bf16 scores "
+                        "kept in float32)")
     p.set_defaults(func=cmd_generate)
 
     p = command("train", "train a small model")

@@ -16,13 +16,14 @@ torch's eager CPU ops read them at a fraction of the machine's bandwidth (``bmm`
 ``capacity`` rows apart: 6-13 GB/s here; bf16 ``bmm`` copies its operands). Inductor fuses the
 position scores, the content scores, the softmax and the values into loops that read k, v and r
 once each and accumulate in float32 (float64 for float64 inputs), so bf16 scores are not rounded
-before the softmax. wt103 cache, 18 layers, batch 1, this machine: fp32 15 ms against the eager
-path's 25, bf16 10 against 24 (benchmarks/RESULTS.md, "Compiled decode attention").
+before the softmax. wt103 cache, 18 layers, batch 1, this machine: fp32 15-19 ms against the
+eager path's 25-29, bf16 10-13 against 17-24 (benchmarks/RESULTS.md, "Compiled decode step").
 
 ``row_linear`` is ``ops.linear``'s one-row product in ROW_DTYPES (batch-1 decode steps): the weight
-read once, each output a float32 sum of its row. bf16 here: 21-36 GB/s of weight against 19-30 for
-the oneDNN-packed product the eager step takes (`python benchmarks/bench_gemv.py --compile`); fp32
-keeps ``split_linear``, as fast as the compiled loop (27-37 against 27-33 GB/s) and one compile less.
+read once, each output a float32 sum of its row. bf16 here: 16-36 GB/s of weight against 15-30 for
+the oneDNN-packed product the eager step takes, in the same runs (`python benchmarks/bench_gemv.py
+--rows 1 --dtype bfloat16 --compile`); fp32 keeps ``split_linear``, as fast as the compiled loop
+(27-37 against 27-33 GB/s) and one compile less.
 
 Opt-in (``txl_fast.use_cpu_compile()``, ``txl-fast generate --compile``): the first call compiles
 (a few seconds; Inductor caches the result on disk for later processes) and needs a C++ compiler.
