@@ -134,11 +134,11 @@ def compile_disabled(reason: str) -> Callable:
 
 def _require_cpp_compiler() -> None:
     """Inductor's CPU code needs a C++ compiler ($CXX, else g++): a ValueError naming it when none runs."""
-    from torch._inductor import cpp_builder  # noqa: PLC0415 (imports the compiler stack: only when asked)
-
     try:
+        from torch._inductor import cpp_builder  # noqa: PLC0415 (the compiler stack: only when asked)
+
         cpp_builder.get_cpp_compiler()
-    except Exception as e:  # noqa: BLE001 (InvalidCxxCompiler, or a compiler that fails to run)
+    except Exception as e:  # noqa: BLE001 (InvalidCxxCompiler, a compiler that fails to run, no Inductor)
         raise ValueError("compiling the CPU decode step (torch.compile, Inductor) needs a C++ compiler: "
                          f"none runs here ({type(e).__name__}); install g++ or set CXX") from None
 
