@@ -27,11 +27,23 @@ def test_breakdown_and_comparison_run(model, dtype, bsz, capsys):
     bandwidth.buffer, bandwidth.samples = torch.randn(1000), []
     with torch.no_grad(), backend.use_backend("torch"):
         bench_decode.report(model, bsz, dtype, 1, bandwidth)
-        row = bench_decode.compare(model, bsz, dtype, 1, bandwidth)
+        row = bench_decode.compare(model, bsz, dtype, 1, bandwidth, compiled=False)
     out = capsys.readouterr().out
     for name in ("qkv_net", "attention (K, V, r)", "o_net", "ff1 + relu", "ff2", "next token", "rest"):
         assert f"| {name}" in out, name
     assert row[:2] == (str(dtype).removeprefix("torch."), bsz) and row[2] > 0
+
+
+def test_compiled_comparison_runs(model, capsys):
+    """--compare --compile: the eager step against the compiled one, on a copy of a model whose
+    weights were packed by eager steps (the copy must not carry the packed copies)."""
+    model = model.to(torch.bfloat16)
+    bandwidth = bench_decode.Bandwidth.__new__(bench_decode.Bandwidth)
+    bandwidth.buffer, bandwidth.samples = torch.randn(1000), []
+    with torch.no_grad(), backend.use_backend("torch"):
+        bench_decode.fixed_step(model, 1, torch.bfloat16)                       # packs the bf16 weights
+        row = bench_decode.compare(model, 1, torch.bfloat16, 1, bandwidth, compiled=True)
+    assert row[:2] == ("bfloat16", 1) and row[3] > 0 and row[4] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
