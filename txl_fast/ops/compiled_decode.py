@@ -76,4 +76,3 @@ def decode_attention(q, k, v, r, r_w_bias, r_r_bias, scale: float, uniform_keys:
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     return _compiled(_row_linear)(x, weight, bias)
-
