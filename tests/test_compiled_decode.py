@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+import torch._dynamo
 
 from helpers import assert_rel_close, our_model
 from txl_fast import backend, naive
@@ -30,11 +31,18 @@ CASES = {
 
 
 @pytest.fixture
-def compiled_calls(monkeypatch):
+def strict_dynamo():
+    """Dynamo's recompile limit raised for the cases' many shapes and dtypes, and hitting it an error
+    (not a silent eager run). Through torch's own ``config.patch``: pytest's monkeypatch deletes a
+    config entry it did not find in the module's ``__dict__`` on undo, which hides it for good."""
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        yield
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch, strict_dynamo):
     calls, decode_attention = [], compiled_decode.decode_attention
     monkeypatch.setattr(compiled_decode, "decode_attention", lambda *a: (calls.append(1), decode_attention(*a))[1])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)      # the cases' shapes and dtypes
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     return calls
 
 
@@ -114,11 +122,9 @@ def test_model_decode_steps_equal_eager(name, init, compiled_calls):
 
 
 @pytest.fixture
-def row_calls(monkeypatch):
+def row_calls(monkeypatch, strict_dynamo):
     calls, row_linear = [], compiled_decode.row_linear
     monkeypatch.setattr(compiled_decode, "row_linear", lambda *a: (calls.append(1), row_linear(*a))[1])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     return calls
 
 
