@@ -42,6 +42,7 @@ CONFIGS = {
     "no_cutoffs_proj": dict(cutoffs=[], div_val=1, d_embed=16),
     "mem_len_0": dict(mem_len=0),
     "long_mem_clamp": dict(mem_len=9, clamp_len=3),
+    "clamp_negative": dict(clamp_len=-1),        # HF and the original code: no clamp
     "adaptive_false": dict(adaptive=False),
     "uniform_init": dict(init="uniform"),
 }

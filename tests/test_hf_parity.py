@@ -119,3 +119,16 @@ def test_hf_loads_our_files(tmp_path):
     back = transformers.TransfoXLLMHeadModel.from_pretrained(tmp_path / "b").eval()
     ids = torch.randint(0, 97, (2, 5))
     assert max_diff(back(ids).prediction_scores, ours(ids).prediction_scores) <= ATOL
+
+
+def test_sequence_classification_with_d_embed_unlike_d_model_is_refused_before_compute(tmp_path):
+    """HF's score layer takes d_embed features of d_model-wide states: HF fails inside the product;
+    ours loads the checkpoint and says why at forward, before any compute."""
+    transformers = pytest.importorskip("transformers")
+    kwargs = config_kwargs("div_val_1_d_embed", pad_token_id=3, num_labels=3)
+    hf = hf_model(transformers.TransfoXLForSequenceClassification, kwargs)
+    hf.save_pretrained(tmp_path)
+    ours = TransfoXLForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs d_embed == d_model"):
+        ours(torch.randint(0, 97, (2, 5)))
+

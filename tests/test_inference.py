@@ -399,3 +399,22 @@ def test_cache_misuse_is_refused():
     model.train()
     with pytest.raises(ValueError, match="model.eval"):
         model(ids, cache=cache)
+
+
+def test_a_model_copies_and_pickles_after_decode_steps():
+    """The packed decode weights (oneDNN tensors: no storage to copy) and the position keys a model
+    keeps are derived from its weights: copies and pickles start without them and remake their own."""
+    import copy
+    import io
+    import pickle
+
+    model = model_for()
+    prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(8))
+    tokens = model.generate(prompt, 6)
+    assert model.transformer._packed._packed is not None                     # fp32, 2 rows: packed
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.transformer._packed._packed is None and twin.transformer._positions._rows is None
+        assert torch.equal(twin.generate(prompt, 6), tokens)
+    torch.save(model, io.BytesIO())
+    assert model.transformer._packed._packed is not None                     # the original keeps its own
+

@@ -165,7 +165,19 @@ class InferenceCache:
             kv.start, kv.end, kv.uniform_end = 0, M, 0
 
 
-class PositionKeys:
+class DerivedStore:
+    """What a model keeps derived from its weights: copies of the model (``copy.deepcopy``,
+    ``pickle``, ``torch.save``) start it empty, as it would be remade from the copy's own weights
+    (and oneDNN's packed tensors cannot be copied or pickled at all)."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class PositionKeys(DerivedStore):
     """A model's projected position embeddings, kept while the key they were made with holds."""
 
     def __init__(self):
@@ -188,7 +200,7 @@ class PositionKeys:
         self._rows = self._key = None
 
 
-class PackedWeights:
+class PackedWeights(DerivedStore):
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 
     ``get(weights, rows)`` returns one packed copy per weight, or None where it would not help

@@ -108,7 +108,7 @@ def _stored_protocol(model_dir: Path) -> dict:
 def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
     """The evaluation protocol and where it came from: the one stored with the model (else the
     model's config with tgt_len 128), then --preset, then explicit flags."""
-    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
+    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": max(config.clamp_len, 0),   # < 0: no clamp
                 "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
     stored = _stored_protocol(model_dir)
     protocol.update({k: v for k, v in stored.items() if k in protocol})

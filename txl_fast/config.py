@@ -75,9 +75,10 @@ class TransfoXLConfig:
             # n_head * d_head may differ from d_model (as in HF), but the sinusoidal position
             # embedding has d_model / 2 (sin, cos) pairs
             raise ValueError(f"TransfoXLConfig.d_model must be even (sin/cos position pairs), got {self.d_model}")
-        for name in ("mem_len", "clamp_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"TransfoXLConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            raise ValueError(f"TransfoXLConfig.mem_len must be an integer >= 0, got {self.mem_len!r}")
+        if not isinstance(self.clamp_len, int):     # <= 0: no clamp (HF; the original code's default is -1)
+            raise ValueError(f"TransfoXLConfig.clamp_len must be an integer (0 or less: no clamp), got {self.clamp_len!r}")
         bounds = [0] + self.cutoffs + [self.vocab_size]
         if any(not isinstance(c, int) for c in self.cutoffs) or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(

@@ -570,6 +570,12 @@ class TransfoXLForSequenceClassification(TransfoXLPreTrainedModel):
         return_dict: Optional[bool] = None,
     ):
         cfg = self.config
+        if cfg.d_embed != cfg.d_model:
+            # HF's score layer takes d_embed features of the d_model-wide hidden states: its forward
+            # fails inside the product; say why before any compute (the weights still load)
+            raise ValueError(f"TransfoXLForSequenceClassification needs d_embed == d_model: its score layer "
+                             f"(as HF's) takes d_embed={cfg.d_embed} features, the hidden states have "
+                             f"d_model={cfg.d_model}")
         return_dict = cfg.use_return_dict if return_dict is None else return_dict
         out = self.transformer(
             input_ids, mems=mems, head_mask=head_mask, inputs_embeds=inputs_embeds,
