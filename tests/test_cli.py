@@ -63,8 +63,9 @@ def test_generate_compile_gives_the_same_text(capsys, monkeypatch):
     eager = capsys.readouterr().out
     assert main(args + ["--compile"]) == 0
     assert capsys.readouterr().out == eager
-    assert main(args + ["--compile", "--device", "cuda"]) == 2
-    assert "--compile compiles the decode step for the CPU" in capsys.readouterr().err
+    assert main(args + ["--compile", "--device", "cuda"]) == 2        # no CUDA here, or CUDA: not compiled
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("CUDA is not available" in err or "compiles the decode step for the CPU" in err)
     from torch._inductor import cpp_builder
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: (_ for _ in ()).throw(RuntimeError("no g++")))
@@ -260,6 +261,17 @@ def test_train_refuses_to_replace_a_model(tmp_path, capsys):
     assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "4", "--resume", "--overwrite"),
                                    capsys)[::2], "choose one")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before          # nothing touched
+    # --overwrite and --resume with inputs that cannot train: refused before the old model is touched
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for extra, needle in ((["--overwrite", "--lr", "nan"], "argument --lr"),
+                          (["--overwrite", "--lr", "inf"], "argument --lr"),
+                          (["--overwrite", "--heldout", "0.999"], "too few"),
+                          (["--resume", "--steps", "3"], "too few")):
+        source = text if "--heldout" in extra else empty
+        args = tiny_train_args(out, source, "--steps", "2") + extra
+        assert_one_line_error(*run_cli(args, capsys)[::2], needle)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, extra
     code, _, err = run_cli(tiny_train_args(out, text, "--steps", "3", "--overwrite", "--seed", "1"), capsys)
     assert code == 0, err
     assert json.loads((out / "training_state.json").read_text())["step"] == 3
@@ -279,6 +291,28 @@ def test_train_bad_numbers(tmp_path, capsys, extra, needle):
     text.write_text(TOY)
     assert_one_line_error(*run_cli(tiny_train_args(tmp_path / "run", text, *extra), capsys)[::2], needle)
     assert not (tmp_path / "run").exists()
+
+
+def test_empty_out_threads_beyond_the_cpus_and_closed_streams_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    assert_one_line_error(*run_cli(tiny_train_args("", text, "--steps", "2"), capsys)[::2], "--out is empty")
+    assert_one_line_error(*run_cli(["info", "--threads", str(10 * (os.cpu_count() or 1))], capsys)[::2],
+                          "CPUs")                                   # thousands of threads crash OpenMP
+    monkeypatch.setattr("sys.stdin", None)
+    assert_one_line_error(*run_cli(["eval", "-"], capsys)[::2], "stdin is closed")
+
+
+def test_generate_sampling_numbers_refused_before_the_model_loads(capsys, monkeypatch):
+    import txl_fast.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the model loaded before the check"))
+    for flag, value, needle in (("--temperature", "inf", "temperature must be a finite"),
+                                ("--temperature", "nan", "temperature must be a finite"),
+                                ("--top-p", "2", "top_p must be"), ("--top-p", "nan", "top_p must be")):
+        code, out, err = run_cli(["generate", flag, value], capsys)
+        assert_one_line_error(code, err, needle)
+        assert out == ""                                            # the prompt is not printed either
 
 
 def test_train_and_convert_refuse_an_existing_file_as_directory(tmp_path, capsys):

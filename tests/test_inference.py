@@ -175,14 +175,33 @@ def test_generate_stops_at_eos():
         (dict(top_k=-2), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_p=None), "top_p"),
+        (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite"),
+        (dict(do_sample=True, temperature="0.5"), "temperature"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(top_k=True), "top_k"),
+        (dict(max_new_tokens=10**13), "would not fit"),
+        (dict(do_sample="no"), "do_sample must be True or False"),
     ],
 )
 def test_generate_bad_arguments(kwargs, match):
     model = model_for()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         model.generate(torch.tensor([[1, 2]]), **kwargs)
     with pytest.raises(ValueError, match="needs a prompt"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_sampling_at_a_tiny_temperature_takes_the_best_token():
+    """logprobs / 1e-45 overflow to -inf everywhere: the scores less their best are divided instead."""
+    model = model_for()
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(9))
+    greedy = model.generate(prompt, 6)
+    for top_k in (0, 5):
+        tiny = model.generate(prompt, 6, do_sample=True, temperature=1e-45, top_k=top_k,
+                              generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tiny, greedy)
 
 
 def test_nll_op_used_by_evaluate_is_position_ordered():

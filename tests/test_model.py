@@ -202,6 +202,18 @@ def test_bad_mems_raise(model32, mems, match):
         (dict(attn_type=1), "attn_type"),
         (dict(dropout=1.5), "dropout"),
         (dict(d_model=33, d_embed=33, n_head=2, d_head=16), "d_model must be even"),
+        # values of the wrong type, which would be misread rather than fail (a config.json written by hand)
+        (dict(pre_lnorm="false"), "pre_lnorm must be true or false"),
+        (dict(same_length=1), "same_length must be true or false"),
+        (dict(tie_projs=[False, "abc", True]), "tie_projs must be a list of true/false"),
+        (dict(mem_len=True), "mem_len must be an integer"),
+        (dict(n_layer=True), "n_layer must be a positive integer"),
+        (dict(clamp_len=2.5), "clamp_len must be an integer"),
+        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be a finite number > 0"),
+        (dict(layer_norm_epsilon="x"), "layer_norm_epsilon must be a finite number > 0"),
+        (dict(init_std=-1.0), "init_std must be a finite number >= 0"),
+        (dict(attn_type="0"), "attn_type must be an integer"),
+        (dict(eos_token_id="x"), "eos_token_id must be an integer or null"),
     ],
 )
 def test_impossible_configs_raise(over, match):
@@ -229,6 +241,26 @@ def test_non_finite_weights_are_refused(tmp_path, model32):
     state["transformer.layers.0.pos_ff.CoreNet.0.weight"][0, 0] = float("nan")
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"NaN or inf values in: transformer\.layers\.0\.pos_ff\.CoreNet\.0\.weight"):
+        TransfoXLLMHeadModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn])
+def test_weights_in_a_dtype_a_float_weight_cannot_take_are_refused(tmp_path, model32, dtype):
+    """Cast and loaded, an integer or bool weight would be a wrong model without a word."""
+    model32.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "transformer.layers.0.dec_attn.qkv_net.weight"
+    state[key] = state[key].to(dtype)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"dtypes they cannot take .*{key}"):
+        TransfoXLLMHeadModel.from_pretrained(tmp_path)
+
+
+def test_config_json_nested_too_deep_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nests too deep"):
         TransfoXLLMHeadModel.from_pretrained(tmp_path)
 
 

@@ -148,6 +148,10 @@ def _match_prefix(state: dict, model) -> dict:
     return state
 
 
+# the dtypes a checkpoint's float weights may come in (cast to the model's): float8 and others are refused
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``model`` after checking every key and shape; tied copies may be absent."""
     state = _match_prefix(state, model)
@@ -168,6 +172,11 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
         problems.append(f"mis-shaped keys: {'; '.join(wrong)}")
     if problems:
         raise ValueError("checkpoint does not match the model: " + " | ".join(problems))
+    not_float = sorted(f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+                       if expected[k].is_floating_point() and v.dtype not in FLOAT_DTYPES)
+    if not_float:       # an integer or bool weight would be cast and loaded as a wrong model
+        raise ValueError(f"checkpoint holds float weights in dtypes they cannot take (float16, bfloat16, float32, "
+                         f"float64): {', '.join(not_float)}")
     non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if non_finite:
         raise ValueError(f"checkpoint holds NaN or inf values in: {', '.join(non_finite)}")

@@ -15,7 +15,9 @@ starting "txl-fast: error:", exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import resource
 import sys
@@ -131,6 +133,8 @@ def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
 
 
 def _read_stdin_text() -> str:
+    if sys.stdin is None:
+        raise ValueError("stdin is closed: give a text FILE, or pipe the text in with -")
     stream = getattr(sys.stdin, "buffer", None)
     data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
     try:
@@ -215,23 +219,25 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     from txl_fast import use_cpu_compile  # noqa: PLC0415
-
-    if args.compile and args.device != "cpu":
-        raise ValueError(f"--compile compiles the decode step for the CPU; on {args.device} the Triton kernels run")
-    with use_cpu_compile(args.compile):                 # no C++ compiler: refused here, before the model loads
-        return _generate(args)
-
-
-def _generate(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from txl_fast import use_backend  # noqa: PLC0415
+    from txl_fast.inference import _check_sampling  # noqa: PLC0415
 
     chosen = {k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None}
     if args.greedy and chosen:
         raise ValueError(f"--greedy takes the most likely token: it cannot be combined with "
                          f"{', '.join('--' + k.replace('_', '-') for k in chosen)}")
     sampling = {**SAMPLING, **chosen}
+    _check_sampling(args.max_new_tokens, not args.greedy, **sampling)        # before the model loads
+    if args.compile and _check_device(args.device).type != "cpu":
+        raise ValueError(f"--compile compiles the decode step for the CPU; on {args.device} the Triton kernels run")
+    with use_cpu_compile(args.compile):                 # no C++ compiler: refused here, before the model loads
+        return _generate(args, sampling)
+
+
+def _generate(args, sampling: dict) -> int:
+    import torch  # noqa: PLC0415
+
+    from txl_fast import use_backend  # noqa: PLC0415
+
     model_dir = _model_dir(args.model)
     model, tok = _load(model_dir, args.dtype, args.device)
     prompt_ids = tok.encode(args.prompt)
@@ -282,10 +288,12 @@ def cmd_train(args) -> int:
     from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel  # noqa: PLC0415
     from txl_fast.checkpoint import CONFIG, SAFETENSORS  # noqa: PLC0415
     from txl_fast.tokenizer import VOCAB_JSON, TransfoXLTokenizer  # noqa: PLC0415
-    from txl_fast.train import STATE_FILE, STATE_JSON, TrainConfig, default_corpus, train  # noqa: PLC0415
+    from txl_fast.train import STATE_FILE, STATE_JSON, TrainConfig, default_corpus, train, train_rows  # noqa: PLC0415
 
     model_files = (CONFIG, SAFETENSORS, STATE_JSON, STATE_FILE, VOCAB_JSON, METRICS, HELDOUT)
 
+    if not args.out.strip():
+        raise ValueError("--out is empty: give the checkpoint directory")
     out = Path(args.out)
     _refuse_to_replace(out, "--out")
     if args.resume and args.overwrite:
@@ -333,6 +341,7 @@ def cmd_train(args) -> int:
                                  mem_len=args.mem_len, clamp_len=4 * args.mem_len,
                                  same_length=args.mem_len > 0,         # HF's same_length mask needs a memory
                                  dropout=args.dropout)
+    train_rows(train_ids, args.batch_size)            # too few tokens: refused before any file is touched
     torch.manual_seed(args.seed)
     model = TransfoXLLMHeadModel(config)
     if args.overwrite:                                 # the old model's files go, not only those rewritten
@@ -447,6 +456,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
+    return value
+
+
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
@@ -520,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=POSITIVE, default=4, help="default: %(default)s")
     p.add_argument("--n-layer", type=POSITIVE, default=4, help="default: %(default)s")
     p.add_argument("--dropout", type=_fraction, default=0.1, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="default: %(default)s")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=100, help="default: %(default)s")
     p.add_argument("--min-freq", type=POSITIVE, default=2, help="default: %(default)s")
     p.add_argument("--checkpoint-every", type=POSITIVE, default=200, help="default: %(default)s")
@@ -557,6 +576,10 @@ def main(argv=None) -> int:
     try:
         import torch  # noqa: PLC0415
 
+        if args.threads > (os.cpu_count() or 1):     # thousands of threads: the OpenMP runtime crashes
+            raise ValueError(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs")
+        if sys.stdout is None:
+            return 1                                     # started with stdout closed: nothing can be shown
         torch.set_num_threads(args.threads)
         code = args.func(args)
         sys.stdout.flush()                 # a closed pipe shows here, inside the handler below
@@ -569,6 +592,12 @@ def main(argv=None) -> int:
         # pointing stdout at /dev/null so that the interpreter's last flush does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:                                 # e.g. stdout on a full disk: ENOSPC
+        if e.errno not in (errno.ENOSPC, errno.EIO) or e.filename is not None or sys.stdout is None:
+            raise
+        print(f"txl-fast: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,6 +15,18 @@ _ALIASES = {"n_token": "vocab_size", "hidden_size": "d_model", "num_attention_he
 # The sizes a config.json must state (HF always writes them): without them the defaults would build
 # the 285M-parameter wt103 model from a file that never asked for it.
 REQUIRED_IN_FILE = ("vocab_size", "cutoffs", "d_model", "d_embed", "n_head", "d_head", "d_inner", "div_val", "n_layer")
+
+
+_BOOLS = ("pre_lnorm", "same_length", "proj_share_all_but_first", "adaptive", "untie_r", "tie_word_embeddings",
+          "output_attentions", "output_hidden_states", "use_return_dict")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -66,8 +79,28 @@ class TransfoXLConfig:
         """Raise ValueError for a configuration no model can be built from."""
         def positive(name):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"TransfoXLConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in _BOOLS:     # a string such as "false" would be truthy: read as its opposite
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TransfoXLConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_projs, list) or not all(isinstance(t, bool) for t in self.tie_projs):
+            raise ValueError(f"TransfoXLConfig.tie_projs must be a list of true/false, got {self.tie_projs!r}")
+        if not (_is_real(self.layer_norm_epsilon) and math.isfinite(self.layer_norm_epsilon)
+                and self.layer_norm_epsilon > 0):
+            raise ValueError(f"TransfoXLConfig.layer_norm_epsilon must be a finite number > 0, "
+                             f"got {self.layer_norm_epsilon!r}")
+        for name in ("init_range", "proj_init_std", "init_std", "dropout", "dropatt"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"TransfoXLConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("attn_type", "sample_softmax"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"TransfoXLConfig.{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ValueError(f"TransfoXLConfig.{name} must be an integer or null, got {getattr(self, name)!r}")
 
         for name in ("vocab_size", "d_model", "d_embed", "n_head", "d_head", "d_inner", "div_val", "n_layer"):
             positive(name)
@@ -75,9 +108,9 @@ class TransfoXLConfig:
             # n_head * d_head may differ from d_model (as in HF), but the sinusoidal position
             # embedding has d_model / 2 (sin, cos) pairs
             raise ValueError(f"TransfoXLConfig.d_model must be even (sin/cos position pairs), got {self.d_model}")
-        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+        if not _is_int(self.mem_len) or self.mem_len < 0:
             raise ValueError(f"TransfoXLConfig.mem_len must be an integer >= 0, got {self.mem_len!r}")
-        if not isinstance(self.clamp_len, int):     # <= 0: no clamp (HF; the original code's default is -1)
+        if not _is_int(self.clamp_len):     # <= 0: no clamp (HF; the original code's default is -1)
             raise ValueError(f"TransfoXLConfig.clamp_len must be an integer (0 or less: no clamp), got {self.clamp_len!r}")
         bounds = [0] + self.cutoffs + [self.vocab_size]
         if any(not isinstance(c, int) for c in self.cutoffs) or any(a >= b for a, b in zip(bounds, bounds[1:])):
@@ -130,6 +163,8 @@ class TransfoXLConfig:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{path} is not a config: its JSON nests too deep") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         if data.get("model_type", "transfo-xl") != "transfo-xl":

@@ -197,15 +197,21 @@ def _step(transformer, ids, state):
     return out.last_hidden_state, out.mems
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or (do_sample and not temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def _sample(logprobs: torch.Tensor, ids: Optional[torch.Tensor], temperature: float, top_p: float,
@@ -213,6 +219,9 @@ def _sample(logprobs: torch.Tensor, ids: Optional[torch.Tensor], temperature: fl
     """(B, n) log-probs of n candidates, sorted best first when ``ids`` (B, n) names them, else the
     whole vocabulary -> (B,) a sample after temperature and top-p (the smallest set reaching top_p)."""
     scores = logprobs.float() / temperature
+    # a tiny temperature overflows every score to -inf: then divide the scores less their best
+    shifted = (logprobs.float() - logprobs.float().amax(-1, keepdim=True)) / temperature
+    scores = torch.where(torch.isfinite(scores.amax(-1, keepdim=True)), scores, shifted)   # no host sync
     if top_p < 1:
         sorted_scores, order = (scores, None) if ids is not None else scores.sort(dim=-1, descending=True)
         probs = sorted_scores.softmax(-1)
@@ -372,6 +381,10 @@ def generate(
         _check_graphable(model, use_cache)
     transformer, crit = model.transformer, model.crit
     B, L = input_ids.shape
+    free = available_memory(input_ids.device)
+    if free is not None and B * (L + max_new_tokens) * 8 > free:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the output ({B} x {L + max_new_tokens} ids) would not "
+                         f"fit in the {free / 2**30:.1f} GiB of free memory")
     state = _initial_state(transformer, B, init_mems, use_cache, step_hint=L)
     out = torch.empty(B, L + max_new_tokens, dtype=torch.int64, device=input_ids.device)
     out[:, :L] = input_ids

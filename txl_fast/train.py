@@ -55,7 +55,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _rows(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+def train_rows(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     rows = ids.numel() // batch_size
     if rows < 2:
         raise ValueError(f"{ids.numel()} training tokens are too few for batch_size {batch_size}")
@@ -104,7 +104,7 @@ def train(model, train_ids: torch.Tensor, valid_ids: Optional[torch.Tensor], cfg
         step = _resume(model, optimizer, out)
         if step > cfg.steps:
             raise ValueError(f"{out} has already trained {step} steps, more than steps={cfg.steps}")
-    data = _rows(train_ids, cfg.batch_size)
+    data = train_rows(train_ids, cfg.batch_size)
     n_segments = (data.shape[1] - 1 + cfg.tgt_len - 1) // cfg.tgt_len
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
