@@ -10,11 +10,15 @@ Not tested: languages other than English; HF's lm1b corpus pipeline.
 """
 import json
 import pickle
+import re
 
 import pytest
 import torch
 
+import txl_fast
 from txl_fast.tokenizer import TransfoXLTokenizer
+
+DEFAULT_VOCAB = txl_fast.default_model_path() / "vocab.json"
 
 CORPUS = """\
 The company earned $1,000.5 million in 2019 , up from 23,000 last year.
@@ -243,6 +247,23 @@ def test_vocab_json_round_trip(hf, corpus, tmp_path):
         TransfoXLTokenizer.from_pretrained(out)
     with pytest.raises(FileNotFoundError):
         TransfoXLTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["settings"].update(lower_case="no"), "settings of the wrong type: lower_case='no'"),
+    (lambda d: d["settings"].update(special=5), "settings of the wrong type: special=5"),
+    (lambda d: d["settings"].update(unk_token=5), "settings of the wrong type: unk_token=5"),
+    (lambda d: d.update(settings=None), "\"settings\" must be an object"),
+    (lambda d: d.update(unk_idx=True), "unk_idx an int or null"),
+    (lambda d: d.update(version=99), "format version 99"),
+])
+def test_vocab_json_values_of_the_wrong_type_are_refused_not_misread(tmp_path, edit, needle):
+    """A hand-edited vocab.json: "lower_case": "no" is truthy and would lower-case every text."""
+    payload = json.loads((DEFAULT_VOCAB).read_text(encoding="utf-8"))
+    edit(payload)
+    (tmp_path / "vocab.json").write_text(json.dumps(payload), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        TransfoXLTokenizer.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("fmt", ["pkl", "bin-zip", "bin-legacy"])

@@ -447,23 +447,36 @@ def _read_vocab(path: Path) -> tuple[dict, list[str], Optional[int]]:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a txl_fast vocabulary (expected \"format\": \"{_FORMAT}\")")
+        if payload.get("version") != 1:
+            raise ValueError(f"{path}: vocabulary format version {payload.get('version')!r}; this txl_fast reads 1")
         settings = payload.get("settings", {})
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: \"settings\" must be an object, got {type(settings).__name__}")
         unknown = set(settings) - set(_SETTINGS)
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        mistyped = sorted(k for k, v in settings.items() if k in _SETTING_TYPES and not _SETTING_TYPES[k](v))
+        if mistyped:            # "lower_case": "no" would be truthy: refused, not misread
+            raise ValueError(f"{path}: settings of the wrong type: "
+                             + ", ".join(f"{k}={settings[k]!r}" for k in mistyped))
         idx2sym, unk_idx = payload.get("idx2sym"), payload.get("unk_idx")
-        if not _is_str_list(idx2sym) or not (unk_idx is None or isinstance(unk_idx, int)):
+        if not _is_str_list(idx2sym) or not (unk_idx is None or _is_int(unk_idx)):
             raise ValueError(f"{path}: idx2sym must be a list of strings and unk_idx an int or null")
         return settings, idx2sym, unk_idx
     return _from_legacy_dict(load_legacy_pickle(path), path)
 
 
-_LEGACY_SETTING_TYPES = {
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# the type each setting must have, in vocab.json (refused otherwise) and in a legacy pickle (ignored otherwise)
+_SETTING_TYPES = {
     "special": _is_str_list,
-    "never_split": _is_str_list,
+    "never_split": lambda v: v is None or _is_str_list(v),
     "additional_special_tokens": _is_str_list,
-    "min_freq": lambda v: isinstance(v, int),
-    "max_size": lambda v: v is None or isinstance(v, int),
+    "min_freq": _is_int,
+    "max_size": lambda v: v is None or _is_int(v),
     "lower_case": lambda v: isinstance(v, bool),
     "delimiter": lambda v: v is None or isinstance(v, str),
     "language": lambda v: isinstance(v, str),
@@ -497,7 +510,7 @@ def _from_legacy_dict(state, path: Path) -> tuple[dict, list[str], Optional[int]
     # settings: HF's instance attributes, then its init_kwargs; a value of the wrong type is ignored
     init_kwargs = state.get("init_kwargs") if isinstance(state.get("init_kwargs"), dict) else {}
     settings = {}
-    for key, ok in _LEGACY_SETTING_TYPES.items():
+    for key, ok in _SETTING_TYPES.items():
         value = state[key] if key in state else init_kwargs.get(key)
         if value is not None and ok(value):
             settings[key] = list(value) if isinstance(value, tuple) else value
