@@ -293,6 +293,25 @@ def test_train_bad_numbers(tmp_path, capsys, extra, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_refuses_a_damaged_training_state_before_writing(tmp_path, capsys):
+    text = tmp_path / "toy.txt"
+    text.write_text(TOY)
+    out = tmp_path / "run"
+    assert run_cli(tiny_train_args(out, text, "--steps", "2"), capsys)[0] == 0
+    state = out / "training_state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])                       # truncated
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "3", "--resume"), capsys)[::2],
+                          "training_state.safetensors is damaged")
+    meta = json.loads((out / "training_state.json").read_text())
+    (out / "training_state.json").write_text(json.dumps({**meta, "step": -5}))
+    assert_one_line_error(*run_cli(tiny_train_args(out, text, "--steps", "3", "--resume"), capsys)[::2],
+                          "step -5 is not a step count")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {k: v for k, v in after.items() if k != "training_state.json"} == \
+        {k: v for k, v in before.items() if k != "training_state.json"}
+
+
 def test_empty_out_threads_beyond_the_cpus_and_closed_streams_are_one_line_errors(tmp_path, capsys, monkeypatch):
     text = tmp_path / "toy.txt"
     text.write_text(TOY)

@@ -305,11 +305,22 @@ def cmd_train(args) -> int:
         if not (out / STATE_JSON).is_file():
             raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
         try:
-            done = int(json.loads((out / STATE_JSON).read_text())["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            done = json.loads((out / STATE_JSON).read_text())["step"]
+            if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+                raise ValueError(f"step {done!r} is not a step count")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
         if args.steps < done:
             raise ValueError(f"{out} has already trained {done} steps: --steps {args.steps} must be at least that")
+        try:                                             # the optimizer state, read before a file is written
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(str(out / STATE_FILE), "pt"):
+                pass
+        except FileNotFoundError:
+            raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_FILE}") from None
+        except Exception as e:  # noqa: BLE001 (safetensors' own error types)
+            raise ValueError(f"{out / STATE_FILE} is damaged ({e}): cannot resume") from None
     if args.d_model % args.n_head:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} "
                          "(each head gets d_model / n_head dimensions)")

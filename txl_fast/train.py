@@ -75,7 +75,12 @@ def _save(model, optimizer, step: int, cfg: TrainConfig, directory: Path) -> Non
 def _resume(model, optimizer, directory: Path) -> int:
     """Load optimizer moments and the step from a checkpoint directory; returns the step to continue from."""
     meta = json.loads((directory / STATE_JSON).read_text())
-    tensors = load_file(str(directory / STATE_FILE))
+    try:
+        tensors = load_file(str(directory / STATE_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"nothing to resume in {directory}: no {STATE_FILE}") from None
+    except Exception as e:  # noqa: BLE001 (safetensors' own error types: a truncated or foreign file)
+        raise ValueError(f"{directory / STATE_FILE} is damaged ({e}): cannot resume") from None
     state = optimizer.state_dict()
     restored = {}
     for key, value in tensors.items():
