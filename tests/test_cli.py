@@ -344,6 +344,8 @@ def test_train_and_convert_refuse_an_existing_file_as_directory(tmp_path, capsys
     src.mkdir()
     assert_one_line_error(*run_cli(["convert", str(src), str(target)], capsys)[::2], "existing file")
     assert target.read_text() == "keep me"
+    assert_one_line_error(*run_cli(["convert", str(src), str(target / "sub")], capsys)[::2],
+                          "is not a directory")
 
 
 def _copy_default_model(tmp_path):

@@ -223,6 +223,16 @@ def test_without_triton_the_cli_backend_triton_is_one_line():
     assert proc.stderr.strip() == "txl-fast: error: " + backend.TRITON_MISSING
 
 
+def test_without_triton_the_kernel_report_is_one_line():
+    proc = run_python("""
+        from txl_fast.cli import main
+        sys.exit(main(["kernels"]))
+    """, block=("triton",))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("txl-fast: error: the kernel report needs triton") and \
+        proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_kernels_resolve_from_a_source_checkout_without_an_install(tmp_path):
     """``PYTHONPATH=<repo>`` alone (the GPU machine runs the repository that way): ``txl_fast.kernels``
     is the checkout's ``kernels/``. ``python -S`` skips site-packages' .pth files, so the editable

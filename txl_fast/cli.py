@@ -414,10 +414,11 @@ def cmd_convert(args) -> int:
 
 def cmd_kernels(args) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        from txl_fast.kernels import aot  # noqa: PLC0415
-    except ImportError as e:
-        raise ValueError(f"the kernel report needs triton: {e}") from None
+    from txl_fast import backend  # noqa: PLC0415
+
+    if not backend.triton_available():
+        raise ValueError('the kernel report needs triton, which is not installed here: pip install "txl_fast[triton]"')
+    from txl_fast.kernels import aot  # noqa: PLC0415
     rows = aot.report()
     bad = [r for r in rows if aot.problems(r)]
     if args.json:

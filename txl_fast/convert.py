@@ -19,11 +19,14 @@ def convert(src, dst) -> list[Path]:
         raise ValueError(f"destination {dst} is an existing file: give a new directory")
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"destination {dst} exists and is not empty")
+    if not dst.exists() and dst.parent.exists() and not dst.parent.is_dir():
+        raise ValueError(f"destination {dst}: its parent {dst.parent} is not a directory")
     config = TransfoXLConfig.from_json_file(src / CONFIG)
     model = TransfoXLLMHeadModel.from_pretrained(src)
     tokenizer = TransfoXLTokenizer.from_pretrained(src)            # vocab.pkl via the restricted unpickler
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"the vocabulary has {len(tokenizer)} symbols but the model only {config.vocab_size}")
+    if len(tokenizer) != config.vocab_size:     # the command line's eval and generate refuse the pair
+        raise ValueError(f"the vocabulary has {len(tokenizer)} symbols but the model {config.vocab_size}: "
+                         "they do not belong together")
     model.save_pretrained(dst)
     vocab = Path(tokenizer.save_vocabulary(dst))
     return [dst / CONFIG, dst / "model.safetensors", vocab]
