@@ -375,6 +375,8 @@ def test_model_directory_problems(tmp_path, capsys):
     [
         (["eval", "DIR"], ["is a directory"]),
         (["eval", "--device", "banana"], ["unknown device 'banana'"]),
+        (["eval", "--model", ""], ["--model is empty"]),
+        (["generate", "--compile", "--device", "banana"], ["unknown device 'banana'"]),
         (["eval", "--device", "cuda"], ["CUDA is not available"]),
         (["eval", "TEXT", "--mem-len", "100000000", "--init-mems", "zeros"], ["mem_len 100000000 needs", "GiB"]),
         (["eval", "TEXT", "--mem-len", "0", "--same-length", "on"], ["same_length needs a memory"]),

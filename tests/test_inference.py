@@ -193,6 +193,18 @@ def test_generate_bad_arguments(kwargs, match):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
 
 
+@pytest.mark.parametrize("wrong", [None, "model", "transformer"])
+def test_evaluate_and_generate_take_an_lm_head_model(wrong):
+    model = model_for()
+    thing = model.transformer if wrong == "transformer" else wrong
+    with pytest.raises(TypeError, match="expected a txl_fast TransfoXLLMHeadModel"):
+        evaluate(thing, torch.tensor([1, 2, 3, 4]), tgt_len=2, mem_len=2)
+    from txl_fast import generate
+
+    with pytest.raises(TypeError, match="expected a txl_fast TransfoXLLMHeadModel"):
+        generate(thing, torch.tensor([[1, 2]]))
+
+
 def test_sampling_at_a_tiny_temperature_takes_the_best_token():
     """logprobs / 1e-45 overflow to -inf everywhere: the scores less their best are divided instead."""
     model = model_for()

@@ -258,6 +258,21 @@ def test_weights_in_a_dtype_a_float_weight_cannot_take_are_refused(tmp_path, mod
         TransfoXLLMHeadModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_and_save_pretrained_refuse_bad_places(tmp_path, model32):
+    model32.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="unknown device 'cpux'"):
+        TransfoXLLMHeadModel.from_pretrained(tmp_path / "m", device="cpux")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            TransfoXLLMHeadModel.from_pretrained(tmp_path / "m", device="cuda")
+    with pytest.raises(ValueError, match="directory is empty"):
+        TransfoXLLMHeadModel.from_pretrained("")
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        model32.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 def test_config_json_nested_too_deep_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nests too deep"):

@@ -300,3 +300,13 @@ def test_legacy_vocab_validated(tmp_path):
     path.write_bytes(pickle.dumps({"sym2idx": {"<unk>": 1, "a": 0}, "unk_idx": 1, "lower_case": "yes"}))
     tok = TransfoXLTokenizer.from_pretrained(path)
     assert tok.idx2sym == ["a", "<unk>"] and tok.lower_case is False and tok.encode("a zz") == [0, 1]
+
+
+@pytest.mark.parametrize("ids", [[1.5], [True], ["3"], "3"])
+def test_decode_refuses_ids_that_are_not_integers(ids):
+    """1.5 is not id 1 and "3" not id 3: refused, not decoded as something."""
+    tok = TransfoXLTokenizer.from_pretrained(txl_fast.default_model_path())
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        tok.decode(ids)
+    assert tok.decode(torch.tensor([3, 4])) == tok.decode([3, 4])
+

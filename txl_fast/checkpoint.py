@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from txl_fast.config import TransfoXLConfig
-from txl_fast.dtypes import check_dtype
+from txl_fast.dtypes import check_device, check_dtype
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -186,8 +186,12 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
 def load_pretrained(cls, directory, *, dtype: Optional[torch.dtype] = None, device=None):
     """``cls`` built from ``directory`` in ``dtype`` (a torch.dtype or its name, checked first:
     ``txl_fast.dtypes.check_dtype``) on ``device``."""
+    if device is not None:
+        device = check_device(device)
     if dtype is not None:
         dtype = check_dtype(dtype, device)
+    if isinstance(directory, str) and not directory.strip():
+        raise ValueError("from_pretrained: the checkpoint directory is empty (\"\"); give its path")
     d = Path(directory)
     if not (d / CONFIG).is_file():
         raise FileNotFoundError(f"no {CONFIG} in {d}" if d.is_dir() else f"checkpoint directory {d} does not exist")
@@ -203,6 +207,8 @@ def load_pretrained(cls, directory, *, dtype: Optional[torch.dtype] = None, devi
 
 def save_pretrained(model, directory) -> None:
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{d} exists and is not a directory")
     d.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(d / CONFIG)
     tied = model.tied_parameter_names()

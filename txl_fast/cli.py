@@ -52,25 +52,15 @@ def physical_cores() -> int:
 
 
 def _check_device(name: str):
-    import torch  # noqa: PLC0415
+    from txl_fast.dtypes import check_device  # noqa: PLC0415
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
-                             "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return check_device(name)
 
 
 def _model_dir(name) -> Path:
-    model_dir = Path(name) if name else DEFAULT_MODEL
+    if name is not None and not name.strip():
+        raise ValueError("--model is empty: give the model's directory, or leave --model out for the embedded one")
+    model_dir = Path(name) if name is not None else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist" if not model_dir.exists()
                                 else f"--model {model_dir} is a file: give the model's directory")

@@ -49,6 +49,23 @@ def native_fp16_matmul(flags: dict | None = None) -> bool:
     return flags.get("avx512_fp16", False) or flags.get("amx_fp16", False)
 
 
+def check_device(device) -> torch.device:
+    """A device a model may run on (cpu, cuda, cuda:N present here) -> torch.device; ValueError naming
+    the problem otherwise (an unknown name, a device type we do not run on, CUDA absent)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available here (torch {torch.__version__}); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
 def _device_type(device) -> str:
     return "cpu" if device is None else torch.device(device).type
 

@@ -29,7 +29,7 @@ import torch
 from txl_fast import ops
 from txl_fast.cache import InferenceCache
 from txl_fast.dtypes import check_dtype
-from txl_fast.model import trusted_token_ids
+from txl_fast.model import TransfoXLLMHeadModel, trusted_token_ids
 
 # The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
 PRESETS = {
@@ -77,7 +77,11 @@ def _positive(name: str, value) -> None:
 
 
 def _check_model_dtype(model) -> None:
-    """A model in a dtype its device cannot run (float16 on a CPU without fp16 matmul) is refused."""
+    """Not a txl_fast LM-head model, or one in a dtype its device cannot run (float16 on a CPU without
+    fp16 matmul): refused."""
+    if not isinstance(model, TransfoXLLMHeadModel):
+        raise TypeError(f"expected a txl_fast TransfoXLLMHeadModel (from_pretrained, or txl_fast.convert for an HF "
+                        f"directory), got {type(model).__name__}")
     p = next(model.parameters())
     check_dtype(p.dtype, p.device)
 

@@ -340,10 +340,12 @@ class TransfoXLTokenizer:
         """Symbols of ids; a single int gives a single symbol. Ids outside [0, len(self)) raise ValueError."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        if isinstance(ids, int):
+        if _is_int(ids):
             return self._id_to_token(ids)
+        if isinstance(ids, (str, bytes)) or not all(_is_int(i) for i in ids):   # 1.5 is not id 1, "3" not id 3
+            raise TypeError(f"token ids must be integers, got {ids!r}")
         skip = set(self.convert_tokens_to_ids(self.all_special_tokens)) if skip_special_tokens else ()
-        return [self._id_to_token(int(i)) for i in ids if int(i) not in skip]
+        return [self._id_to_token(i) for i in ids if i not in skip]
 
     def _id_to_token(self, idx: int) -> str:
         if not 0 <= idx < len(self):
