@@ -348,6 +348,24 @@ def test_train_and_convert_refuse_an_existing_file_as_directory(tmp_path, capsys
                           "is not a directory")
 
 
+@pytest.mark.parametrize("key,value", [("same_length", "no"), ("tgt_len", "64"), ("mem_len", -1),
+                                       ("init_mems", "full"), ("batch_size", True)])
+def test_a_stored_protocol_of_the_wrong_type_is_refused_not_misread(tmp_path, capsys, key, value):
+    model = _copy_default_model(tmp_path)
+    metrics = json.loads((model / "metrics.json").read_text())
+    metrics["eval_protocol"][key] = value
+    (model / "metrics.json").write_text(json.dumps(metrics))
+    assert_one_line_error(*run_cli(["eval", "--model", str(model)], capsys)[::2],
+                          "metrics.json: eval_protocol." + key)
+
+
+def test_strict_json_writes_non_finite_numbers_as_null():
+    from txl_fast.cli import _strict_json
+
+    text = _strict_json({"nll": float("nan"), "rows": [float("inf"), 1.5], "n": 3})
+    assert json.loads(text) == {"nll": None, "rows": [None, 1.5], "n": 3} and "NaN" not in text
+
+
 def _copy_default_model(tmp_path):
     import shutil
 

@@ -94,13 +94,39 @@ def _stored_protocol(model_dir: Path) -> dict:
     protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
     if not isinstance(protocol, dict):
         raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
+    for key, ok, what in (("tgt_len", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                          ("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                          ("mem_len", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+                          ("clamp_len", _is_int, "an integer"),
+                          ("same_length", lambda v: isinstance(v, bool), "true or false"),
+                          ("init_mems", lambda v: v in ("empty", "zeros"), '"empty" or "zeros"')):
+        if key in protocol and not ok(protocol[key]):      # "same_length": "no" would be truthy
+            raise ValueError(f"{metrics}: eval_protocol.{key} must be {what}, got {protocol[key]!r}")
     return protocol
+
+
+def _strict_json(obj) -> str:
+    """JSON that strict parsers read: NaN and inf (a diverged model's NLL) written as null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
     """The evaluation protocol and where it came from: the one stored with the model (else the
     model's config with tgt_len 128), then --preset, then explicit flags."""
-    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": max(config.clamp_len, 0),   # < 0: no clamp
+    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
                 "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
     stored = _stored_protocol(model_dir)
     protocol.update({k: v for k, v in stored.items() if k in protocol})
@@ -115,6 +141,7 @@ def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
     if args.same_length is not None:
         flags["same_length"] = args.same_length == "on"
     protocol.update(flags)
+    protocol["clamp_len"] = max(protocol["clamp_len"], 0)              # < 0 (HF, the original code): no clamp
     if protocol["mem_len"] == 0 and args.same_length is None:
         protocol["same_length"] = False                 # HF's same_length mask needs a memory
     if flags:
@@ -194,7 +221,7 @@ def cmd_eval(args) -> int:
               "backend": args.backend, "dtype": args.dtype, "threads": args.threads, "protocol_source": source,
               **protocol}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(_strict_json(report))
     else:
         measure = f"bits per character {result.bpc:.4f}" if result.bpc is not None else \
             f"perplexity {result.perplexity:.2f}"
@@ -357,7 +384,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, tgt_len=args.tgt_len, lr=args.lr,
                       warmup=min(args.warmup, args.steps), seed=args.seed, checkpoint_every=args.checkpoint_every)
     metrics = train(model, train_ids, valid_ids, cfg, out_dir=str(out), resume=args.resume)
-    print(json.dumps(metrics, indent=2))
+    print(_strict_json(metrics))
     return 0
 
 
