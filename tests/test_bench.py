@@ -329,3 +329,33 @@ def test_runner_tiny_smoke(tmp_path, capsys):
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "install txl_fast[bench] for plots" in printed
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--threads", "-1"], "argument --threads: -1 must be at least 1"),
+    (["--rounds", "0"], "argument --rounds: 0 must be at least 1"),
+    (["--threads", "100000"], "CPUs"),
+    (["--json", "."], "--json .: not a file in an existing directory"),
+    (["--plot", "/nonexistent/p.png"], "--plot /nonexistent/p.png: not a file in an existing directory"),
+])
+def test_bench_arguments_refused_before_measuring(argv, needle, capsys):
+    """One line, exit 2, before minutes of measuring (a directory as --json used to fail at the end)."""
+    from txl_fast.bench.runner import main as bench_main
+
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--tiny", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("txl-fast: error:") and "\n" not in err and needle in err, err
+
+
+def test_bench_results_md_not_utf8_refused_before_measuring(tmp_path, capsys):
+    from txl_fast.bench.runner import main as bench_main
+
+    md = tmp_path / "bad.md"
+    md.write_bytes(b"\xff\xfe results")
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--tiny", "--results-md", str(md)])
+    assert e.value.code == 2 and "is not UTF-8 text" in capsys.readouterr().err
+    assert md.read_bytes() == b"\xff\xfe results"
+

@@ -597,6 +597,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"txl-fast: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def parse_args(argv: Optional[list]) -> argparse.Namespace:
     p = _Parser(prog="txl-fast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="the wt103 configuration (HF's default config): long")
@@ -608,12 +618,24 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
                    help="write/replace this command's section of a RESULTS.md")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; float16 on CUDA")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per side (default: the suite's)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--rounds", type=_positive_int, default=None, help="timed rounds per side (default: the suite's)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.full and args.tiny:
         p.error("--full and --tiny exclude each other")
+    if args.threads and args.threads > (os.cpu_count() or 1):
+        p.error(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs")
+    # the outputs are checked before the minutes of measuring, not after
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--results-md", args.results_md)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            p.error(f"{flag} {path}: not a file in an existing directory")
+    if args.results_md and os.path.exists(args.results_md):
+        try:
+            with open(args.results_md, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
+            p.error(f"--results-md {args.results_md} is not UTF-8 text: its section cannot be replaced")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     timed = [name for name in dtypes.supported(device) if name != "float64"]      # float64: validation only
     if args.dtype not in timed:
