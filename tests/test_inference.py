@@ -183,12 +183,19 @@ def test_generate_stops_at_eos():
         (dict(top_k=True), "top_k"),
         (dict(max_new_tokens=10**13), "would not fit"),
         (dict(do_sample="no"), "do_sample must be True or False"),
+        (dict(eos_token_id=97), "eos_token_id must be None or an id in"),
+        (dict(eos_token_id=-3), "eos_token_id must be None or an id in"),
+        (dict(eos_token_id="x"), "eos_token_id must be None or an id in"),
+        (dict(do_sample=True, generator=123), "generator must be a torch.Generator"),
+        (dict(streamer=5), "streamer must be callable"),
     ],
 )
 def test_generate_bad_arguments(kwargs, match):
     model = model_for()
     with pytest.raises((ValueError, TypeError), match=match):
         model.generate(torch.tensor([[1, 2]]), **kwargs)
+    with pytest.raises(ValueError, match="token ids must be in"):                # even with nothing to generate
+        model.generate(torch.tensor([[1, 500]]), max_new_tokens=0)
     with pytest.raises(ValueError, match="needs a prompt"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
 

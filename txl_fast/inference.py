@@ -379,8 +379,17 @@ def generate(
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
+    model.transformer.check_input_ids(input_ids)         # also when no token is to be generated
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
+    n_token = model.transformer.n_token
+    if eos_token_id is not None and not (isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
+                                         and 0 <= eos_token_id < n_token):
+        raise ValueError(f"eos_token_id must be None or an id in [0, {n_token}), got {eos_token_id!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if streamer is not None and not callable(streamer):
+        raise TypeError(f"streamer must be callable (it receives each step's tokens), got {type(streamer).__name__}")
     if cuda_graph:
         _check_graphable(model, use_cache)
     transformer, crit = model.transformer, model.crit
@@ -403,7 +412,8 @@ def generate(
     graphed, step_ids, steps = None, input_ids, 0
     for i in range(max_new_tokens):
         if i == 0:
-            candidates = step(step_ids)                               # the prompt: its ids are checked
+            with trusted_token_ids():                                 # the prompt: its ids checked above
+                candidates = step(step_ids)
         else:
             with trusted_token_ids():
                 if cuda_graph and graphed is None and state.mlen == transformer.mem_len:

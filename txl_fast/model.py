@@ -423,6 +423,13 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
                     f"inputs_embeds is {inputs_embeds.dtype} on {inputs_embeds.device}, the model is {p.dtype} on {p.device}"
                 )
             return inputs_embeds
+        self.check_input_ids(input_ids)
+        return self.word_emb(input_ids)
+
+    def check_input_ids(self, input_ids) -> None:
+        """ValueError unless ``input_ids`` is a non-empty (B, L) int64/int32 tensor on the model's
+        device with every id in [0, n_token) (the values' host sync skipped under torch.compile and
+        for the trusted ids of generate's decode steps)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.shape[0] == 0:
@@ -438,7 +445,6 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError(
                 f"token ids must be in [0, {self.n_token}), got min {int(input_ids.min())}, max {int(input_ids.max())}"
             )
-        return self.word_emb(input_ids)
 
 
 class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
