@@ -293,6 +293,18 @@ def test_train_bad_numbers(tmp_path, capsys, extra, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_and_convert_name_what_is_wrong_with_their_inputs(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "latin1.txt").write_bytes(b"\xd3\xff abc\n")
+    assert_one_line_error(*run_cli(tiny_train_args(tmp_path / "o", tmp_path / "adir"), capsys)[::2],
+                          "is a directory")
+    assert_one_line_error(*run_cli(tiny_train_args(tmp_path / "o", tmp_path / "latin1.txt"), capsys)[::2],
+                          "is not UTF-8 text (byte 0xd3 at offset 0)")
+    assert_one_line_error(*run_cli(["convert", str(tmp_path / "latin1.txt"), str(tmp_path / "c")], capsys)[::2],
+                          "is a file: give the HF model's directory")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
 def test_resume_refuses_a_damaged_training_state_before_writing(tmp_path, capsys):
     text = tmp_path / "toy.txt"
     text.write_text(TOY)

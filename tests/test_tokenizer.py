@@ -310,3 +310,17 @@ def test_decode_refuses_ids_that_are_not_integers(ids):
         tok.decode(ids)
     assert tok.decode(torch.tensor([3, 4])) == tok.decode([3, 4])
 
+
+def test_a_string_split_as_a_file_gives_the_files_ids(tmp_path):
+    """docs/semantics.md: io.StringIO(text, newline=None) splits as a file; str.splitlines also
+    breaks at form feeds, \\x85, U+2028 (where a file and HF do not)."""
+    import io
+
+    tok = TransfoXLTokenizer.from_pretrained(txl_fast.default_model_path())
+    text = "The cat\x0csat\r\non the\x85mat\u2028today\rnow\n"
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    from_file = tok.encode_file(path)
+    assert torch.equal(tok.encode_lines(io.StringIO(text, newline=None)), from_file)
+    assert not torch.equal(tok.encode_lines(text.splitlines()), from_file)
+

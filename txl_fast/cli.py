@@ -341,9 +341,15 @@ def cmd_train(args) -> int:
     if args.d_model % args.n_head:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} "
                          "(each head gets d_model / n_head dimensions)")
+    if args.text and Path(args.text).is_dir():
+        raise ValueError(f"--text {args.text} is a directory: give a text file")
     if args.text and not Path(args.text).is_file():
         raise FileNotFoundError(f"text file {args.text} does not exist")
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
+    try:
+        text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {args.text} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
     lines = text.splitlines()
     split = int(len(lines) * (1 - args.heldout))
     with tempfile.TemporaryDirectory() as tmp:

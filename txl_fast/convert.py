@@ -13,6 +13,8 @@ from txl_fast.tokenizer import TransfoXLTokenizer
 
 def convert(src, dst) -> list[Path]:
     src, dst = Path(src), Path(dst)
+    if src.exists() and not src.is_dir():
+        raise ValueError(f"source {src} is a file: give the HF model's directory")
     if not src.is_dir():
         raise FileNotFoundError(f"source directory {src} does not exist")
     if dst.exists() and not dst.is_dir():

@@ -72,7 +72,7 @@ def _protocol(transformer, mem_len: int, clamp_len: int, same_length: bool):
 
 
 def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -136,7 +136,7 @@ def evaluate(
     for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
         _positive(name, value)
     for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0 (0: no memory / no clamp), got {value!r}")
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
