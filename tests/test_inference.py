@@ -212,6 +212,16 @@ def test_evaluate_and_generate_take_an_lm_head_model(wrong):
         generate(thing, torch.tensor([[1, 2]]))
 
 
+def test_a_tgt_len_longer_than_the_stream_is_one_segment_not_a_huge_cache():
+    """The cache is sized by the segment that can run, not by tgt_len: tgt_len 10**9 on 40 tokens is
+    the whole stream in one segment, the numbers of tgt_len 39."""
+    model = model_for()
+    stream = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
+    huge = evaluate(model, stream, tgt_len=10**9, mem_len=6, clamp_len=5, progress=False)
+    exact = evaluate(model, stream, tgt_len=39, mem_len=6, clamp_len=5, progress=False)
+    assert huge.tokens == exact.tokens == 39 and math.isclose(huge.nll, exact.nll, rel_tol=1e-9)
+
+
 def test_sampling_at_a_tiny_temperature_takes_the_best_token():
     """logprobs / 1e-45 overflow to -inf everywhere: the scores less their best are divided instead."""
     model = model_for()

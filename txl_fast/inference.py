@@ -107,8 +107,9 @@ def check_cache_fits(transformer, bsz: int, mem_len: int, step: int) -> None:
     need = 2 * transformer.n_layer * bsz * rows * transformer.n_head * transformer.d_head * p.element_size()
     free = available_memory(p.device)
     if free is not None and need > free:
-        raise ValueError(f"mem_len {mem_len} needs {need / 2**30:.1f} GiB of memory cache at batch size {bsz}, "
-                         f"{free / 2**30:.1f} GiB is available on {p.device}: lower mem_len")
+        raise ValueError(f"mem_len {mem_len} needs {need / 2**30:.1f} GiB of memory cache at batch size {bsz} and "
+                         f"segments of {step}, {free / 2**30:.1f} GiB is available on {p.device}: lower mem_len "
+                         "or tgt_len")
 
 
 @torch.no_grad()
@@ -158,6 +159,7 @@ def evaluate(
     if init_mems == "empty":
         # a row's memory never holds more than its past: a longer mem_len gives the same numbers
         mem_len = min(mem_len, rows)
+    tgt_len = min(tgt_len, max(rows - 1, 1))        # a segment never runs past the stream: the same numbers
     if use_cache:
         check_cache_fits(transformer, batch_size, mem_len, tgt_len)
     show = sys.stderr.isatty() if progress is None else progress
