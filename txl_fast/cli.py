@@ -23,6 +23,8 @@ import resource
 import sys
 from pathlib import Path
 
+from txl_fast.checks import int_at_least, is_int
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
 HELDOUT = "heldout.txt"             # the text held out of its training
@@ -94,10 +96,10 @@ def _stored_protocol(model_dir: Path) -> dict:
     protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
     if not isinstance(protocol, dict):
         raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
-    for key, ok, what in (("tgt_len", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                          ("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                          ("mem_len", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-                          ("clamp_len", _is_int, "an integer"),
+    for key, ok, what in (("tgt_len", lambda v: is_int(v) and v > 0, "a positive integer"),
+                          ("batch_size", lambda v: is_int(v) and v > 0, "a positive integer"),
+                          ("mem_len", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+                          ("clamp_len", is_int, "an integer"),
                           ("same_length", lambda v: isinstance(v, bool), "true or false"),
                           ("init_mems", lambda v: v in ("empty", "zeros"), '"empty" or "zeros"')):
         if key in protocol and not ok(protocol[key]):      # "same_length": "no" would be truthy
@@ -117,10 +119,6 @@ def _strict_json(obj) -> str:
         return x
 
     return json.dumps(clean(obj), indent=2, allow_nan=False)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
@@ -323,7 +321,7 @@ def cmd_train(args) -> int:
             raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
         try:
             done = json.loads((out / STATE_JSON).read_text())["step"]
-            if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+            if not is_int(done) or done < 0:
                 raise ValueError(f"step {done!r} is not a step count")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
@@ -468,19 +466,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"txl-fast: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
-        return value
-
-    return parse
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -501,7 +486,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+POSITIVE, NON_NEGATIVE = int_at_least(1), int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

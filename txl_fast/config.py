@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from txl_fast.checks import is_int, is_real
+
 # Keys HF writes into config.json that describe the file or HF's own runtime, not the model.
 _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "_name_or_path"}
 # HF's `attribute_map` aliases.
@@ -19,14 +21,6 @@ REQUIRED_IN_FILE = ("vocab_size", "cutoffs", "d_model", "d_embed", "n_head", "d_
 
 _BOOLS = ("pre_lnorm", "same_length", "proj_share_all_but_first", "adaptive", "untie_r", "tie_word_embeddings",
           "output_attentions", "output_hidden_states", "use_return_dict")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -79,7 +73,7 @@ class TransfoXLConfig:
         """Raise ValueError for a configuration no model can be built from."""
         def positive(name):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"TransfoXLConfig.{name} must be a positive integer, got {value!r}")
 
         for name in _BOOLS:     # a string such as "false" would be truthy: read as its opposite
@@ -87,19 +81,19 @@ class TransfoXLConfig:
                 raise ValueError(f"TransfoXLConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.tie_projs, list) or not all(isinstance(t, bool) for t in self.tie_projs):
             raise ValueError(f"TransfoXLConfig.tie_projs must be a list of true/false, got {self.tie_projs!r}")
-        if not (_is_real(self.layer_norm_epsilon) and math.isfinite(self.layer_norm_epsilon)
+        if not (is_real(self.layer_norm_epsilon) and math.isfinite(self.layer_norm_epsilon)
                 and self.layer_norm_epsilon > 0):
             raise ValueError(f"TransfoXLConfig.layer_norm_epsilon must be a finite number > 0, "
                              f"got {self.layer_norm_epsilon!r}")
         for name in ("init_range", "proj_init_std", "init_std", "dropout", "dropatt"):
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+            if not (is_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"TransfoXLConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("attn_type", "sample_softmax"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 raise ValueError(f"TransfoXLConfig.{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("eos_token_id", "pad_token_id"):
-            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise ValueError(f"TransfoXLConfig.{name} must be an integer or null, got {getattr(self, name)!r}")
 
         for name in ("vocab_size", "d_model", "d_embed", "n_head", "d_head", "d_inner", "div_val", "n_layer"):
@@ -108,9 +102,9 @@ class TransfoXLConfig:
             # n_head * d_head may differ from d_model (as in HF), but the sinusoidal position
             # embedding has d_model / 2 (sin, cos) pairs
             raise ValueError(f"TransfoXLConfig.d_model must be even (sin/cos position pairs), got {self.d_model}")
-        if not _is_int(self.mem_len) or self.mem_len < 0:
+        if not is_int(self.mem_len) or self.mem_len < 0:
             raise ValueError(f"TransfoXLConfig.mem_len must be an integer >= 0, got {self.mem_len!r}")
-        if not _is_int(self.clamp_len):     # <= 0: no clamp (HF; the original code's default is -1)
+        if not is_int(self.clamp_len):     # <= 0: no clamp (HF; the original code's default is -1)
             raise ValueError(f"TransfoXLConfig.clamp_len must be an integer (0 or less: no clamp), got {self.clamp_len!r}")
         bounds = [0] + self.cutoffs + [self.vocab_size]
         if any(not isinstance(c, int) for c in self.cutoffs) or any(a >= b for a, b in zip(bounds, bounds[1:])):

@@ -28,6 +28,7 @@ import torch
 
 from txl_fast import ops
 from txl_fast.cache import InferenceCache
+from txl_fast.checks import is_int, is_real
 from txl_fast.dtypes import check_dtype
 from txl_fast.model import TransfoXLLMHeadModel, trusted_token_ids
 
@@ -72,7 +73,7 @@ def _protocol(transformer, mem_len: int, clamp_len: int, same_length: bool):
 
 
 def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -137,7 +138,7 @@ def evaluate(
     for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
         _positive(name, value)
     for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0 (0: no memory / no clamp), got {value!r}")
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
@@ -203,20 +204,16 @@ def _step(transformer, ids, state):
     return out.last_hidden_state, out.mems
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
-    if not _is_real(temperature) or not math.isfinite(temperature) or (do_sample and not temperature > 0):
+    if not is_real(temperature) or not math.isfinite(temperature) or (do_sample and not temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
+    if not is_real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
@@ -385,8 +382,7 @@ def generate(
     if init_mems not in ("empty", "zeros"):
         raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
     n_token = model.transformer.n_token
-    if eos_token_id is not None and not (isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
-                                         and 0 <= eos_token_id < n_token):
+    if eos_token_id is not None and not (is_int(eos_token_id) and 0 <= eos_token_id < n_token):
         raise ValueError(f"eos_token_id must be None or an id in [0, {n_token}), got {eos_token_id!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -52,6 +52,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from txl_fast.checks import is_int
 from txl_fast.safe_pickle import load_legacy_pickle
 
 VOCAB_JSON = "vocab.json"
@@ -340,9 +341,9 @@ class TransfoXLTokenizer:
         """Symbols of ids; a single int gives a single symbol. Ids outside [0, len(self)) raise ValueError."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        if _is_int(ids):
+        if is_int(ids):
             return self._id_to_token(ids)
-        if isinstance(ids, (str, bytes)) or not all(_is_int(i) for i in ids):   # 1.5 is not id 1, "3" not id 3
+        if isinstance(ids, (str, bytes)) or not all(is_int(i) for i in ids):   # 1.5 is not id 1, "3" not id 3
             raise TypeError(f"token ids must be integers, got {ids!r}")
         skip = set(self.convert_tokens_to_ids(self.all_special_tokens)) if skip_special_tokens else ()
         return [self._id_to_token(i) for i in ids if i not in skip]
@@ -462,14 +463,10 @@ def _read_vocab(path: Path) -> tuple[dict, list[str], Optional[int]]:
             raise ValueError(f"{path}: settings of the wrong type: "
                              + ", ".join(f"{k}={settings[k]!r}" for k in mistyped))
         idx2sym, unk_idx = payload.get("idx2sym"), payload.get("unk_idx")
-        if not _is_str_list(idx2sym) or not (unk_idx is None or _is_int(unk_idx)):
+        if not _is_str_list(idx2sym) or not (unk_idx is None or is_int(unk_idx)):
             raise ValueError(f"{path}: idx2sym must be a list of strings and unk_idx an int or null")
         return settings, idx2sym, unk_idx
     return _from_legacy_dict(load_legacy_pickle(path), path)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # the type each setting must have, in vocab.json (refused otherwise) and in a legacy pickle (ignored otherwise)
@@ -477,8 +474,8 @@ _SETTING_TYPES = {
     "special": _is_str_list,
     "never_split": lambda v: v is None or _is_str_list(v),
     "additional_special_tokens": _is_str_list,
-    "min_freq": _is_int,
-    "max_size": lambda v: v is None or _is_int(v),
+    "min_freq": is_int,
+    "max_size": lambda v: v is None or is_int(v),
     "lower_case": lambda v: isinstance(v, bool),
     "delimiter": lambda v: v is None or isinstance(v, str),
     "language": lambda v: isinstance(v, str),
@@ -506,7 +503,7 @@ def _from_legacy_dict(state, path: Path) -> tuple[dict, list[str], Optional[int]
     elif sym2idx and sym2idx != {s: i for i, s in enumerate(idx2sym)}:
         raise ValueError(f"{path}: idx2sym and sym2idx disagree")
     unk_idx = state.get("unk_idx")
-    if not isinstance(unk_idx, int) or isinstance(unk_idx, bool):
+    if not is_int(unk_idx):
         unk_idx = None
 
     # settings: HF's instance attributes, then its init_kwargs; a value of the wrong type is ignored
