@@ -282,9 +282,9 @@ def test_cached_forward_on_triton_equals_uncached(name):
             with use_backend("triton"):
                 got = model(ids, cache=cache)
             assert (got.prediction_scores - ref.prediction_scores).abs().max() <= 1e-5
-            assert stored._rows[0].shape[0] >= model.config.mem_len + L > model.config.clamp_len + 1   # written out
+            assert stored.value[0].shape[0] >= model.config.mem_len + L > model.config.clamp_len + 1   # written out
         model(ids, cache=cache)                                                   # torch: the distinct rows
-        assert stored._rows[0].shape[0] == model.config.clamp_len + 1
+        assert stored.value[0].shape[0] == model.config.clamp_len + 1
 
 
 def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(monkeypatch):
@@ -343,22 +343,22 @@ def test_position_keys_are_kept_across_caches_until_the_weights_change():
     kept = model.transformer._positions
     with torch.no_grad():
         model(ids, cache=model.new_cache(2))
-        first = kept._rows
+        first = kept.value
         model(ids, cache=model.new_cache(2))
-        assert first is not None and kept._rows is first                      # reused by a new cache
+        assert first is not None and kept.value is first                      # reused by a new cache
         r_net = model.transformer.layers[1].dec_attn.r_net.weight
         r_net.mul_(1.5)                                                        # in place: version bumped
         got = model(ids, cache=model.new_cache(2)).prediction_scores
-        assert kept._rows is not first
+        assert kept.value is not first
         ref = model(ids).prediction_scores                                     # uncached, new weights
         assert (got - ref).abs().max() <= 1e-5
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
         model(ids, cache=model.new_cache(2))
-        assert kept._rows is not first
+        assert kept.value is not first
     model.clear_position_cache()
-    assert kept._rows is None
+    assert kept.value is None
     model(ids, cache=model.new_cache(2))                                       # autograd on: not kept
-    assert kept._rows is None
+    assert kept.value is None
     with torch.no_grad():
         model(ids, cache=model.new_cache(2))
     r_net.grad = None
@@ -395,24 +395,24 @@ def _packed_decode_weights_lifecycle():
 
     with torch.no_grad():
         step_equals_uncached()
-        first = kept._packed
+        first = kept.value
         assert first is not None and len(first) == 4 * model.config.n_layer
         step_equals_uncached()
-        assert kept._packed is first                                           # kept across caches
+        assert kept.value is first                                           # kept across caches
         model.transformer.layers[1].pos_ff.CoreNet[3].weight.mul_(1.5)         # in place: version bumped
         step_equals_uncached()
-        assert kept._packed is not first
-        second = kept._packed
+        assert kept.value is not first
+        second = kept.value
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
         step_equals_uncached()
-        assert kept._packed is not second
+        assert kept.value is not second
         model.clear_position_cache()
-        assert kept._packed is None
+        assert kept.value is None
         step_equals_uncached(cache_bsz=1)                           # fp32, one row, two threads: split_linear
-        assert kept._packed is None
+        assert kept.value is None
     weight = model.transformer.layers[0].dec_attn.qkv_net.weight
     model(ids, cache=model.new_cache(2)).prediction_scores.sum().backward()    # autograd: not packed
-    assert kept._packed is None and weight.grad is not None and weight.grad.abs().sum() > 0
+    assert kept.value is None and weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 def test_evaluate_and_generate_cached_equal_uncached():
@@ -459,10 +459,10 @@ def test_a_model_copies_and_pickles_after_decode_steps():
     model = model_for()
     prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(8))
     tokens = model.generate(prompt, 6)
-    assert model.transformer._packed._packed is not None                     # fp32, 2 rows: packed
+    assert model.transformer._packed.value is not None                     # fp32, 2 rows: packed
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert twin.transformer._packed._packed is None and twin.transformer._positions._rows is None
+        assert twin.transformer._packed.value is None and twin.transformer._positions.value is None
         assert torch.equal(twin.generate(prompt, 6), tokens)
     torch.save(model, io.BytesIO())
-    assert model.transformer._packed._packed is not None                     # the original keeps its own
+    assert model.transformer._packed.value is not None                     # the original keeps its own
 

@@ -112,30 +112,67 @@ class LayerKV:
 
 
 class InferenceCache:
-    """Everything a model's cached forward needs between calls; make one with ``model.new_cache``."""
+    """Everything a model's cached forward needs between calls; make one with ``model.new_cache``.
+
+    The cache also holds the protocol its calls run with (``mem_len``, ``clamp_len``,
+    ``same_length``, by default the model's): a call passes it with the cache instead of setting
+    it on the model, so one model serves callers with different protocols at once.
+
+    Rows of the batch can start afresh (``reset_rows``: a new document in that row) while the
+    others go on: an "empty" start hides the row's memory from it (``key_mask``), a "zeros" start
+    writes HF's zero memory into it again.
+    """
 
     def __init__(self, owner, bsz: int, mem_len: int, n_layer: int, n_head: int, d_head: int, dtype, device,
-                 step_hint: int = 128):
+                 step_hint: int = 128, clamp_len: int = 0, same_length: bool = False):
         self.owner_id = id(owner)
-        self.bsz, self.mem_len = bsz, mem_len
+        self.owner_mem_len = owner.mem_len                 # the model's own, to catch reset_memory_length
+        self.bsz, self.mem_len, self.clamp_len, self.same_length = bsz, mem_len, clamp_len, same_length
         capacity = mem_len + step_hint + max(step_hint, mem_len // 8)     # see the module docstring
         self.layers = [LayerKV(bsz, capacity, n_head, d_head, dtype, device) for _ in range(n_layer)]
+        self.fill_rows: Optional[list] = None              # per layer the zero memory's (k, v) row, "zeros"
+        self.hidden = [0] * bsz                            # per row, the leading memory rows it cannot see
 
     @property
     def mlen(self) -> int:
         return self.layers[0].mlen
 
-    def check(self, owner, bsz: int, mem_len: int) -> None:
+    def check(self, owner, bsz: int) -> None:
         if self.owner_id != id(owner):
             raise ValueError("this inference cache belongs to another model")
         if bsz != self.bsz:
             raise ValueError(f"the inference cache was made for batch size {self.bsz}, got {bsz}")
-        if mem_len != self.mem_len:
-            raise ValueError(f"the inference cache was made for mem_len {self.mem_len}, the model now has {mem_len}")
+        if owner.mem_len != self.owner_mem_len:
+            raise ValueError(f"the inference cache was made when the model had mem_len {self.owner_mem_len}, it now "
+                             f"has {owner.mem_len} (reset_memory_length): make a new cache")
+
+    def key_mask(self, qlen: int) -> Optional[torch.Tensor]:
+        """(B, mlen + qlen) bool, False for the memory rows a batch row must not see (it started a
+        new document after them); None when every row sees its whole memory."""
+        if not any(self.hidden):
+            return None
+        device = self.layers[0].k.device
+        hidden = torch.tensor(self.hidden, device=device)                  # a copy to the device, no sync
+        return torch.arange(self.mlen + qlen, device=device) >= hidden[:, None]
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Start the batch rows ``rows`` afresh, as a new cache would; the other rows go on."""
+        if not rows:
+            return
+        if self.fill_rows is None:                     # "empty": the row's memory is hidden from it
+            for b in rows:
+                self.hidden[b] = self.mlen
+            return
+        for kv, (k_row, v_row) in zip(self.layers, self.fill_rows):   # "zeros": HF's zero memory again
+            kv.k[rows, :, kv.start : kv.end] = k_row
+            kv.v[rows, :, kv.start : kv.end] = v_row
+            kv.uniform_end = kv.start                  # the rows differ now: no closed form
 
     def commit(self, new_rows: int) -> None:
+        dropped = self.mlen + new_rows - min(self.mem_len, self.mlen + new_rows)    # rows leaving the memory
         for layer in self.layers:
             layer.commit(new_rows, self.mem_len)
+        self.hidden = [max(0, h - dropped) for h in self.hidden]
 
     def layout(self) -> tuple:
         """Where every layer's memory lies: its buffer and rows. A step of a given length on equal
@@ -168,7 +205,15 @@ class InferenceCache:
 class DerivedStore:
     """What a model keeps derived from its weights: copies of the model (``copy.deepcopy``,
     ``pickle``, ``torch.save``) start it empty, as it would be remade from the copy's own weights
-    (and oneDNN's packed tensors cannot be copied or pickled at all)."""
+    (and oneDNN's packed tensors cannot be copied or pickled at all).
+
+    Safe when threads share the model: an entry is one (key, value) tuple, read once into a local
+    and replaced whole, so a caller never pairs one caller's key with another's value; two
+    threads that miss at once both compute it (the same value), and the last one is kept.
+    """
+
+    def __init__(self):
+        self._entry: Optional[tuple] = None              # (key, value)
 
     def __getstate__(self) -> dict:
         return {}
@@ -176,28 +221,30 @@ class DerivedStore:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
+    @property
+    def value(self):
+        """What is stored now, or None."""
+        entry = self._entry
+        return None if entry is None else entry[1]
+
+    def clear(self) -> None:
+        self._entry = None
+
 
 class PositionKeys(DerivedStore):
     """A model's projected position embeddings, kept while the key they were made with holds."""
 
-    def __init__(self):
-        self._rows: Optional[list] = None            # per layer (Lk_max, H, D)
-        self._key = None
-
     def get(self, klen: int, rows: int, key, make) -> list:
         """Per layer (klen, H, D) position keys (distances klen - 1 … 0); ``make(rows)`` computes
         ``rows`` >= klen of them (the longest expected) when the stored ones are too short or their
-        key differs. With
-        autograd on they are made afresh and neither kept nor taken from the store: a kept graph
-        would outlive its step, and stored keys carry no gradient to ``r_net``."""
+        key differs. With autograd on they are made afresh and neither kept nor taken from the
+        store: a kept graph would outlive its step, and stored keys carry no gradient to ``r_net``."""
         if torch.is_grad_enabled():
             return [r[r.shape[0] - klen :] for r in make(rows)]
-        if self._rows is None or self._key != key or self._rows[0].shape[0] < klen:
-            self._rows, self._key = make(rows), key
-        return [r[r.shape[0] - klen :] for r in self._rows]
-
-    def clear(self) -> None:
-        self._rows = self._key = None
+        entry = self._entry
+        if entry is None or entry[0] != key or entry[1][0].shape[0] < klen:
+            entry = self._entry = (key, make(rows))
+        return [r[r.shape[0] - klen :] for r in entry[1]]
 
 
 class PackedWeights(DerivedStore):
@@ -211,10 +258,6 @@ class PackedWeights(DerivedStore):
     a step finds packing no help (more rows, more threads) or by ``clear_position_cache``.
     """
 
-    def __init__(self):
-        self._packed: Optional[list] = None
-        self._key = None
-
     def get(self, weights: list, rows: int) -> Optional[list]:
         if torch.is_grad_enabled():
             return None
@@ -222,10 +265,8 @@ class PackedWeights(DerivedStore):
             self.clear()
             return None
         key = (rows, tuple((w.data_ptr(), w._version, w.dtype) for w in weights))
-        if self._key != key:
-            self._packed = self._key = None                         # the old copies freed first
-            self._packed, self._key = [pack(w, rows) for w in weights], key
-        return self._packed
-
-    def clear(self) -> None:
-        self._packed = self._key = None
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            self._entry = None                                      # the old copies freed first
+            entry = self._entry = (key, [pack(w, rows) for w in weights])
+        return entry[1]

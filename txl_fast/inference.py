@@ -17,7 +17,7 @@ HF-style path (memory of hidden states, everything recomputed) for comparison.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
 import sys
 import time
@@ -61,15 +61,14 @@ class EvalResult:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-@contextlib.contextmanager
-def _protocol(transformer, mem_len: int, clamp_len: int, same_length: bool):
-    """Run the model with another memory length / clamp / same_length, restored afterwards."""
-    saved = transformer.mem_len, transformer.clamp_len, transformer.same_length
-    transformer.mem_len, transformer.clamp_len, transformer.same_length = mem_len, clamp_len, same_length
-    try:
-        yield
-    finally:
-        transformer.mem_len, transformer.clamp_len, transformer.same_length = saved
+def protocol_view(transformer, mem_len: int, clamp_len: int, same_length: bool):
+    """The HF-style (uncached) path's way to run another protocol without touching the model: a
+    shallow copy of the TransfoXLModel module sharing its parameters, buffers, submodules and
+    derived stores, with its own mem_len, clamp_len and same_length. (The cached path carries the
+    protocol in its cache.)"""
+    view = copy.copy(transformer)
+    view.mem_len, view.clamp_len, view.same_length = mem_len, clamp_len, same_length
+    return view
 
 
 def _positive(name: str, value) -> None:
@@ -166,33 +165,37 @@ def evaluate(
     show = sys.stderr.isatty() if progress is None else progress
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
-    with _protocol(transformer, mem_len, clamp_len, same_length):
-        state = _initial_state(transformer, batch_size, init_mems, use_cache, step_hint=tgt_len)
-        bar = None
-        if show:
-            from tqdm import tqdm  # noqa: PLC0415
+    protocol = dict(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
+    if not use_cache:
+        transformer = protocol_view(transformer, **protocol)
+    state = _initial_state(transformer, batch_size, init_mems, use_cache, tgt_len, protocol)
+    bar = None
+    if show:
+        from tqdm import tqdm  # noqa: PLC0415
 
-            bar = tqdm(total=(rows - 1) * batch_size, unit="tok", desc="eval", leave=False)
-        for i in range(0, rows - 1, tgt_len):
-            seq_len = min(tgt_len, rows - 1 - i)
-            inp = data[:, i : i + seq_len].to(device)
-            target = data[:, i + 1 : i + 1 + seq_len].to(device)
-            hidden, state = _step(transformer, inp, state)
-            nll = ops.adaptive_nll(hidden.reshape(-1, transformer.d_model), target.reshape(-1), *crit.clusters())
-            total_nll += nll.double().sum().item()
-            total_tokens += target.numel()
-            if bar is not None:
-                bar.update(target.numel())
-                bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.2f}")
+        bar = tqdm(total=(rows - 1) * batch_size, unit="tok", desc="eval", leave=False)
+    for i in range(0, rows - 1, tgt_len):
+        seq_len = min(tgt_len, rows - 1 - i)
+        inp = data[:, i : i + seq_len].to(device)
+        target = data[:, i + 1 : i + 1 + seq_len].to(device)
+        hidden, state = _step(transformer, inp, state)
+        nll = ops.adaptive_nll(hidden.reshape(-1, transformer.d_model), target.reshape(-1), *crit.clusters())
+        total_nll += nll.double().sum().item()
+        total_tokens += target.numel()
         if bar is not None:
-            bar.close()
+            bar.update(target.numel())
+            bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.2f}")
+    if bar is not None:
+        bar.close()
     return EvalResult(total_nll / total_tokens, total_tokens, time.perf_counter() - start, char_level)
 
 
-def _initial_state(transformer, bsz: int, init_mems: str, use_cache: bool, step_hint: int):
-    """The memory to start from: an inference cache, or HF-layout mems (use_cache=False)."""
+def _initial_state(transformer, bsz: int, init_mems: str, use_cache: bool, step_hint: int,
+                   protocol: Optional[dict] = None):
+    """The memory to start from: an inference cache (with ``protocol``, the model's if None), or
+    HF-layout mems (use_cache=False: the transformer's own protocol)."""
     if use_cache:
-        return transformer.new_cache(bsz, "empty" if init_mems == "empty" else "zeros", step_hint)
+        return transformer.new_cache(bsz, init_mems, step_hint, **(protocol or {}))
     return transformer.empty_mems(bsz) if init_mems == "empty" else transformer.init_mems(bsz)
 
 
@@ -396,7 +399,7 @@ def generate(
     if free is not None and B * (L + max_new_tokens) * 8 > free:
         raise ValueError(f"max_new_tokens={max_new_tokens}: the output ({B} x {L + max_new_tokens} ids) would not "
                          f"fit in the {free / 2**30:.1f} GiB of free memory")
-    state = _initial_state(transformer, B, init_mems, use_cache, step_hint=L)
+    state = _initial_state(transformer, B, init_mems, use_cache, L)
     out = torch.empty(B, L + max_new_tokens, dtype=torch.int64, device=input_ids.device)
     out[:, :L] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -25,6 +25,7 @@ from torch import nn
 
 from txl_fast import backend
 from txl_fast.cache import InferenceCache, PackedWeights, PositionKeys
+from txl_fast.checks import is_int
 from txl_fast.config import TransfoXLConfig
 from txl_fast.modules import (
     AdaptiveEmbedding,
@@ -256,39 +257,52 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         p = self._param()
         return [torch.zeros(0, bsz, self.d_model, dtype=p.dtype, device=p.device) for _ in self.layers]
 
-    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128) -> InferenceCache:
+    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128, *, mem_len: Optional[int] = None,
+                  clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> InferenceCache:
         """An inference cache for ``bsz`` sequences (see txl_fast.cache): pass it as ``cache=`` to forward.
 
         init "zeros": HF's zero-filled memory of mem_len positions (what ``mems=None`` means);
-        "empty": no memory, as the paper's code starts.
+        "empty": no memory, as the paper's code starts. mem_len, clamp_len, same_length: the
+        protocol the cache's calls run with, the model's own where None; the model is not changed.
         """
         if init not in ("zeros", "empty"):
             raise ValueError(f"init must be 'zeros' or 'empty', got {init!r}")
+        mem_len = self.mem_len if mem_len is None else mem_len
+        clamp_len = self.clamp_len if clamp_len is None else clamp_len
+        same_length = self.same_length if same_length is None else same_length
+        if not is_int(mem_len) or mem_len < 0 or not is_int(clamp_len) or not isinstance(same_length, bool):
+            raise ValueError(f"new_cache: mem_len must be an integer >= 0, clamp_len an integer and same_length a "
+                             f"bool, got {mem_len!r}, {clamp_len!r}, {same_length!r}")
         p = self._param()
-        cache = InferenceCache(self, bsz, self.mem_len, self.n_layer, self.n_head, self.d_head, p.dtype, p.device,
-                               step_hint)
-        if init == "zeros" and self.mem_len > 0:
+        cache = InferenceCache(self, bsz, mem_len, self.n_layer, self.n_head, self.d_head, p.dtype, p.device,
+                               step_hint, clamp_len, same_length)
+        if init == "zeros" and mem_len > 0:
             # every memory row is the same zero vector, so every row's key/value is the projection
             # of one zero row (zero without pre_lnorm, the layer norm's bias projected with it)
             zero = torch.zeros(1, 1, self.d_model, dtype=p.dtype, device=p.device)
+            cache.fill_rows = []
             with torch.no_grad():
                 for layer, kv in zip(self.layers, cache.layers):
                     _, k, v = layer.dec_attn._heads(zero).view(1, 1, 3, self.n_head, self.d_head).unbind(2)
-                    kv.fill(k.expand(bsz, 1, -1, -1), v.expand(bsz, 1, -1, -1), self.mem_len)
-            cache.commit(self.mem_len)
+                    kv.fill(k.expand(bsz, 1, -1, -1), v.expand(bsz, 1, -1, -1), mem_len)
+                    cache.fill_rows.append((k.transpose(1, 2), v.transpose(1, 2)))      # (1, H, 1, D) each
+            cache.commit(mem_len)
         return cache
 
-    def _position_keys(self, klen: int, qlen: int, written_out: bool) -> list:
+    def _position_keys(self, klen: int, qlen: int, written_out: bool, clamp_len: Optional[int] = None,
+                       mem_len: Optional[int] = None) -> list:
         """Per layer (Lr, H, D) projected position embeddings of distances Lr - 1 … 0: Lr = klen, or
         clamp_len + 1 when that is less (the attention op takes row 0 for every larger distance,
         wt103: 1001 rows instead of 1728), or always klen when ``written_out`` (the Triton kernels
         index a row per distance: stored so, they are not written out at every call). Kept
-        between calls while the weights are unchanged."""
+        between calls while the weights are unchanged. clamp_len, mem_len: the model's where None."""
         p = self._param()
-        clamped = self.clamp_len > 0 and not written_out
+        clamp_len = self.clamp_len if clamp_len is None else clamp_len
+        mem_len = self.mem_len if mem_len is None else mem_len
+        clamped = clamp_len > 0 and not written_out
 
         def make(n):
-            distinct = min(n, self.clamp_len + 1) if self.clamp_len > 0 else n
+            distinct = min(n, clamp_len + 1) if clamp_len > 0 else n
             pos_seq = torch.arange(distinct - 1, -1, -1.0, device=p.device, dtype=p.dtype)
             pos_emb = self.pos_emb(pos_seq)                                                  # (distinct, d)
             keys = []
@@ -299,37 +313,46 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             return keys
 
         weights = [self.pos_emb.inv_freq] + [layer.dec_attn.r_net.weight for layer in self.layers]
-        key = (self.clamp_len, written_out, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
-        longest = max(klen, self.mem_len + qlen)                       # the klen of a full memory
+        key = (clamp_len, written_out, p.dtype, p.device, tuple((w.data_ptr(), w._version) for w in weights))
+        longest = max(klen, mem_len + qlen)                            # the klen of a full memory
         if clamped:
-            klen, longest = min(klen, self.clamp_len + 1), min(longest, self.clamp_len + 1)
+            klen, longest = min(klen, clamp_len + 1), min(longest, clamp_len + 1)
         return self._positions.get(klen, longest, key, make)
 
-    def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+    def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache, collect: bool = False):
+        """(B, Lq, d) embedded inputs -> (B, Lq, d) last hidden states, and with ``collect`` every
+        layer's input and the output (n_layer + 1 tensors, HF's hidden_states), else None; the
+        protocol is the cache's."""
         bsz, qlen = word_emb.shape[:2]
-        cache.check(self, bsz, self.mem_len)
+        cache.check(self, bsz)
         if self.training:
             raise ValueError("the inference cache is for evaluation: call model.eval() first")
         mlen = cache.mlen
-        window = self.attention_window(qlen, mlen)
-        positions = self._position_keys(mlen + qlen, qlen, written_out=backend.resolve(word_emb) == "triton")
+        window = self.attention_window(qlen, mlen, cache.mem_len, cache.same_length)
+        positions = self._position_keys(mlen + qlen, qlen, backend.resolve(word_emb) == "triton",
+                                        cache.clamp_len, cache.mem_len)
+        key_mask = cache.key_mask(qlen)                                                 # (B, mlen + Lq) or None
         weights = [w for layer in self.layers for w in layer.decode_weights()]
         packed = self._packed.get(weights, bsz) if qlen == 1 else None                  # decode steps only
-        core_out = word_emb
+        core_out, hids = word_emb, []
         for i, (layer, kv, r) in enumerate(zip(self.layers, cache.layers, positions)):
-            core_out = layer.forward_cached(core_out, r, kv, window, packed and packed[4 * i : 4 * i + 4])
+            if collect:
+                hids.append(core_out)
+            core_out = layer.forward_cached(core_out, r, kv, window, packed and packed[4 * i : 4 * i + 4], key_mask)
         cache.commit(qlen)
-        return core_out
+        return core_out, (tuple(hids) + (core_out,) if collect else None)
 
-    def attention_window(self, qlen: int, mlen: int) -> Optional[int]:
+    def attention_window(self, qlen: int, mlen: int, mem_len: Optional[int] = None,
+                         same_length: Optional[bool] = None) -> Optional[int]:
         """HF's same_length mask as a window: key j is visible from query i iff 0 <= i + mlen - j < window.
 
         HF masks j <= i - mask_shift_len with mask_shift_len = qlen - (klen - mem_len) when that
         is positive, else qlen; so window = mlen + mask_shift_len. None without same_length.
+        mem_len, same_length: the model's where None.
         """
-        if not self.same_length:
+        if not (self.same_length if same_length is None else same_length):
             return None
-        mask_len = mlen + qlen - self.mem_len
+        mask_len = mlen + qlen - (self.mem_len if mem_len is None else mem_len)
         return mlen + (qlen - mask_len if mask_len > 0 else qlen)
 
     def _update_mems(self, hids: list, mems: Optional[list], mlen: int, qlen: int) -> Optional[list]:
@@ -372,12 +395,12 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
 
         word_emb = self._embed(input_ids, inputs_embeds)                           # (B, Lq, d)
         if cache is not None:   # inference: memory keys/values come from the cache; no HF-layout mems
-            if mems is not None or head_mask is not None or output_attentions or output_hidden_states:
-                raise ValueError("cache= cannot be combined with mems, head_mask, output_attentions or output_hidden_states")
-            core_out = self._forward_cached(word_emb, cache)
+            if mems is not None or head_mask is not None or output_attentions:
+                raise ValueError("cache= cannot be combined with mems, head_mask or output_attentions")
+            core_out, hidden_states = self._forward_cached(word_emb, cache, collect=output_hidden_states)
             if not return_dict:
-                return (core_out,)
-            return TransfoXLModelOutput(core_out, cache=cache)
+                return (core_out,) + ((hidden_states,) if hidden_states else ())
+            return TransfoXLModelOutput(core_out, hidden_states=hidden_states, cache=cache)
         bsz, qlen = word_emb.shape[:2]
         if mems is None:
             mems = self.init_mems(bsz)

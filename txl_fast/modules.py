@@ -100,17 +100,20 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         r = self.r_net(pos_emb).view(Lk, H, D)
         return self._attend(h, q, k, v, r, window, head_mask, output_attentions)
 
-    def forward_cached(self, h, r, kv, window=None, packed=(None, None)):
+    def forward_cached(self, h, r, kv, window=None, packed=(None, None), key_mask=None):
         """Inference with an inference-cache layer ``kv`` (txl_fast.cache.LayerKV) holding the memory's
         keys and values: only the new rows are projected. r: (Lr, H, D) position keys of distances
         Lr - 1 … 0 (Lr = min(mlen + Lq, clamp_len + 1), or mlen + Lq written out for the kernels).
-        packed: qkv_net's and o_net's weights as ``ops.linear.pack`` made them, or None."""
+        packed: qkv_net's and o_net's weights as ``ops.linear.pack`` made them, or None.
+        key_mask: (B, mlen + Lq) bool, False for memory rows a batch row must not see, or None."""
         B, Lq, _ = h.shape
         q, k_new, v_new = self._heads(h, packed[0]).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
         k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)
-        return self._attend(h, q, k, v, r, window, None, False, kv.uniform_rows, packed[1])[0]
+        uniform = kv.uniform_rows if key_mask is None else 0
+        return self._attend(h, q, k, v, r, window, None, False, uniform, packed[1], key_mask)[0]
 
-    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0, packed_o=None):
+    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0, packed_o=None,
+                key_mask=None):
         B, Lq, H, D = q.shape
         prob = None
         if output_attentions or (self.training and self.dropatt.p > 0):
@@ -120,7 +123,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             )
         else:
             out = ops.rel_attention(q, k, v, r, self.r_w_bias, self.r_r_bias, scale=self.scale, window=window,
-                                    uniform_keys=uniform_keys)
+                                    uniform_keys=uniform_keys, key_mask=key_mask)
         if head_mask is not None:                       # a per-head scale of the probabilities
             out = out * head_mask[:, None]
             prob = None if prob is None else prob * head_mask[:, None, None]
@@ -149,10 +152,10 @@ class RelPartialLearnableDecoderLayer(nn.Module):
         return [self.dec_attn.qkv_net.weight, self.dec_attn.o_net.weight,
                 self.pos_ff.CoreNet[0].weight, self.pos_ff.CoreNet[3].weight]
 
-    def forward_cached(self, h, r, kv, window=None, packed=None):
+    def forward_cached(self, h, r, kv, window=None, packed=None, key_mask=None):
         """packed: the ``decode_weights`` as ``ops.linear.pack`` made them, or None."""
         packed = packed or (None,) * 4
-        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window, packed[:2]), packed[2:])
+        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window, packed[:2], key_mask), packed[2:])
 
 
 def _cluster_bounds(cutoffs: list[int], n_token: int) -> list[int]:
