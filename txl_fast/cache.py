@@ -168,6 +168,13 @@ class InferenceCache:
             kv.v[rows, :, kv.start : kv.end] = v_row
             kv.uniform_end = kv.start                  # the rows differ now: no closed form
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only the batch rows ``rows`` (in that order): the batch shrinks to them (a copy)."""
+        index = torch.tensor(rows, device=self.layers[0].k.device)
+        for kv in self.layers:
+            kv.k, kv.v = kv.k.index_select(0, index), kv.v.index_select(0, index)
+        self.bsz, self.hidden = len(rows), [self.hidden[b] for b in rows]
+
     def commit(self, new_rows: int) -> None:
         dropped = self.mlen + new_rows - min(self.mem_len, self.mlen + new_rows)    # rows leaving the memory
         for layer in self.layers:

@@ -232,6 +232,128 @@ def cmd_eval(args) -> int:
     return 0
 
 
+SCORE_COLUMNS = ("document", "sentence", "token", "text", "id", "unk", "logprob", "surprisal")
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices") from None
+
+
+def _new_output(path: str, overwrite: bool, what: str) -> Path:
+    """A path to write ``what`` to: its directory exists, and it is no directory, nor an existing
+    file unless ``overwrite``."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{what} {out} is a directory: give a file name")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{what} {out} exists: pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise ValueError(f"{what} {out}: the directory {out.parent} does not exist")
+    return out
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, renamed over it once complete: an error
+    leaves no half-written file and the old one in place."""
+    import tempfile  # noqa: PLC0415
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_lines(lines):
+    def write(path: Path) -> None:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.writelines(lines)
+
+    return write
+
+
+def _score_lines(rows, fmt: str):
+    if fmt == "tsv":
+        yield "\t".join(SCORE_COLUMNS) + "\n"
+    for r in rows:
+        values = (r.document, r.sentence, r.token, r.text, r.id, int(r.unk), f"{r.logprob:.6f}", f"{r.surprisal:.6f}")
+        if fmt == "tsv":
+            yield "\t".join(map(str, values)) + "\n"
+        else:
+            yield json.dumps(dict(zip(SCORE_COLUMNS, (*values[:5], r.unk, round(r.logprob, 6),
+                                                      round(r.surprisal, 6)))), ensure_ascii=False) + "\n"
+
+
+def cmd_score(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from txl_fast import use_backend  # noqa: PLC0415
+    from txl_fast.score import score_text  # noqa: PLC0415
+
+    if args.layers and not args.states:
+        raise ValueError("--layers needs --states FILE.safetensors: the hidden states are written there")
+    if args.states and not args.layers:
+        raise ValueError("--states needs --layers: which hidden states to write")
+    out = _new_output(args.output, args.overwrite, "--output") if args.output else None
+    states = _new_output(args.states, args.overwrite, "--states") if args.states else None
+    if out is not None and states is not None and out.resolve() == states.resolve():
+        raise ValueError("--output and --states name the same file")
+    model_dir = _model_dir(args.model)
+    if args.file != "-" and Path(args.file).is_dir():
+        raise ValueError(f"{args.file} is a directory: give a text file (or - for stdin)")
+    if args.file != "-" and not Path(args.file).is_file():
+        raise FileNotFoundError(f"text file {args.file} does not exist")
+    model, tok = _load(model_dir, args.dtype, args.device)
+    protocol, _ = _protocol(args, model_dir, model.config)
+    protocol["batch_size"] = args.batch_size or 8
+    if args.file == "-":
+        text = _read_stdin_text()
+    else:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.file} is not UTF-8 text (byte at offset {e.start})") from None
+    distributed = _start_process_group(args.device)
+    try:
+        with use_backend(args.backend), torch.no_grad():
+            rows, scores = score_text(model, tok, text, pretokenized=args.pretokenized, layers=args.layers, **protocol)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0                                     # under torchrun rank 0 writes everything, in input order
+    if states is not None:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        n_states = model.config.n_layer + 1
+        layers = dict.fromkeys(x % n_states for x in args.layers)                   # as score() indexes them
+        tensors = {f"layer{layer}": torch.cat([s.hidden_states[layer] for s in scores]
+                                              or [torch.empty(0, model.config.d_model)]).contiguous()
+                   for layer in layers}
+        _write_atomically(states, lambda tmp: save_file(tensors, str(tmp), metadata={"rows": "one per output row"}))
+    if out is None:
+        sys.stdout.writelines(_score_lines(rows, args.format))
+    else:
+        _write_atomically(out, _write_lines(_score_lines(rows, args.format)))
+    return 0
+
+
+def _start_process_group(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): start the process group (nccl on CUDA, gloo on the CPU)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
 def cmd_generate(args) -> int:
     from txl_fast import use_cpu_compile  # noqa: PLC0415
     from txl_fast.inference import _check_sampling  # noqa: PLC0415
@@ -527,6 +649,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report bits per character (character vocabularies only)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.set_defaults(func=cmd_eval)
+
+    p = command("score", "per-token log-probability and surprisal of documents (TSV or JSON lines)")
+    p.add_argument("file", help="UTF-8 text, or - for stdin: documents separated by blank lines, a sentence per line")
+    model_args(p)
+    p.add_argument("--format", choices=["tsv", "jsonl"], default="tsv", help="default: %(default)s")
+    p.add_argument("--output", help="write here instead of stdout (replaced only with --overwrite)")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="the text is tokenised already: split at whitespace only")
+    p.add_argument("--layers", type=_layer_list,
+                   help="hidden states to write to --states, e.g. 0,6,18 (0: the embeddings, n_layer: the last)")
+    p.add_argument("--states", help="safetensors file for --layers: a (tokens, d_model) tensor per layer, "
+                                    "rows in the output's order")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output / --states files")
+    p.add_argument("--preset", choices=["wt103", "enwik8", "text8"], help="the paper's evaluation protocol")
+    p.add_argument("--tgt-len", dest="tgt_len", type=POSITIVE, help=f"segment length ({protocol})")
+    p.add_argument("--mem-len", dest="mem_len", type=NON_NEGATIVE, help="memory length, 0 for none")
+    p.add_argument("--clamp-len", dest="clamp_len", type=NON_NEGATIVE, help="largest relative distance, 0: no clamp")
+    p.add_argument("--same-length", dest="same_length", choices=["on", "off"],
+                   help="every query sees as many keys (off by itself with --mem-len 0)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, help="documents read at once (default: 8)")
+    p.add_argument("--init-mems", dest="init_mems", choices=["empty", "zeros"],
+                   help="each document's start: empty memory (default) or HF's zero memory")
+    p.set_defaults(func=cmd_score)
 
     p = command("generate", "continue a prompt")
     p.add_argument("prompt", nargs="?", default="The", help="default: %(default)s")

@@ -76,3 +76,18 @@ def sharded_nll(model, data: torch.Tensor, tgt_len: int) -> tuple[torch.Tensor, 
     """
     total, count = segment_nll(model, shard_rows(data), tgt_len)
     return all_reduce_sum(total, count)
+
+
+def all_gather_rows(local: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Every rank's (counts[rank], ...) rows, on every rank: ``dist.all_gather`` of rows padded to
+    the largest count (every rank must know every count). [local] in one process."""
+    rank, world_size = world()
+    if world_size == 1:
+        return [local]
+    if len(counts) != world_size or local.shape[0] != counts[rank]:
+        raise ValueError(f"all_gather_rows: rank {rank} holds {local.shape[0]} rows, the counts say {counts}")
+    padded = local.new_zeros(max(counts), *local.shape[1:])
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [g[:n] for g, n in zip(gathered, counts)]

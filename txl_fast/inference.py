@@ -76,7 +76,7 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_model_dtype(model) -> None:
+def check_lm_model(model) -> None:
     """Not a txl_fast LM-head model, or one in a dtype its device cannot run (float16 on a CPU without
     fp16 matmul): refused."""
     if not isinstance(model, TransfoXLLMHeadModel):
@@ -84,6 +84,22 @@ def _check_model_dtype(model) -> None:
                         f"directory), got {type(model).__name__}")
     p = next(model.parameters())
     check_dtype(p.dtype, p.device)
+
+
+def check_protocol(tgt_len, mem_len, clamp_len, same_length, batch_size, init_mems) -> None:
+    """The reading protocol of ``evaluate`` and ``score``: a ValueError naming the bad argument."""
+    for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
+        _positive(name, value)
+    for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: no memory / no clamp), got {value!r}")
+    if not isinstance(same_length, bool):
+        raise ValueError(f"same_length must be True or False, got {same_length!r}")
+    if init_mems not in ("empty", "zeros"):
+        raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
+    if mem_len == 0 and same_length:
+        # HF's same_length mask is mem_len-relative: without a memory it hides every key
+        raise ValueError("same_length needs a memory: with mem_len 0 pass same_length=False")
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -133,17 +149,8 @@ def evaluate(
     zero-filled memory). A cache that would not fit in the device's free memory is a ValueError.
     progress: a tqdm bar; default when stderr is a terminal.
     """
-    _check_model_dtype(model)
-    for name, value in (("tgt_len", tgt_len), ("batch_size", batch_size)):
-        _positive(name, value)
-    for name, value in (("mem_len", mem_len), ("clamp_len", clamp_len)):
-        if not is_int(value) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0 (0: no memory / no clamp), got {value!r}")
-    if init_mems not in ("empty", "zeros"):
-        raise ValueError(f"init_mems must be 'empty' or 'zeros', got {init_mems!r}")
-    if mem_len == 0 and same_length:
-        # HF's same_length mask is mem_len-relative: without a memory it hides every key
-        raise ValueError("same_length needs a memory: with mem_len 0 pass same_length=False")
+    check_lm_model(model)
+    check_protocol(tgt_len, mem_len, clamp_len, same_length, batch_size, init_mems)
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1 or token_ids.dtype != torch.int64:
         raise ValueError("token_ids must be a 1-D int64 tensor")
     rows = token_ids.numel() // batch_size
@@ -377,7 +384,7 @@ def generate(
     shapes that change every step), so on the torch backend tokens can differ from eager ones by
     rounding; on the triton backend the arithmetic is the same. Off by default.
     """
-    _check_model_dtype(model)
+    check_lm_model(model)
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
