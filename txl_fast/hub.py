@@ -46,7 +46,7 @@ def check_args(revision, local_files_only, cache_dir) -> None:
         raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
 
 
-def repo_for(name, *, revision=None, local_files_only=False, cache_dir=None) -> Optional["HubRepo"]:
+def repo_for(name, *, revision=None, local_files_only=False, cache_dir=None) -> Optional[HubRepo]:
     """The hub repository ``name`` names, or None for a local path (which ``revision`` cannot apply to)."""
     check_args(revision, local_files_only, cache_dir)
     if is_hub_name(name):
@@ -59,6 +59,7 @@ def repo_for(name, *, revision=None, local_files_only=False, cache_dir=None) -> 
 def _huggingface_hub(name: str):
     try:
         import huggingface_hub  # noqa: PLC0415 (optional: the hub extra)
+        import huggingface_hub.constants  # noqa: PLC0415
         import huggingface_hub.utils  # noqa: PLC0415
     except ImportError:
         raise ValueError(f"{name} is no local directory; {HUB_MISSING}") from None
