@@ -5,6 +5,9 @@
     model.safetensors.index.json      sharded safetensors
     pytorch_model.bin                 legacy torch.save file: read with torch.load(weights_only=True) only
 
+A hub name ("org/name", see txl_fast.hub) fetches config.json and the first of these weights the
+revision has (an index with its shards), nothing else, and reads them from huggingface_hub's cache.
+
 Loading checks every key and shape against the model before copying anything: missing keys
 (other than tied copies), unexpected keys, shape mismatches and NaN/inf values are a ValueError
 naming them. A .bin that torch's weights-only loader refuses is named for what it holds (the
@@ -27,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from txl_fast import hub
 from txl_fast.config import TransfoXLConfig
 from txl_fast.dtypes import check_device, check_dtype
 
@@ -110,6 +114,18 @@ def _read_torch_bin(path: Path) -> dict:
     return state
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a safetensors index names, each a plain file name beside it."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise ValueError(f"{index} names a shard outside the directory: {shard!r}")
+    return shards
+
+
 def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint directory, safetensors first, never through an unrestricted unpickler."""
     d = Path(directory)
@@ -118,14 +134,8 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     if (d / SAFETENSORS).is_file():
         return _read_safetensors(d / SAFETENSORS)
     if (d / SAFETENSORS_INDEX).is_file():
-        try:
-            shards = sorted(set(json.loads((d / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{d / SAFETENSORS_INDEX} is not a valid safetensors index: {e}") from None
         state = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise ValueError(f"{d / SAFETENSORS_INDEX} names a shard outside the directory: {shard!r}")
+        for shard in _index_shards(d / SAFETENSORS_INDEX):
             if not (d / shard).is_file():
                 raise FileNotFoundError(f"shard {shard} listed in {SAFETENSORS_INDEX} is missing from {d}")
             state.update(_read_safetensors(d / shard))
@@ -183,16 +193,35 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False)      # strictness checked above (tied copies may be absent)
 
 
-def load_pretrained(cls, directory, *, dtype: Optional[torch.dtype] = None, device=None):
-    """``cls`` built from ``directory`` in ``dtype`` (a torch.dtype or its name, checked first:
-    ``txl_fast.dtypes.check_dtype``) on ``device``."""
+def _fetch_checkpoint(repo: hub.HubRepo) -> Path:
+    """The cache directory holding config.json and the weights of a hub model, fetched: the first of
+    model.safetensors, model.safetensors.index.json (with its shards) and pytorch_model.bin."""
+    config = repo.require(CONFIG)
+    for name in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN):
+        weights = repo.fetch(name)
+        if weights is not None:
+            break
+    else:
+        raise repo.missing((SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN))
+    if name == SAFETENSORS_INDEX:
+        for shard in _index_shards(weights):
+            repo.require(shard)
+    return config.parent                    # snapshots/<commit>/: every file fetched from that commit
+
+
+def load_pretrained(cls, name_or_dir, *, dtype: Optional[torch.dtype] = None, device=None,
+                    revision: Optional[str] = None, local_files_only: bool = False, cache_dir=None):
+    """``cls`` built from a local directory, or from a hub name ("org/name": ``txl_fast.hub``, at
+    ``revision``, from ``cache_dir``, the cache alone with ``local_files_only``), in ``dtype`` (a
+    torch.dtype or its name, checked first: ``txl_fast.dtypes.check_dtype``) on ``device``."""
     if device is not None:
         device = check_device(device)
     if dtype is not None:
         dtype = check_dtype(dtype, device)
-    if isinstance(directory, str) and not directory.strip():
+    if isinstance(name_or_dir, str) and not name_or_dir.strip():
         raise ValueError("from_pretrained: the checkpoint directory is empty (\"\"); give its path")
-    d = Path(directory)
+    repo = hub.repo_for(name_or_dir, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    d = _fetch_checkpoint(repo) if repo is not None else Path(name_or_dir)
     if not (d / CONFIG).is_file():
         raise FileNotFoundError(f"no {CONFIG} in {d}" if d.is_dir() else f"checkpoint directory {d} does not exist")
     config = TransfoXLConfig.from_json_file(d / CONFIG)

@@ -2,10 +2,14 @@
 
     txl-fast eval [--model DIR] [FILE|-]        perplexity of a text (default: the model's held-out text, scored
                                                 with the protocol stored with the model)
+                                                (--model: a directory, or a Hugging Face hub name "org/name"
+                                                with --revision REV and --local-files-only, on eval, generate,
+                                                info; convert takes them for its SRC)
     txl-fast generate [PROMPT]                  continue a prompt, detokenised text printed line by line
     txl-fast train --out DIR [--text FILE]      train a model (default corpus: Python's documentation topics)
     txl-fast info [--model DIR]                 parameters, configuration, memory
-    txl-fast convert SRC DST                    HF directory (pickled .bin + vocab.pkl) -> safetensors + vocab.json
+    txl-fast convert SRC DST                    HF directory or hub name (pickled .bin + vocab.pkl) -> safetensors
+                                                + vocab.json
     txl-fast kernels                            ahead-of-time compile report of the Triton kernels (sm_80, sm_90)
     txl-fast bench [--full] [--json P] [--plot P] the benchmark suite vs HF (txl_fast.bench.runner)
 
@@ -24,6 +28,7 @@ import sys
 from pathlib import Path
 
 from txl_fast.checks import int_at_least, is_int
+from txl_fast.hub import is_hub_name
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
@@ -59,35 +64,46 @@ def _check_device(name: str):
     return check_device(name)
 
 
-def _model_dir(name) -> Path:
+def _model(args) -> tuple[Path | str, dict]:
+    """What --model names, for every command that takes it (with --revision and --local-files-only):
+    (a local directory, the embedded model's without --model; {}) or (a Hugging Face hub name, left
+    to from_pretrained to fetch; the keywords it fetches with)."""
+    name = args.model
     if name is not None and not name.strip():
         raise ValueError("--model is empty: give the model's directory, or leave --model out for the embedded one")
+    if is_hub_name(name):
+        return name, {"revision": args.revision, "local_files_only": args.local_files_only}
     model_dir = Path(name) if name is not None else DEFAULT_MODEL
+    if args.revision is not None:
+        raise ValueError(f"--revision picks a revision of a model on the Hugging Face hub (--model org/name); "
+                         f"{model_dir} is a local directory")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist" if not model_dir.exists()
                                 else f"--model {model_dir} is a file: give the model's directory")
-    return model_dir
+    return model_dir, {}
 
 
-def _load(model_dir: Path, dtype: str, device: str):
+def _load(model_ref: Path | str, fetch: dict, dtype: str, device: str):
+    """Model and tokenizer of a local directory or a hub name (``fetch``: its from_pretrained keywords)."""
     from txl_fast import TransfoXLLMHeadModel  # noqa: PLC0415
     from txl_fast.dtypes import check_dtype  # noqa: PLC0415
     from txl_fast.tokenizer import TransfoXLTokenizer  # noqa: PLC0415
 
     device = _check_device(device)
     dtype = check_dtype(dtype, device)
-    tok = TransfoXLTokenizer.from_pretrained(model_dir)
-    model = TransfoXLLMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
+    tok = TransfoXLTokenizer.from_pretrained(model_ref, **fetch)       # first: a hub model's weights may be GB
+    model = TransfoXLLMHeadModel.from_pretrained(model_ref, dtype=dtype, device=device, **fetch)
     if len(tok) != model.config.vocab_size:
-        raise ValueError(f"the vocabulary in {model_dir} has {len(tok):,} symbols but the model "
+        raise ValueError(f"the vocabulary in {model_ref} has {len(tok):,} symbols but the model "
                          f"{model.config.vocab_size:,}: they do not belong together")
     return model, tok
 
 
-def _stored_protocol(model_dir: Path) -> dict:
-    """The evaluation protocol a trained model was validated with (metrics.json), or {}."""
-    metrics = model_dir / METRICS
-    if not metrics.is_file():
+def _stored_protocol(model_ref: Path | str) -> dict:
+    """The evaluation protocol a trained model was validated with (metrics.json), or {} (a hub model's
+    metrics.json is not fetched)."""
+    metrics = model_ref / METRICS if isinstance(model_ref, Path) else None
+    if metrics is None or not metrics.is_file():
         return {}
     try:
         data = json.loads(metrics.read_text(encoding="utf-8"))
@@ -121,12 +137,12 @@ def _strict_json(obj) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
-def _protocol(args, model_dir: Path, config) -> tuple[dict, str]:
+def _protocol(args, model_ref: Path | str, config) -> tuple[dict, str]:
     """The evaluation protocol and where it came from: the one stored with the model (else the
     model's config with tgt_len 128), then --preset, then explicit flags."""
     protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
                 "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
-    stored = _stored_protocol(model_dir)
+    stored = _stored_protocol(model_ref)
     protocol.update({k: v for k, v in stored.items() if k in protocol})
     source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
     if args.preset:
@@ -194,15 +210,18 @@ def cmd_eval(args) -> int:
 
     from txl_fast import evaluate, use_backend  # noqa: PLC0415
 
-    model_dir = _model_dir(args.model)
-    text_file = args.file or (str(model_dir / HELDOUT) if (model_dir / HELDOUT).is_file() else None)
+    model_ref, fetch = _model(args)
+    local = isinstance(model_ref, Path)
+    text_file = args.file or (str(model_ref / HELDOUT) if local and (model_ref / HELDOUT).is_file() else None)
     if text_file is None:
-        raise ValueError(f"{model_dir} holds no {HELDOUT}: give a text FILE (or - for stdin) to evaluate")
-    model, tok = _load(model_dir, args.dtype, args.device)
+        lacks = f"{model_ref} holds no {HELDOUT}" if local else \
+            f"{model_ref} is a hub model (only its config, weights and vocabulary are fetched, no {HELDOUT})"
+        raise ValueError(f"{lacks}: give a text FILE (or - for stdin) to evaluate")
+    model, tok = _load(model_ref, fetch, args.dtype, args.device)
     if args.char_level and not _is_char_vocabulary(tok):
         raise ValueError("--char-level reports bits per character, but this model's vocabulary is of words: "
                          "its perplexity is per word")
-    protocol, source = _protocol(args, model_dir, model.config)
+    protocol, source = _protocol(args, model_ref, model.config)
     ids = _encode_text(tok, text_file)
     unk = tok.unk_token_id
     unk_share = float((ids == unk).double().mean()) if unk is not None and ids.numel() else 0.0
@@ -213,7 +232,7 @@ def cmd_eval(args) -> int:
         print(f"txl-fast: warning: {unk_share:.1%} of the tokens are <unk> (words outside the vocabulary): "
               "predicting <unk> is easy, so this perplexity flatters the model", file=sys.stderr)
     text_name = "standard input" if text_file == "-" else text_file
-    report = {"model": str(model_dir), "text": text_name, "tokens": result.tokens, "unk_share": unk_share,
+    report = {"model": str(model_ref), "text": text_name, "tokens": result.tokens, "unk_share": unk_share,
               "nll": result.nll, "perplexity": result.perplexity, "bpc": result.bpc,
               "tokens_per_s": result.tokens_per_s, "seconds": result.seconds, "peak_rss_mb": _peak_rss_mb(),
               "backend": args.backend, "dtype": args.dtype, "threads": args.threads, "protocol_source": source,
@@ -375,8 +394,7 @@ def _generate(args, sampling: dict) -> int:
 
     from txl_fast import use_backend  # noqa: PLC0415
 
-    model_dir = _model_dir(args.model)
-    model, tok = _load(model_dir, args.dtype, args.device)
+    model, tok = _load(*_model(args), args.dtype, args.device)
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenisation")
@@ -517,13 +535,13 @@ def cmd_train(args) -> int:
 def cmd_info(args) -> int:
     import dataclasses  # noqa: PLC0415
 
-    model_dir = _model_dir(args.model)
-    model, tok = _load(model_dir, "float32", "cpu")
+    model_ref, fetch = _model(args)
+    model, tok = _load(model_ref, fetch, "float32", "cpu")
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = dataclasses.asdict(model.config)
     cfg.pop("extra")
-    print(f"model:       {model_dir}")
+    print(f"model:       {model_ref}" + (f" (Hugging Face hub, revision {args.revision})" if args.revision else ""))
     print(f"parameters:  {n_params:,} ({n_bytes / 2**20:.1f} MiB as stored)")
     print(f"vocabulary:  {len(tok):,} symbols")
     mem_bytes = model.config.n_layer * model.config.mem_len * model.config.d_model * 4
@@ -550,7 +568,7 @@ def _cpu_dtype_line() -> str:
 def cmd_convert(args) -> int:
     from txl_fast.convert import convert  # noqa: PLC0415
 
-    written = convert(args.src, args.dst)
+    written = convert(args.src, args.dst, revision=args.revision, local_files_only=args.local_files_only)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -622,9 +640,20 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, help_text):
         return sub.add_parser(name, help=help_text, parents=[threads])
 
+    def hub_args(p):
+        p.add_argument("--revision", help="branch, tag or commit of a model named on the Hugging Face hub "
+                                          "(default: main)")
+        p.add_argument("--local-files-only", dest="local_files_only", action="store_true",
+                       help="a hub model from the local cache only, nothing downloaded (as HF_HUB_OFFLINE=1)")
+
+    def model_source_args(p):
+        p.add_argument("--model", help="checkpoint directory (config.json, model.safetensors, vocab.json), or a "
+                                       "Hugging Face hub name such as transfo-xl/transfo-xl-wt103; default: the "
+                                       "embedded model")
+        hub_args(p)
+
     def model_args(p):
-        p.add_argument("--model", help="checkpoint directory (config.json, model.safetensors, vocab.json); "
-                                       "default: the embedded model")
+        model_source_args(p)
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "naive"],
                        help="default: %(default)s")
         p.add_argument("--dtype", default="float32",
@@ -715,12 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = command("info", "model summary")
-    p.add_argument("--model")
+    model_source_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = command("convert", "HF TransfoXL directory -> config.json + model.safetensors + vocab.json")
-    p.add_argument("src")
+    p = command("convert", "HF TransfoXL directory or hub name -> config.json + model.safetensors + vocab.json")
+    p.add_argument("src", help="HF model directory, or a Hugging Face hub name such as transfo-xl/transfo-xl-wt103")
     p.add_argument("dst")
+    hub_args(p)
     p.set_defaults(func=cmd_convert)
 
     p = command("kernels", "ahead-of-time compile report of the Triton kernels for sm_80 / sm_90")

@@ -163,11 +163,15 @@ class TransfoXLPreTrainedModel(nn.Module):
         return tied
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None, device=None):
-        """Load a local directory in HF's layout: config.json + model.safetensors or pytorch_model.bin."""
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, *, dtype: Optional[torch.dtype] = None, device=None,
+                        revision: Optional[str] = None, local_files_only: bool = False, cache_dir=None):
+        """Load a local directory in HF's layout (config.json + model.safetensors or pytorch_model.bin),
+        or a Hugging Face hub name such as "transfo-xl/transfo-xl-wt103" (only config.json and the
+        weights are fetched, into huggingface_hub's cache: docs/hub.md)."""
         from txl_fast import checkpoint
 
-        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)
+        return checkpoint.load_pretrained(cls, name_or_dir, dtype=dtype, device=device, revision=revision,
+                                          local_files_only=local_files_only, cache_dir=cache_dir)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
         """Write config.json and model.safetensors (tied tensors stored once, re-tied on load), and

@@ -52,6 +52,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from txl_fast import hub
 from txl_fast.checks import is_int
 from txl_fast.safe_pickle import load_legacy_pickle
 
@@ -405,10 +406,15 @@ class TransfoXLTokenizer:
         return (self.save_vocabulary(directory),)
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs) -> "TransfoXLTokenizer":
+    def from_pretrained(cls, path: Union[str, os.PathLike], *, revision: Optional[str] = None,
+                        local_files_only: bool = False, cache_dir=None, **kwargs) -> "TransfoXLTokenizer":
         """Load from a directory holding vocab.json / vocab.pkl / vocab.bin / vocab.txt (first found
-        wins), or from one such file. Settings stored in the file apply unless given in `kwargs`."""
-        path = Path(path)
+        wins), from one such file, or from a Hugging Face hub name ("org/name", `revision`,
+        `local_files_only`, `cache_dir`: `txl_fast.hub`), which fetches one file: vocab.json if it is
+        ours, else the first of vocab.pkl, vocab.bin, vocab.txt. Settings stored in the file apply
+        unless given in `kwargs`."""
+        repo = hub.repo_for(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+        path = _fetch_vocab(repo) if repo is not None else Path(path)
         if path.is_dir():
             for name in (VOCAB_JSON, VOCAB_PKL, VOCAB_BIN, VOCAB_TXT):
                 if (path / name).is_file():
@@ -425,6 +431,30 @@ class TransfoXLTokenizer:
 
 
 # -------------------------------------------------------------------- readers
+
+
+def _fetch_vocab(repo: hub.HubRepo) -> Path:
+    """The vocabulary file of a hub model, fetched: vocab.json when it is txl_fast's (HF's repositories
+    may hold another format under that name), else the first of vocab.pkl, vocab.bin, vocab.txt."""
+    ours = repo.fetch(VOCAB_JSON)
+    if ours is not None and _is_ours(ours):
+        return ours
+    legacy = (VOCAB_PKL, VOCAB_BIN, VOCAB_TXT)
+    for name in legacy:
+        path = repo.fetch(name)
+        if path is not None:
+            return path
+    raise repo.missing(legacy if ours is not None else (VOCAB_JSON, *legacy))
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether a vocab.json says it is txl_fast's format (then read, and refused if damaged)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            payload = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and payload.get("format") == _FORMAT
 
 
 def _read_vocab_txt(path: Path) -> list[str]:
