@@ -9,7 +9,7 @@ import torch
 
 from txl_fast.cli import DEFAULT_MODEL, build_parser, main
 
-SUBCOMMANDS = ["eval", "generate", "train", "info", "convert", "kernels", "bench"]
+SUBCOMMANDS = ["eval", "generate", "score", "train", "info", "convert", "kernels", "bench"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -496,7 +496,8 @@ def test_threads_on_every_command(command, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--threads" in out and f"here {physical_cores()}" in out
     args = build_parser().parse_args([command, "--threads", "1"] + {"train": ["--out", "x"],
-                                                                   "convert": ["a", "b"]}.get(command, []))
+                                                                   "convert": ["a", "b"],
+                                                                   "score": ["f"]}.get(command, []))
     assert args.threads == 1 and build_parser().parse_args(["info"]).threads == physical_cores() >= 1
 
 

@@ -6,6 +6,7 @@ against each alone in float64; hidden states against HF's; the text conventions;
 by threads; bad input refused before any compute.
 """
 import math
+import re
 import threading
 import warnings
 
@@ -174,3 +175,117 @@ def test_empty_input_and_empty_documents():
     got = score(model, [[], [5]], context_id=CONTEXT, layers=[1])
     assert got[0].logprobs.shape == (0,) and got[0].hidden_states[1].shape == (0, 32)
     assert got[1].logprobs.shape == (1,) and torch.isfinite(got[1].logprobs).all()
+
+
+# ---- the command line ------------------------------------------------------------------------------
+TEXT = ("The list is a sequence.\nIt holds items.\n\n\nA dictionary maps keys to zzqx values.\n  \n"
+        "Another document here.\nWith two lines, and numbers 3,000.\n\nShort.\n")
+
+
+def _cli(*argv):
+    from txl_fast.cli import main
+
+    return main([*argv, "--threads", "1"])
+
+
+def _read_tsv(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    return header, rows
+
+
+def test_cli_score_tsv_and_json_lines_agree_with_the_api(tmp_path, capsys):
+    import json
+
+    import txl_fast
+    from txl_fast import TransfoXLTokenizer
+    from txl_fast.score import score_text
+
+    text = tmp_path / "docs.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    assert _cli("score", str(text), "--output", str(tmp_path / "out.tsv"), "--tgt-len", "4") == 0
+    header, rows = _read_tsv(tmp_path / "out.tsv")
+    assert header == ["document", "sentence", "token", "text", "id", "unk", "logprob", "surprisal"]
+    assert _cli("score", str(text), "--format", "jsonl", "--tgt-len", "4") == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    path = txl_fast.default_model_path()
+    model, tok = TransfoXLLMHeadModel.from_pretrained(path), TransfoXLTokenizer.from_pretrained(path)
+    expected, _ = score_text(model, tok, TEXT, tgt_len=4, mem_len=model.config.mem_len)
+    assert len(rows) == len(records) == len(expected) > 30
+    assert {r[0] for r in rows} == {"0", "1", "2", "3"}                   # four documents
+    for row, record, want in zip(rows, records, expected):
+        assert row[:6] == [str(want.document), str(want.sentence), str(want.token), want.text, str(want.id),
+                           str(int(want.unk))]
+        assert record["text"] == want.text and record["unk"] == want.unk
+        assert abs(float(row[6]) - want.logprob) <= 2e-6 and abs(record["surprisal"] - want.surprisal) <= 2e-6
+        assert math.isclose(float(row[7]), -float(row[6]) / math.log(2), abs_tol=2e-6)
+    unk = [r for r in rows if r[5] == "1"]
+    assert "zzqx" in [r[3] for r in unk] and all(r[4] == str(tok.unk_token_id) for r in unk)
+    assert all(r[5] == "0" for r in rows if r[3] in ("list", "dictionary", "<eos>"))
+    sentence_ends = [r for r in rows if r[3] == "<eos>"]
+    assert len(sentence_ends) == 6                                        # one per non-blank line
+
+
+def test_cli_score_hidden_states_align_with_the_rows(tmp_path):
+    from safetensors.torch import load_file
+
+    text = tmp_path / "docs.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out, states = tmp_path / "out.tsv", tmp_path / "states.safetensors"
+    assert _cli("score", str(text), "--output", str(out), "--layers", "0,-1", "--states", str(states)) == 0
+    _, rows = _read_tsv(out)
+    tensors = load_file(str(states))
+    assert sorted(tensors) == ["layer0", "layer4"]
+    assert all(t.shape == (len(rows), 256) and torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--layers", "1"], "--layers needs --states"),
+    (["--states", "S"], "--states needs --layers"),
+    (["--layers", "9", "--states", "S"], r"layers must lie in \[0, 4\]"),
+    (["--output", "EXISTING"], "exists: pass --overwrite"),
+    (["--output", "DIR"], "is a directory"),
+    (["--output", "NODIR/out.tsv"], "does not exist"),
+    (["--mem-len", "0", "--same-length", "on"], "same_length needs a memory"),
+])
+def test_cli_score_refusals_are_one_line_and_touch_nothing(tmp_path, capsys, argv, match):
+    text = tmp_path / "docs.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    existing = tmp_path / "existing.tsv"
+    existing.write_text("keep me", encoding="utf-8")
+    names = {"EXISTING": str(existing), "DIR": str(tmp_path), "S": str(tmp_path / "s.safetensors"),
+             "NODIR/out.tsv": str(tmp_path / "nodir" / "out.tsv")}
+    assert _cli("score", str(text), *[names.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("txl-fast: error:") and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert existing.read_text(encoding="utf-8") == "keep me"
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_cli_score_under_torchrun_equals_one_process(tmp_path):
+    """Two gloo processes: the documents are dealt to the ranks and rank 0 writes every row, in input order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = tmp_path / "docs.txt"
+    text.write_text(TEXT * 3, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    one, two = tmp_path / "one.tsv", tmp_path / "two.tsv"
+    base = ["score", str(text), "--tgt-len", "8", "--batch-size", "2", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-m", "txl_fast.cli", *base, "--output", str(one)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "txl_fast.cli",
+           *base, "--output", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _, single = _read_tsv(one)
+    _, sharded = _read_tsv(two)
+    assert len(single) == len(sharded) > 100
+    for a, b in zip(single, sharded):
+        assert a[:6] == b[:6] and abs(float(a[6]) - float(b[6])) <= 1e-5

@@ -323,13 +323,13 @@ def cmd_score(args) -> int:
     states = _new_output(args.states, args.overwrite, "--states") if args.states else None
     if out is not None and states is not None and out.resolve() == states.resolve():
         raise ValueError("--output and --states name the same file")
-    model_dir = _model_dir(args.model)
+    model_ref, fetch = _model(args)
     if args.file != "-" and Path(args.file).is_dir():
         raise ValueError(f"{args.file} is a directory: give a text file (or - for stdin)")
     if args.file != "-" and not Path(args.file).is_file():
         raise FileNotFoundError(f"text file {args.file} does not exist")
-    model, tok = _load(model_dir, args.dtype, args.device)
-    protocol, _ = _protocol(args, model_dir, model.config)
+    model, tok = _load(model_ref, fetch, args.dtype, args.device)
+    protocol, _ = _protocol(args, model_ref, model.config)
     protocol["batch_size"] = args.batch_size or 8
     if args.file == "-":
         text = _read_stdin_text()
