@@ -169,3 +169,36 @@ def test_bad_promises_raise(change, match):
     tensors = [torch.randn(*s) for s in shapes.values()]
     with pytest.raises(ValueError, match=match):
         rel_attention(*tensors, scale=0.5, uniform_keys=change.get("uniform_keys", 0))
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("empty_rows", ["uniform", "zero"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_per_query_key_mask_matches_naive(window, empty_rows, grad):
+    """key_mask (B, Lq, Lk): documents packed in a row, each query seeing keys from its document's
+    start on (and some holes); a query whose start lies past itself sees nothing (an empty row)."""
+    g = torch.Generator().manual_seed(5)
+    B, Lq, mlen, H, D = 3, 9, 6, 2, 4
+    Lk = mlen + Lq
+    q, k, v = (torch.randn(B, n, H, D, generator=g, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    r = torch.randn(Lk - 2, H, D, generator=g, dtype=torch.float64)                        # clamped
+    u, w = (torch.randn(H, D, generator=g, dtype=torch.float64) for _ in range(2))
+    starts = torch.randint(0, Lk, (B, Lq), generator=g)
+    starts[0, 4] = Lk                                                                        # an empty row
+    mask = torch.arange(Lk) >= starts[..., None]                                            # (B, Lq, Lk)
+    mask &= torch.rand(B, Lq, Lk, generator=g) > 0.1
+    inputs = [t.requires_grad_(grad) for t in (q, k, v, r, u, w)]
+    kwargs = dict(scale=0.3, window=window, key_mask=mask, empty_rows=empty_rows)
+    with backend.use_backend("naive"):
+        ref = rel_attention(*inputs, **kwargs)
+    got = rel_attention(*inputs, **kwargs)
+    assert_rel_close(got, ref, torch.float64, "out")
+    if grad:
+        dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref, inputs, dout)
+        got_grads = torch.autograd.grad(got, inputs, dout)
+        for name, a, b in zip(NAMES, got_grads, ref_grads):
+            assert_rel_close(a, b, torch.float64, name)
+    with pytest.raises(ValueError, match="per-query key_mask"):
+        rel_attention(q, k, v, torch.randn(Lk + Lq - 1, H, D, dtype=torch.float64), u, w, scale=0.3, key_mask=mask,
+                      causal=False)

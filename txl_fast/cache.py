@@ -118,9 +118,9 @@ class InferenceCache:
     ``same_length``, by default the model's): a call passes it with the cache instead of setting
     it on the model, so one model serves callers with different protocols at once.
 
-    Rows of the batch can start afresh (``reset_rows``: a new document in that row) while the
-    others go on: an "empty" start hides the row's memory from it (``key_mask``), a "zeros" start
-    writes HF's zero memory into it again.
+    A batch row can start a new document at any position (``start_documents``) while the other
+    rows go on: on an "empty" cache the keys before its start are hidden from the document's
+    queries (``key_mask``), on a "zeros" one HF's zero memory is written into the row again.
     """
 
     def __init__(self, owner, bsz: int, mem_len: int, n_layer: int, n_head: int, d_head: int, dtype, device,
@@ -131,7 +131,8 @@ class InferenceCache:
         capacity = mem_len + step_hint + max(step_hint, mem_len // 8)     # see the module docstring
         self.layers = [LayerKV(bsz, capacity, n_head, d_head, dtype, device) for _ in range(n_layer)]
         self.fill_rows: Optional[list] = None              # per layer the zero memory's (k, v) row, "zeros"
-        self.hidden = [0] * bsz                            # per row, the leading memory rows it cannot see
+        self.position = 0                                  # positions written per row: the next step's first
+        self.starts: list[list[int]] = [[] for _ in range(bsz)]   # per row, document starts the keys may span
 
     @property
     def mlen(self) -> int:
@@ -146,40 +147,51 @@ class InferenceCache:
             raise ValueError(f"the inference cache was made when the model had mem_len {self.owner_mem_len}, it now "
                              f"has {owner.mem_len} (reset_memory_length): make a new cache")
 
-    def key_mask(self, qlen: int) -> Optional[torch.Tensor]:
-        """(B, mlen + qlen) bool, False for the memory rows a batch row must not see (it started a
-        new document after them); None when every row sees its whole memory."""
-        if not any(self.hidden):
-            return None
-        device = self.layers[0].k.device
-        hidden = torch.tensor(self.hidden, device=device)                  # a copy to the device, no sync
-        return torch.arange(self.mlen + qlen, device=device) >= hidden[:, None]
+    def start_documents(self, row_offsets: list[tuple[int, int]]) -> None:
+        """Batch row ``row`` starts a new document at ``offset`` of the next step, for each pair:
+        its queries from there on see no key before it, as a new cache would start. On a "zeros"
+        cache (HF's zero memory written again) the offset must be 0."""
+        for row, offset in row_offsets:
+            if self.fill_rows is None:
+                self.starts[row].append(self.position + offset)
+            elif offset:
+                raise ValueError("a document starts mid-step only on an 'empty' cache: HF's zero memory is "
+                                 "written before a step")
+        rows = [row for row, _ in row_offsets]
+        if self.fill_rows is not None and rows:
+            for kv, (k_row, v_row) in zip(self.layers, self.fill_rows):
+                kv.k[rows, :, kv.start : kv.end] = k_row
+                kv.v[rows, :, kv.start : kv.end] = v_row
+                kv.uniform_end = kv.start                  # the rows differ now: no closed form
 
-    def reset_rows(self, rows: list[int]) -> None:
-        """Start the batch rows ``rows`` afresh, as a new cache would; the other rows go on."""
-        if not rows:
-            return
-        if self.fill_rows is None:                     # "empty": the row's memory is hidden from it
-            for b in rows:
-                self.hidden[b] = self.mlen
-            return
-        for kv, (k_row, v_row) in zip(self.layers, self.fill_rows):   # "zeros": HF's zero memory again
-            kv.k[rows, :, kv.start : kv.end] = k_row
-            kv.v[rows, :, kv.start : kv.end] = v_row
-            kv.uniform_end = kv.start                  # the rows differ now: no closed form
+    def key_mask(self, qlen: int) -> Optional[torch.Tensor]:
+        """(B, qlen, mlen + qlen) bool for the next step of ``qlen`` positions: False where a query
+        would see a key before its document's start; None when no row has a start among the keys."""
+        first = self.position - self.mlen                                   # the position of key 0
+        live = [[s for s in row if s > first] for row in self.starts]
+        if not any(live):
+            return None
+        queries = torch.arange(self.position, self.position + qlen)
+        doc_start = torch.full((self.bsz, qlen), first)                    # (B, qlen): each query's document
+        for b, row in enumerate(live):
+            for start in sorted(row):
+                doc_start[b, queries >= start] = start
+        keys = torch.arange(first, self.position + qlen)
+        return (keys >= doc_start[:, :, None]).to(self.layers[0].k.device)  # (B, qlen, mlen + qlen)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only the batch rows ``rows`` (in that order): the batch shrinks to them (a copy)."""
         index = torch.tensor(rows, device=self.layers[0].k.device)
         for kv in self.layers:
             kv.k, kv.v = kv.k.index_select(0, index), kv.v.index_select(0, index)
-        self.bsz, self.hidden = len(rows), [self.hidden[b] for b in rows]
+        self.bsz, self.starts = len(rows), [self.starts[b] for b in rows]
 
     def commit(self, new_rows: int) -> None:
-        dropped = self.mlen + new_rows - min(self.mem_len, self.mlen + new_rows)    # rows leaving the memory
         for layer in self.layers:
             layer.commit(new_rows, self.mem_len)
-        self.hidden = [max(0, h - dropped) for h in self.hidden]
+        self.position += new_rows
+        first = self.position - self.mlen
+        self.starts = [[s for s in row if s > first] for row in self.starts]
 
     def layout(self) -> tuple:
         """Where every layer's memory lies: its buffer and rows. A step of a given length on equal

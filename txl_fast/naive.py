@@ -66,7 +66,7 @@ def rel_attention(
     r_w_bias, r_r_bias: (H, D)   u and v of the paper
     window:   causal only: a key is visible only if its distance is < window (HF's same_length)
     context:  bidirectional only: (left, right), a key is visible only if -right <= d <= left
-    key_mask: (B, Lk) bool, True where the key may be seen (False: padding)
+    key_mask: (B, Lk) bool, True where the key may be seen (False: padding); causal, also (B, Lq, Lk) per query
     empty_rows: "uniform" (HF) or "zero": the probabilities of a row with no visible key
     returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
     """
@@ -90,7 +90,7 @@ def rel_attention(
         r_ij = r[Lk - 1 - distance]                                   # (Lq, Lk, H, D)
     visible = visible.expand(B, 1, Lq, Lk)                            # (B, 1, Lq, Lk)
     if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
+        visible = visible & (key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None])
 
     content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
     position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)

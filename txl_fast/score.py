@@ -9,11 +9,14 @@ A document is read as ``evaluate`` reads a stream: segments of ``tgt_len`` token
 ``init_mems="zeros"``: HF's zero memory). One context token (``<eos>``, the symbol that precedes
 every line of the training stream) goes before its first token, so every token is predicted.
 
-Many documents run at once, one per batch row. A row whose document has ended takes the next one
-at the next segment and starts it afresh (``InferenceCache.reset_rows``: the old memory is hidden
-from that row only), so each number is the one the document alone gives: segments start at the
-same offsets, the same keys are visible at the same distances. Documents are taken longest first,
-so that rows end together, and once none is left the batch shrinks to the rows still reading.
+Many documents run at once: each batch row reads a series of documents, each started afresh
+(``InferenceCache.start_documents``: the keys before its start hidden from it), so each number is
+the one the document alone gives. With same_length on an empty memory (the paper's protocol) a
+token sees exactly the last mem_len positions of its document however the document is cut into
+segments, so the documents of a row follow each other without a gap; otherwise what a token sees
+depends on where the segments start, and each document starts at a segment boundary of its row,
+the rest of the segment before it padding. Documents go longest first to the row that ends first,
+so rows end together; the batch shrinks as rows end.
 
 Under ``torchrun`` (an initialised process group, gloo or nccl) the documents are dealt to the
 ranks (longest first, round robin: even loads), each rank scores its own, and every rank gets
@@ -123,13 +126,70 @@ def score(
     if mine:
         if init_mems == "empty":    # a row's memory never holds more than its document: the same numbers
             mem_len = min(mem_len, len(docs[mine[0]]) + 1)
+        # same_length from an empty memory: a token sees the last mem_len positions of its document
+        # however the document is cut into segments, so documents follow each other in a row;
+        # otherwise (the segments' memory decides what is seen) each starts at a segment boundary
+        packed = same_length and init_mems == "empty"
         rows = min(batch_size, len(mine))
         check_cache_fits(t, rows, mem_len, tgt_len)
         cache = t.new_cache(rows, init_mems, tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
-        _run(model, cache, docs, mine, results, context_id, tgt_len, layers)
+        _run(model, cache, _lay_out(docs, mine, rows, 1 if packed else tgt_len), docs, results, context_id, tgt_len,
+             layers)
     if world_size > 1 and results:
         _share(results, shards, rank, device=p.device, layers=layers)
     return results
+
+
+def _lay_out(docs: list, order: list, rows: int, align: int) -> list[list[tuple[int, int]]]:
+    """Per batch row, its (document, start) pairs: each document of ``order`` (longest first) goes
+    to the row that ends first, at a multiple of ``align`` (the context token at ``start``, the
+    document after it)."""
+    ends, placed = [0] * rows, [[] for _ in range(rows)]
+    for d in order:
+        row = min(range(rows), key=ends.__getitem__)
+        start = -(-ends[row] // align) * align
+        placed[row].append((d, start))
+        ends[row] = start + len(docs[d]) + 1
+    return placed
+
+
+def _run(model, cache, placed: list, docs: list, results: list, context_id: int, tgt_len: int, layers: list) -> None:
+    """Read each batch row's documents (``placed``, from ``_lay_out``) in segments of tgt_len,
+    each document started afresh in its row (``cache.start_documents``), filling ``results``."""
+    t, crit = model.transformer, model.crit
+    device = next(model.parameters()).device
+    lengths = [max((start + len(docs[d]) + 1 for d, start in row), default=0) for row in placed]
+    stream = torch.full((len(placed), max(lengths)), context_id)                     # (B, T): context, doc, ...
+    for b, row in enumerate(placed):
+        for d, start in row:
+            stream[b, start + 1 : start + 1 + len(docs[d])] = docs[d]
+    logprobs = torch.full(stream.shape, math.nan)                                    # position t predicts t + 1
+    dtype = next(model.parameters()).dtype
+    states = {layer: torch.full((*stream.shape, t.d_model), math.nan, dtype=dtype) for layer in layers}
+    rows = list(range(len(placed)))                                                  # the cache's rows, as rows of stream
+    for pos in range(0, stream.shape[1], tgt_len):
+        if any(lengths[b] <= pos for b in rows):                                     # rows done: the batch shrinks
+            keep = [i for i, b in enumerate(rows) if lengths[b] > pos]
+            cache.keep_rows(keep)
+            rows = [rows[i] for i in keep]
+        L = min(tgt_len, max(lengths[b] for b in rows) - pos)
+        cache.start_documents([(i, start - pos) for i, b in enumerate(rows) for _, start in placed[b]
+                               if pos <= start < pos + L and start > 0])
+        ids = stream[rows, pos : pos + L]                                            # (B, L)
+        targets = stream[rows, pos + 1 : pos + 1 + L]
+        targets = torch.cat([targets, ids[:, targets.shape[1] :]], dim=1)            # past the end: any id
+        out = t(ids.to(device), cache=cache, output_hidden_states=bool(layers))
+        nll = ops.adaptive_nll(out.last_hidden_state.reshape(-1, t.d_model), targets.reshape(-1).to(device),
+                               *crit.clusters())
+        logprobs[rows, pos : pos + L] = nll.view(len(rows), L).neg().float().cpu()
+        for layer in layers:
+            states[layer][rows, pos : pos + L] = out.hidden_states[layer].cpu()
+    for b, row in enumerate(placed):
+        for d, start in row:
+            n = len(docs[d])
+            results[d].logprobs.copy_(logprobs[b, start : start + n])
+            for layer in layers:
+                results[d].hidden_states[layer].copy_(states[layer][b, start + 1 : start + 1 + n])
 
 
 def _share(results: list, shards: list, rank: int, device, layers: list) -> None:
@@ -147,56 +207,6 @@ def _share(results: list, shards: list, rank: int, device, layers: list) -> None
     gather(lambda r: r.logprobs)
     for layer in layers:
         gather(lambda r, layer=layer: r.hidden_states[layer])
-
-
-def _run(model, cache, docs: list, order: list, results: list, context_id: int, tgt_len: int, layers: list) -> None:
-    """Stream the documents of ``order`` through the batch rows of ``cache``, filling ``results``."""
-    t, crit = model.transformer, model.crit
-    device = next(model.parameters()).device
-    pending = iter(order)
-    row_doc: list[Optional[int]] = [None] * cache.bsz      # the document each row reads, and where it is
-    row_pos = [0] * cache.bsz
-    inputs = {}                                              # document -> [context, its ids] (n + 1,)
-    while True:
-        fresh = []
-        for b in range(cache.bsz):
-            if row_doc[b] is None and (d := next(pending, None)) is not None:
-                row_doc[b], row_pos[b] = d, 0
-                inputs[d] = torch.cat([torch.tensor([context_id]), docs[d]])
-                fresh.append(b)
-        active = [b for b in range(cache.bsz) if row_doc[b] is not None]
-        if not active:
-            return
-        if len(active) < cache.bsz:          # nothing left to start: the batch shrinks to the rows reading
-            cache.keep_rows(active)
-            row_doc, row_pos = [row_doc[b] for b in active], [row_pos[b] for b in active]
-            fresh = [active.index(b) for b in fresh]
-            active = list(range(len(active)))
-        cache.reset_rows(fresh)
-        # a step shorter than tgt_len only when every row ends in it: segments stay where they would alone
-        L = min(tgt_len, max(len(inputs[row_doc[b]]) - row_pos[b] for b in active))
-        ids = torch.full((cache.bsz, L), context_id)                                 # (B, L)
-        targets = torch.full((cache.bsz, L), context_id)                             # (B, L): input t predicts t + 1
-        for b in active:
-            x, pos = inputs[row_doc[b]], row_pos[b]
-            seg, nxt = x[pos : pos + L], x[pos + 1 : pos + 1 + L]
-            ids[b, : len(seg)], targets[b, : len(nxt)] = seg, nxt
-        out = t(ids.to(device), cache=cache, output_hidden_states=bool(layers))
-        hidden = out.last_hidden_state                                               # (B, L, d)
-        nll = ops.adaptive_nll(hidden.reshape(-1, t.d_model), targets.view(-1).to(device), *crit.clusters())
-        logprobs = nll.view(cache.bsz, L).neg().float().cpu()
-        states = {l: out.hidden_states[l].cpu() for l in layers}                     # (B, L, d) each
-        for b in active:
-            d, pos = row_doc[b], row_pos[b]
-            n, res = len(docs[d]), results[d]
-            k = max(0, min(L, n - pos))                  # inputs pos … pos + k - 1 predict tokens pos …
-            res.logprobs[pos : pos + k] = logprobs[b, :k]
-            first, last = max(0, 1 - pos), min(L, n + 1 - pos)       # input pos + j holds token pos + j - 1
-            for l in layers:
-                res.hidden_states[l][pos + first - 1 : pos + last - 1] = states[l][b, first:last]
-            row_pos[b] += L
-            if row_pos[b] >= n + 1:
-                row_doc[b] = None
 
 
 # ---- text ------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ dtype's most negative finite value, as in HF, so a row with no visible key is un
 the Lr = Lk + Lq - 1 rows of every distance Lk - 1 … -(Lq - 1) (row p: distance Lk - 1 - p), and
 a key is visible when ``context=(left, right)`` is None or -right <= d <= left. In either mode
 ``key_lengths`` (B,) (keys j >= key_lengths[b] are padding) or ``key_mask`` (B, Lk) bool (True:
-visible) hide keys per batch row, and ``empty_rows="zero"`` gives a row with no visible key zero
+visible) hide keys per batch row (causal, ``key_mask`` may also be (B, Lq, Lk), per query: documents
+packed back to back in a row, each query seeing only its own), and ``empty_rows="zero"`` gives a row with no visible key zero
 probabilities (what SpeechBrain, ESPnet and NeMo give) instead of HF's uniform row.
 
 ``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
@@ -131,17 +132,26 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
         if not torch.compiler.is_compiling() and ((key_lengths < 0) | (key_lengths > Lk)).any():
             raise ValueError(f"rel_attention: key_lengths must lie in [0, Lk={Lk}], got {key_lengths.tolist()}")
     if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, Lk):
-            raise ValueError(f"rel_attention: key_mask must be a bool tensor of shape (B={B}, Lk={Lk}), True = visible")
+        if (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
+                or key_mask.shape not in ((B, Lk), (B, Lq, Lk))):
+            raise ValueError(f"rel_attention: key_mask must be a bool tensor of shape (B={B}, Lk={Lk}) or, per query, "
+                             f"(B, Lq={Lq}, Lk), True = visible")
+        if key_mask.dim() == 3 and not causal:
+            raise ValueError("rel_attention: a per-query key_mask (B, Lq, Lk) needs causal=True")
         if key_mask.device != q.device:
             raise ValueError(f"rel_attention: key_mask is on {key_mask.device} but q is on {q.device}")
 
 
 def visible_keys(key_lengths, key_mask, Lk: int) -> Optional[torch.Tensor]:
-    """The per-batch-row key visibility (B, Lk) bool, from lengths or a mask; None: every key."""
+    """The key visibility, (B, Lk) or per query (B, Lq, Lk) bool, from lengths or a mask; None: every key."""
     if key_lengths is not None:
         return torch.arange(Lk, device=key_lengths.device) < key_lengths[:, None]
     return key_mask
+
+
+def per_score(keys: torch.Tensor) -> torch.Tensor:
+    """Key visibility (B, Lk) or (B, Lq, Lk) as a (B, 1, 1 or Lq, Lk) view beside the scores (B, H, Lq, Lk)."""
+    return keys[:, None, None, :] if keys.dim() == 2 else keys[:, None]
 
 
 def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device) -> Optional[torch.Tensor]:
@@ -154,6 +164,8 @@ def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device
         return torch.ones(1, Lq, dtype=torch.bool, device=device)
     if keys is None:
         return None
+    if keys.dim() == 3:                                              # per query: (B, Lq, Lk), causal
+        return ~(keys & visibility_mask(Lq, Lk, window, device)).any(-1)
     if causal:
         dmin, dmax = 0, Lk if window is None else window - 1          # visible distances dmin <= d <= dmax
     else:
@@ -223,7 +235,7 @@ def _hide(mask_or_scores, keys, empty, empty_rows):
     empty rows (empty (B or 1, Lq) bool) take equal scores, 0, so they are exactly uniform."""
     x = mask_or_scores
     if keys is not None:
-        x = x.masked_fill(~keys[:, None, None, :], torch.finfo(x.dtype).min)
+        x = x.masked_fill(~per_score(keys), torch.finfo(x.dtype).min)
     if empty is not None and empty_rows == "uniform":
         x = x.masked_fill(empty[:, None, :, None], 0.0)
     return x
@@ -354,11 +366,11 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
-    it is longer than them.) keys: (B, Lk) bool key visibility or None."""
+    it is longer than them.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None."""
     if causal and window:
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
         k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
-        keys = None if keys is None else keys[:, first:]
+        keys = None if keys is None else keys[..., first:]
         r = r[max(0, r.shape[0] - k.shape[1]) :]                    # distances up to the new Lk - 1
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
@@ -472,6 +484,8 @@ def kernel_key_lengths(key_lengths, key_mask, Lk: int):
         return key_lengths.to(torch.int32), None
     if key_mask is None:
         return None, None
+    if key_mask.dim() == 3:
+        return None, "a per-query key_mask (B, Lq, Lk)"
     lengths = key_mask.sum(-1)                                                  # (B,)
     if not torch.equal(key_mask, torch.arange(Lk, device=key_mask.device) < lengths[:, None]):
         return None, "a key_mask with holes (not keys [0, n) per batch row)"
