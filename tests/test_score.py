@@ -169,6 +169,27 @@ def test_bad_arguments_are_refused(kwargs, error, match):
         score(args.pop("model"), args.pop("documents"), **args)
 
 
+def test_documents_as_lists_tuples_tensors_and_numpy_arrays():
+    import numpy as np
+
+    model = our_model("default")
+    doc = [5, 9, 2, 40]
+    ref = score(model, [doc], context_id=CONTEXT)[0].logprobs
+    for kind in (tuple(doc), torch.tensor(doc, dtype=torch.int32), np.array(doc)):
+        assert torch.equal(score(model, [kind], context_id=CONTEXT)[0].logprobs, ref)
+    with pytest.raises(ValueError, match="document 0"):
+        score(model, [np.array([1.0, 2.0])], context_id=CONTEXT)
+
+
+def test_a_bfloat16_model_scores_within_the_bf16_tolerance():
+    model = our_model("default")
+    docs = _documents([30, 12], seed=7)
+    ref = torch.cat([s.logprobs for s in score(model.double(), docs, tgt_len=8, context_id=CONTEXT)])
+    got = torch.cat([s.logprobs for s in score(model.to(torch.bfloat16), docs, tgt_len=8, context_id=CONTEXT)])
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - ref).norm() / ref.norm() <= 1e-2
+
+
 def test_empty_input_and_empty_documents():
     model = our_model("default")
     assert score(model, [], context_id=CONTEXT) == []

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from txl_fast import ops
@@ -50,6 +51,8 @@ class DocumentScores:
 
 
 def _document_ids(doc, i: int, vocab: int) -> torch.Tensor:
+    if isinstance(doc, np.ndarray):
+        doc = torch.from_numpy(doc) if doc.dtype != np.bool_ and np.issubdtype(doc.dtype, np.integer) else doc
     if isinstance(doc, torch.Tensor):
         if doc.dim() != 1 or doc.dtype.is_floating_point or doc.dtype == torch.bool or doc.is_complex():
             raise ValueError(f"document {i}: expected a 1-D tensor of token ids, got {doc.dtype} {tuple(doc.shape)}")
