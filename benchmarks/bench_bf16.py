@@ -20,7 +20,7 @@ import torch
 import txl_fast
 from txl_fast import TransfoXLLMHeadModel, TransfoXLTokenizer
 from txl_fast.bench.machine import cpu_name
-from txl_fast.cli import _stored_protocol
+from txl_fast.inference import stored_protocol
 
 DTYPES = ("float32", "bfloat16")
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     path = txl_fast.default_model_path()
     tok = TransfoXLTokenizer.from_pretrained(path)
     ids = tok.encode_file(path / "heldout.txt", ordered=True, add_eos=True)
-    protocol = _stored_protocol(path)
+    protocol = stored_protocol(path)
     lines = [line for line in (path / "heldout.txt").read_text(encoding="utf-8").splitlines() if len(line.split()) > 16]
     prompts = [torch.tensor([tok.encode(lines[i * len(lines) // args.prompts])[:16]]) for i in range(args.prompts)]
     result = {}

@@ -371,10 +371,10 @@ def test_a_stored_protocol_of_the_wrong_type_is_refused_not_misread(tmp_path, ca
                           "metrics.json: eval_protocol." + key)
 
 
-def test_strict_json_writes_non_finite_numbers_as_null():
-    from txl_fast.cli import _strict_json
+def teststrict_json_writes_non_finite_numbers_as_null():
+    from txl_fast.cli import strict_json
 
-    text = _strict_json({"nll": float("nan"), "rows": [float("inf"), 1.5], "n": 3})
+    text = strict_json({"nll": float("nan"), "rows": [float("inf"), 1.5], "n": 3})
     assert json.loads(text) == {"nll": None, "rows": [None, 1.5], "n": 3} and "NaN" not in text
 
 

@@ -89,16 +89,16 @@ def test_cli_refuses_an_unsupported_dtype(command, bad, cpu_without_fp16, capsys
 
 
 def test_info_suggests_bf16_only_with_native_bf16(monkeypatch, capsys):
-    from txl_fast.cli import _cpu_dtype_line
+    from txl_fast.cli import cpu_dtype_line
 
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: dict(NO_NATIVE, avx512_bf16=True))
     assert main(["info"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu:"))
     assert "native bf16 matmul (AVX512-BF16)" in line and "try --dtype bfloat16" in line
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: dict(NO_NATIVE, amx_bf16=True, avx512_bf16=True))
-    assert "native bf16 matmul (AMX-BF16, AVX512-BF16)" in _cpu_dtype_line()
+    assert "native bf16 matmul (AMX-BF16, AVX512-BF16)" in cpu_dtype_line()
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: NO_NATIVE)
-    line = _cpu_dtype_line()
+    line = cpu_dtype_line()
     assert "no native bf16 matmul" in line and "--dtype bfloat16" not in line
 
 
@@ -108,7 +108,7 @@ def test_bf16_loss_is_reduced_in_float32():
     on the same values."""
     from txl_fast import naive
     from txl_fast.backend import use_backend
-    from txl_fast.ops.adaptive_softmax import _lse_and_pick
+    from txl_fast.ops.adaptive_softmax import lse_and_pick
 
     g = torch.Generator().manual_seed(0)
 
@@ -119,7 +119,7 @@ def test_bf16_loss_is_reduced_in_float32():
     weights, biases = [rand(50, 32, scale=0.3), rand(40, 16, scale=0.3)], [rand(50, scale=0.5), rand(40, scale=0.5)]
     projs, cluster_weight, cluster_bias = [rand(32, 32, scale=0.2), rand(32, 16, scale=0.2)], rand(1, 32), rand(1)
     target = torch.randint(0, 90, (37,), generator=g)
-    lse, pick = _lse_and_pick(hidden, weights[0], biases[0], target)
+    lse, pick = lse_and_pick(hidden, weights[0], biases[0], target)
     assert lse.dtype == pick.dtype == torch.float32
     params = (weights, biases, projs, cluster_weight, cluster_bias)
     as64 = [[t.double() for t in ts] for ts in params[:3]] + [cluster_weight.double(), cluster_bias.double()]

@@ -38,6 +38,8 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 CONFIG = "config.json"
+METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
+HELDOUT = "heldout.txt"             # the text held out of its training
 
 
 def _read_safetensors(path: Path) -> dict:

@@ -27,12 +27,11 @@ import resource
 import sys
 from pathlib import Path
 
-from txl_fast.checks import int_at_least, is_int
+from txl_fast.checkpoint import HELDOUT
+from txl_fast.checks import int_at_least
 from txl_fast.hub import is_hub_name
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
-METRICS = "metrics.json"            # a trained model's numbers and the protocol they were measured with
-HELDOUT = "heldout.txt"             # the text held out of its training
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 UNK_WARN_SHARE = 0.05
 
@@ -99,31 +98,7 @@ def _load(model_ref: Path | str, fetch: dict, dtype: str, device: str):
     return model, tok
 
 
-def _stored_protocol(model_ref: Path | str) -> dict:
-    """The evaluation protocol a trained model was validated with (metrics.json), or {} (a hub model's
-    metrics.json is not fetched)."""
-    metrics = model_ref / METRICS if isinstance(model_ref, Path) else None
-    if metrics is None or not metrics.is_file():
-        return {}
-    try:
-        data = json.loads(metrics.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{metrics} is not valid JSON: {e}") from None
-    protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
-    if not isinstance(protocol, dict):
-        raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
-    for key, ok, what in (("tgt_len", lambda v: is_int(v) and v > 0, "a positive integer"),
-                          ("batch_size", lambda v: is_int(v) and v > 0, "a positive integer"),
-                          ("mem_len", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-                          ("clamp_len", is_int, "an integer"),
-                          ("same_length", lambda v: isinstance(v, bool), "true or false"),
-                          ("init_mems", lambda v: v in ("empty", "zeros"), '"empty" or "zeros"')):
-        if key in protocol and not ok(protocol[key]):      # "same_length": "no" would be truthy
-            raise ValueError(f"{metrics}: eval_protocol.{key} must be {what}, got {protocol[key]!r}")
-    return protocol
-
-
-def _strict_json(obj) -> str:
+def strict_json(obj) -> str:
     """JSON that strict parsers read: NaN and inf (a diverged model's NLL) written as null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
@@ -137,30 +112,14 @@ def _strict_json(obj) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
-def _protocol(args, model_ref: Path | str, config) -> tuple[dict, str]:
-    """The evaluation protocol and where it came from: the one stored with the model (else the
-    model's config with tgt_len 128), then --preset, then explicit flags."""
-    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
-                "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
-    stored = _stored_protocol(model_ref)
-    protocol.update({k: v for k, v in stored.items() if k in protocol})
-    source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
-    if args.preset:
-        from txl_fast.inference import PRESETS  # noqa: PLC0415
+def _protocol(args, model_ref, config) -> tuple[dict, str]:
+    """eval's and score's protocol from their flags (``inference.resolve_protocol``)."""
+    from txl_fast.inference import resolve_protocol  # noqa: PLC0415
 
-        protocol.update(PRESETS[args.preset])
-        source = f"the paper's {args.preset} protocol"
-    flags = {k: getattr(args, k) for k in ("tgt_len", "mem_len", "clamp_len", "batch_size", "init_mems")
-             if getattr(args, k) is not None}
-    if args.same_length is not None:
-        flags["same_length"] = args.same_length == "on"
-    protocol.update(flags)
-    protocol["clamp_len"] = max(protocol["clamp_len"], 0)              # < 0 (HF, the original code): no clamp
-    if protocol["mem_len"] == 0 and args.same_length is None:
-        protocol["same_length"] = False                 # HF's same_length mask needs a memory
-    if flags:
-        source += ", flags " + ", ".join(sorted(flags))
-    return protocol, source
+    same_length = None if args.same_length is None else args.same_length == "on"
+    return resolve_protocol(config, model_ref if isinstance(model_ref, Path) else None, args.preset,
+                            tgt_len=args.tgt_len, mem_len=args.mem_len, clamp_len=args.clamp_len,
+                            batch_size=args.batch_size, init_mems=args.init_mems, same_length=same_length)
 
 
 def _read_stdin_text() -> str:
@@ -238,7 +197,7 @@ def cmd_eval(args) -> int:
               "backend": args.backend, "dtype": args.dtype, "threads": args.threads, "protocol_source": source,
               **protocol}
     if args.json:
-        print(_strict_json(report))
+        print(strict_json(report))
     else:
         measure = f"bits per character {result.bpc:.4f}" if result.bpc is not None else \
             f"perplexity {result.perplexity:.2f}"
@@ -375,14 +334,14 @@ def _start_process_group(device: str) -> bool:
 
 def cmd_generate(args) -> int:
     from txl_fast import use_cpu_compile  # noqa: PLC0415
-    from txl_fast.inference import _check_sampling  # noqa: PLC0415
+    from txl_fast.inference import check_sampling  # noqa: PLC0415
 
     chosen = {k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None}
     if args.greedy and chosen:
         raise ValueError(f"--greedy takes the most likely token: it cannot be combined with "
                          f"{', '.join('--' + k.replace('_', '-') for k in chosen)}")
     sampling = {**SAMPLING, **chosen}
-    _check_sampling(args.max_new_tokens, not args.greedy, **sampling)        # before the model loads
+    check_sampling(args.max_new_tokens, not args.greedy, **sampling)        # before the model loads
     if args.compile and _check_device(args.device).type != "cpu":
         raise ValueError(f"--compile compiles the decode step for the CPU; on {args.device} the Triton kernels run")
     with use_cpu_compile(args.compile):                 # no C++ compiler: refused here, before the model loads
@@ -430,105 +389,13 @@ def _generate(args, sampling: dict) -> int:
     return 0
 
 
-def _refuse_to_replace(path: Path, what: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is an existing file: give a directory")
-
-
 def cmd_train(args) -> int:
-    import tempfile  # noqa: PLC0415
+    from txl_fast.train import train_directory  # noqa: PLC0415
 
-    import torch  # noqa: PLC0415
-
-    from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel  # noqa: PLC0415
-    from txl_fast.checkpoint import CONFIG, SAFETENSORS  # noqa: PLC0415
-    from txl_fast.tokenizer import VOCAB_JSON, TransfoXLTokenizer  # noqa: PLC0415
-    from txl_fast.train import STATE_FILE, STATE_JSON, TrainConfig, default_corpus, train, train_rows  # noqa: PLC0415
-
-    model_files = (CONFIG, SAFETENSORS, STATE_JSON, STATE_FILE, VOCAB_JSON, METRICS, HELDOUT)
-
-    if not args.out.strip():
-        raise ValueError("--out is empty: give the checkpoint directory")
-    out = Path(args.out)
-    _refuse_to_replace(out, "--out")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the model in --out, --overwrite replaces it: choose one")
-    holds_model = out.is_dir() and any((out / name).exists() for name in model_files)
-    if holds_model and not (args.resume or args.overwrite):
-        raise ValueError(f"{out} already holds a model: --resume to continue its training, --overwrite to replace it")
-    if args.resume:
-        if not (out / STATE_JSON).is_file():
-            raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
-        try:
-            done = json.loads((out / STATE_JSON).read_text())["step"]
-            if not is_int(done) or done < 0:
-                raise ValueError(f"step {done!r} is not a step count")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
-        if args.steps < done:
-            raise ValueError(f"{out} has already trained {done} steps: --steps {args.steps} must be at least that")
-        try:                                             # the optimizer state, read before a file is written
-            from safetensors import safe_open  # noqa: PLC0415
-
-            with safe_open(str(out / STATE_FILE), "pt"):
-                pass
-        except FileNotFoundError:
-            raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_FILE}") from None
-        except Exception as e:  # noqa: BLE001 (safetensors' own error types)
-            raise ValueError(f"{out / STATE_FILE} is damaged ({e}): cannot resume") from None
-    if args.d_model % args.n_head:
-        raise ValueError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} "
-                         "(each head gets d_model / n_head dimensions)")
-    if args.text and Path(args.text).is_dir():
-        raise ValueError(f"--text {args.text} is a directory: give a text file")
-    if args.text and not Path(args.text).is_file():
-        raise FileNotFoundError(f"text file {args.text} does not exist")
-    try:
-        text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--text {args.text} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
-            from None
-    lines = text.splitlines()
-    split = int(len(lines) * (1 - args.heldout))
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file, valid_file = Path(tmp) / "train.txt", Path(tmp) / "valid.txt"
-        train_file.write_text("\n".join(lines[:split]) + "\n")
-        valid_file.write_text("\n".join(lines[split:]) + "\n")
-        if args.resume:
-            tok = TransfoXLTokenizer.from_pretrained(out)
-        else:
-            tok = TransfoXLTokenizer(special=["<unk>", "<eos>"], min_freq=args.min_freq)
-            tok.count_file(train_file, add_eos=True)
-            tok.build_vocab()
-        train_ids = tok.encode_file(train_file, ordered=True, add_eos=True)
-        valid_ids = tok.encode_file(valid_file, ordered=True, add_eos=True) if split < len(lines) else None
-    if args.resume:
-        config = TransfoXLConfig.from_json_file(out / CONFIG)          # the model being continued
-    else:
-        vocab = len(tok)
-        cutoffs = [c for c in (vocab // 4, vocab // 2) if 0 < c < vocab] if vocab >= 8 else []
-        config = TransfoXLConfig(vocab_size=vocab, cutoffs=sorted(set(cutoffs)), d_model=args.d_model,
-                                 d_embed=args.d_model, n_head=args.n_head, d_head=args.d_model // args.n_head,
-                                 d_inner=4 * args.d_model, div_val=2 if cutoffs else 1, n_layer=args.n_layer,
-                                 mem_len=args.mem_len, clamp_len=4 * args.mem_len,
-                                 same_length=args.mem_len > 0,         # HF's same_length mask needs a memory
-                                 dropout=args.dropout)
-    train_rows(train_ids, args.batch_size)            # too few tokens: refused before any file is touched
-    torch.manual_seed(args.seed)
-    model = TransfoXLLMHeadModel(config)
-    if args.overwrite:                                 # the old model's files go, not only those rewritten
-        for name in model_files:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_vocabulary(out)
-    if valid_ids is not None:
-        (out / HELDOUT).write_text("\n".join(lines[split:]) + "\n", encoding="utf-8")
-    else:
-        (out / HELDOUT).unlink(missing_ok=True)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, tgt_len=args.tgt_len, lr=args.lr,
-                      warmup=min(args.warmup, args.steps), seed=args.seed, checkpoint_every=args.checkpoint_every)
-    metrics = train(model, train_ids, valid_ids, cfg, out_dir=str(out), resume=args.resume)
-    print(_strict_json(metrics))
+    settings = {k: getattr(args, k) for k in ("text", "heldout", "steps", "batch_size", "tgt_len", "mem_len", "d_model",
+                                             "n_head", "n_layer", "dropout", "lr", "warmup", "min_freq",
+                                             "checkpoint_every", "seed", "resume", "overwrite")}
+    print(strict_json(train_directory(args.out, **settings)))
     return 0
 
 
@@ -546,13 +413,13 @@ def cmd_info(args) -> int:
     print(f"vocabulary:  {len(tok):,} symbols")
     mem_bytes = model.config.n_layer * model.config.mem_len * model.config.d_model * 4
     print(f"memory:      {mem_bytes / 2**20:.2f} MiB of mems per sequence in the batch (fp32)")
-    print(f"cpu:         {_cpu_dtype_line()}")
+    print(f"cpu:         {cpu_dtype_line()}")
     for key, value in cfg.items():
         print(f"  {key:26s} {value}")
     return 0
 
 
-def _cpu_dtype_line() -> str:
+def cpu_dtype_line() -> str:
     """This CPU, and whether it multiplies bf16 natively (then bf16 is worth trying; nothing switches by itself)."""
     from txl_fast import dtypes  # noqa: PLC0415
     from txl_fast.bench.machine import cpu_name  # noqa: PLC0415

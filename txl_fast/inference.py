@@ -18,16 +18,19 @@ HF-style path (memory of hidden states, everything recomputed) for comparison.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from txl_fast import ops
 from txl_fast.cache import InferenceCache
+from txl_fast.checkpoint import METRICS
 from txl_fast.checks import is_int, is_real
 from txl_fast.dtypes import check_dtype
 from txl_fast.model import TransfoXLLMHeadModel, trusted_token_ids
@@ -38,6 +41,58 @@ PRESETS = {
     "enwik8": dict(tgt_len=128, mem_len=3800, clamp_len=1000, same_length=True),
     "text8": dict(tgt_len=128, mem_len=3800, clamp_len=1000, same_length=True),
 }
+
+
+def stored_protocol(model_dir: Optional[Path]) -> dict:
+    """The evaluation protocol a trained model was validated with (``metrics.json`` in
+    ``model_dir``: its training's, see txl_fast.train), or {} (none stored, or no directory: a hub
+    model's metrics.json is not fetched). Values of the wrong type are refused, not misread."""
+    metrics = None if model_dir is None else Path(model_dir) / METRICS
+    if metrics is None or not metrics.is_file():
+        return {}
+    try:
+        data = json.loads(metrics.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{metrics} is not valid JSON: {e}") from None
+    protocol = data.get("eval_protocol", {}) if isinstance(data, dict) else None
+    if not isinstance(protocol, dict):
+        raise ValueError(f"{metrics}: eval_protocol must be a JSON object")
+    for key, ok, what in (("tgt_len", lambda v: is_int(v) and v > 0, "a positive integer"),
+                          ("batch_size", lambda v: is_int(v) and v > 0, "a positive integer"),
+                          ("mem_len", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+                          ("clamp_len", is_int, "an integer"),
+                          ("same_length", lambda v: isinstance(v, bool), "true or false"),
+                          ("init_mems", lambda v: v in ("empty", "zeros"), '"empty" or "zeros"')):
+        if key in protocol and not ok(protocol[key]):      # "same_length": "no" would be truthy
+            raise ValueError(f"{metrics}: eval_protocol.{key} must be {what}, got {protocol[key]!r}")
+    return protocol
+
+
+def resolve_protocol(config, model_dir: Optional[Path] = None, preset: Optional[str] = None,
+                     **flags) -> tuple[dict, str]:
+    """The evaluation protocol (tgt_len, mem_len, clamp_len, same_length, batch_size, init_mems) and
+    where it came from: the one stored with the model (``stored_protocol``; else the config's with
+    tgt_len 128), then a ``preset`` (PRESETS), then the ``flags`` that are not None. A clamp_len < 0
+    (HF, the original code) means no clamp: 0; with mem_len 0 same_length is off unless a flag says."""
+    protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
+                "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
+    stored = stored_protocol(model_dir)
+    protocol.update({k: v for k, v in stored.items() if k in protocol})
+    source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
+    if preset is not None:
+        protocol.update(PRESETS[preset])
+        source = f"the paper's {preset} protocol"
+    unknown = set(flags) - set(protocol)
+    if unknown:
+        raise TypeError(f"resolve_protocol: unknown settings {sorted(unknown)}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    protocol.update(given)
+    protocol["clamp_len"] = max(protocol["clamp_len"], 0)
+    if protocol["mem_len"] == 0 and "same_length" not in given:
+        protocol["same_length"] = False                 # HF's same_length mask needs a memory
+    if given:
+        source += ", flags " + ", ".join(sorted(given))
+    return protocol, source
 
 
 @dataclass
@@ -214,7 +269,7 @@ def _step(transformer, ids, state):
     return out.last_hidden_state, out.mems
 
 
-def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(do_sample, bool):
@@ -385,7 +440,7 @@ def generate(
     rounding; on the triton backend the arithmetic is the same. Off by default.
     """
     check_lm_model(model)
-    _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
     model.transformer.check_input_ids(input_ids)         # also when no token is to be generated

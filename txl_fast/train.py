@@ -1,6 +1,7 @@
 """A small but real training loop for txl_fast's Transformer-XL, and the default model's corpus.
 
     train(model, train_ids, valid_ids, TrainConfig(...)) -> dict of metrics
+    train_directory(out, text=..., ...)                  what ``txl-fast train`` runs: a text to a model directory
 
 AdamW, linear warm-up then cosine decay, gradient clipping, memory carried across segments
 (the stream is cut into ``batch_size`` contiguous rows, as in the original code), a progress bar
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +27,16 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from txl_fast.checkpoint import CONFIG, HELDOUT, METRICS, SAFETENSORS
+from txl_fast.checks import is_int
+from txl_fast.config import TransfoXLConfig
 from txl_fast.inference import evaluate
+from txl_fast.model import TransfoXLLMHeadModel
+from txl_fast.tokenizer import VOCAB_JSON, TransfoXLTokenizer
 
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-METRICS_JSON = "metrics.json"
+MODEL_FILES = (CONFIG, SAFETENSORS, STATE_JSON, STATE_FILE, VOCAB_JSON, METRICS, HELDOUT)
 
 
 @dataclass
@@ -166,7 +173,7 @@ def train(model, train_ids: torch.Tensor, valid_ids: Optional[torch.Tensor], cfg
 
 def _write_metrics(out: Optional[Path], metrics: dict) -> None:
     if out is not None:
-        (out / METRICS_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def default_corpus() -> str:
@@ -184,3 +191,116 @@ def default_corpus() -> str:
             if any(ch.isalnum() for ch in line):                          # drop rules such as "*****"
                 lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _check_resumable(out: Path, steps: int) -> None:
+    """--resume: the training state in ``out`` is readable and ``steps`` reaches its step count;
+    checked before a file is written."""
+    if not (out / STATE_JSON).is_file():
+        raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON}")
+    try:
+        done = json.loads((out / STATE_JSON).read_text())["step"]
+        if not is_int(done) or done < 0:
+            raise ValueError(f"step {done!r} is not a step count")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{out / STATE_JSON} is damaged ({e}): cannot resume") from None
+    if steps < done:
+        raise ValueError(f"{out} has already trained {done} steps: --steps {steps} must be at least that")
+    try:                                             # the optimizer state
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(out / STATE_FILE), "pt"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_FILE}") from None
+    except Exception as e:  # noqa: BLE001 (safetensors' own error types)
+        raise ValueError(f"{out / STATE_FILE} is damaged ({e}): cannot resume") from None
+
+
+def _read_text(text: Optional[str]) -> str:
+    """The training text: the file ``text``, or the default corpus when None."""
+    if text is None:
+        return default_corpus()
+    if Path(text).is_dir():
+        raise ValueError(f"--text {text} is a directory: give a text file")
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"text file {text} does not exist")
+    try:
+        return Path(text).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {text} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+
+
+def _encode_split(tok, lines: list[str], split: int, new_vocabulary: bool):
+    """(train ids, held-out ids or None) of ``lines`` split at ``split``, as ``txl-fast eval`` encodes
+    a file; ``new_vocabulary``: ``tok``'s vocabulary built from the training split first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, valid_file = Path(tmp) / "train.txt", Path(tmp) / "valid.txt"
+        train_file.write_text("\n".join(lines[:split]) + "\n")
+        valid_file.write_text("\n".join(lines[split:]) + "\n")
+        if new_vocabulary:
+            tok.count_file(train_file, add_eos=True)
+            tok.build_vocab()
+        train_ids = tok.encode_file(train_file, ordered=True, add_eos=True)
+        valid_ids = tok.encode_file(valid_file, ordered=True, add_eos=True) if split < len(lines) else None
+    return train_ids, valid_ids
+
+
+def new_config(vocab: int, *, d_model: int, n_head: int, n_layer: int, mem_len: int, dropout: float) -> TransfoXLConfig:
+    """The configuration ``txl-fast train`` gives a new model of ``vocab`` symbols."""
+    cutoffs = sorted({c for c in (vocab // 4, vocab // 2) if 0 < c < vocab}) if vocab >= 8 else []
+    return TransfoXLConfig(vocab_size=vocab, cutoffs=cutoffs, d_model=d_model, d_embed=d_model, n_head=n_head,
+                           d_head=d_model // n_head, d_inner=4 * d_model, div_val=2 if cutoffs else 1, n_layer=n_layer,
+                           mem_len=mem_len, clamp_len=4 * mem_len,
+                           same_length=mem_len > 0,         # HF's same_length mask needs a memory
+                           dropout=dropout)
+
+
+def train_directory(out: str, *, text: Optional[str] = None, heldout: float = 0.1, steps: int = 1000,
+                    batch_size: int = 16, tgt_len: int = 64, mem_len: int = 64, d_model: int = 128, n_head: int = 4,
+                    n_layer: int = 4, dropout: float = 0.1, lr: float = 1e-3, warmup: int = 100, min_freq: int = 2,
+                    checkpoint_every: int = 200, seed: int = 0, resume: bool = False,
+                    overwrite: bool = False) -> dict:
+    """``txl-fast train``: a model trained on ``text`` (default: ``default_corpus``) in the directory
+    ``out``, the last ``heldout`` share of its lines held out (saved as heldout.txt, evaluated at the
+    end); ``resume`` continues the model in ``out``, ``overwrite`` replaces it. Everything is
+    checked before a file in ``out`` is touched. Returns the metrics."""
+    if not out.strip():
+        raise ValueError("--out is empty: give the checkpoint directory")
+    directory = Path(out)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--out {directory} is an existing file: give a directory")
+    if resume and overwrite:
+        raise ValueError("--resume continues the model in --out, --overwrite replaces it: choose one")
+    holds_model = directory.is_dir() and any((directory / name).exists() for name in MODEL_FILES)
+    if holds_model and not (resume or overwrite):
+        raise ValueError(f"{directory} already holds a model: --resume to continue its training, --overwrite to "
+                         "replace it")
+    if resume:
+        _check_resumable(directory, steps)
+    if d_model % n_head:
+        raise ValueError(f"--d-model {d_model} is not divisible by --n-head {n_head} "
+                         "(each head gets d_model / n_head dimensions)")
+    lines = _read_text(text).splitlines()
+    split = int(len(lines) * (1 - heldout))
+    tok = TransfoXLTokenizer.from_pretrained(directory) if resume else \
+        TransfoXLTokenizer(special=["<unk>", "<eos>"], min_freq=min_freq)
+    train_ids, valid_ids = _encode_split(tok, lines, split, new_vocabulary=not resume)
+    config = TransfoXLConfig.from_json_file(directory / CONFIG) if resume else \
+        new_config(len(tok), d_model=d_model, n_head=n_head, n_layer=n_layer, mem_len=mem_len, dropout=dropout)
+    train_rows(train_ids, batch_size)                # too few tokens: refused before any file is touched
+    torch.manual_seed(seed)
+    model = TransfoXLLMHeadModel(config)
+    if overwrite:                                    # the old model's files go, not only those rewritten
+        for name in MODEL_FILES:
+            (directory / name).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_vocabulary(directory)
+    if valid_ids is not None:
+        (directory / HELDOUT).write_text("\n".join(lines[split:]) + "\n", encoding="utf-8")
+    else:
+        (directory / HELDOUT).unlink(missing_ok=True)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, tgt_len=tgt_len, lr=lr, warmup=min(warmup, steps),
+                      seed=seed, checkpoint_every=checkpoint_every)
+    return train(model, train_ids, valid_ids, cfg, out_dir=str(directory), resume=resume)

@@ -101,7 +101,7 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _project(x, proj):
+def project(x, proj):
     return x if proj is None else x @ proj                              # (N, d_proj) -> (N, d_c)
 
 
@@ -111,14 +111,14 @@ def _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     The two logit blocks are computed apart and joined as (N, V_0 + C) logits: concatenating the
     (V_0, d) head weight with the cluster weight instead would copy the whole head matrix per call.
     """
-    h0 = _project(hidden, projs[0])
+    h0 = project(hidden, projs[0])
     head = linear(h0, weights[0], biases[0])                                 # (N, V_0)
     if cluster_weight is not None:
         head = torch.cat([head, linear(h0, cluster_weight, cluster_bias)], dim=-1)
     return torch.log_softmax(_acc(head), dim=-1)                             # float32 for bf16 / fp16
 
 
-def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):
+def torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias):
     bounds = cluster_bounds(weights)
     head = _head_logprob(hidden, weights, biases, projs, cluster_weight, cluster_bias)
     if len(weights) == 1:
@@ -126,12 +126,12 @@ def _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_b
     out = hidden.new_empty(hidden.shape[0], bounds[-1])                 # (N, V), written cluster by cluster
     out[:, : bounds[1]] = head[:, : bounds[1]]
     for c in range(1, len(weights)):
-        tail = torch.log_softmax(_acc(linear(_project(hidden, projs[c]), weights[c], biases[c])), dim=-1)
+        tail = torch.log_softmax(_acc(linear(project(hidden, projs[c]), weights[c], biases[c])), dim=-1)
         out[:, bounds[c] : bounds[c + 1]] = tail + head[:, bounds[1] + c - 1, None]
     return out
 
 
-def _lse_and_pick(h, weight, bias, col):
+def lse_and_pick(h, weight, bias, col):
     """Per row of h (n, d): the log-sum-exp of the logits h @ weight^T + bias and the logit at column
     ``col`` (n,) (0 where col is outside [0, V)), computed in pieces of CHUNK_ELEMENTS logits so that
     each piece is reduced while it is in cache and no (n, V) tensor exists; both in float32 for bf16 /
@@ -161,8 +161,8 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
     bounds = cluster_bounds(weights)
     cluster_of = torch.bucketize(target.contiguous(), torch.tensor(bounds[1:], device=target.device), right=True)  # (N,)
     ignored = target == IGNORE_INDEX
-    h0 = _project(hidden, projs[0])                                      # (N, d_0)
-    lse, pick = _lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
+    h0 = project(hidden, projs[0])                                      # (N, d_0)
+    lse, pick = lse_and_pick(h0, weights[0], biases[0], torch.where(cluster_of == 0, target, -1))
     if cluster_weight is not None:
         # the head's last C logits are the tail clusters': a tail row's head term is its cluster's logit
         cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))       # (N, C)
@@ -175,7 +175,7 @@ def _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_b
         rows = (cluster_of == c).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        tail_lse, tail_pick = _lse_and_pick(_project(hidden[rows], projs[c]), weights[c], biases[c],
+        tail_lse, tail_pick = lse_and_pick(project(hidden[rows], projs[c]), weights[c], biases[c],
                                             target[rows] - bounds[c])
         logprob = logprob.index_add(0, rows, tail_pick - tail_lse)
     return (-logprob).masked_fill(ignored, 0.0).to(hidden.dtype)      # reduced in float32, rounded once
@@ -240,7 +240,7 @@ class _TritonLogSoftmax(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(k in wanted) if t is not None else None for k, t in enumerate(inputs)]
             weights, biases, projs = _split_params(ctx.n, tuple(leaves[3:]))
-            out = _torch_log_softmax(leaves[0], weights, biases, projs, leaves[1], leaves[2])
+            out = torch_log_softmax(leaves[0], weights, biases, projs, leaves[1], leaves[2])
             grads = torch.autograd.grad(out, [leaves[k] for k in wanted], grad)
         result = [None] * len(inputs)
         for k, g in zip(wanted, grads):
@@ -263,7 +263,7 @@ def adaptive_log_softmax(
         return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
     if name == "triton":
         return _TritonLogSoftmax.apply(hidden, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
-    return _torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    return torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
 
 
 def adaptive_nll(

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from txl_fast import backend, naive
-from txl_fast.ops.adaptive_softmax import _project, check_inputs, cluster_bounds
+from txl_fast.ops.adaptive_softmax import project, check_inputs, cluster_bounds
 from txl_fast.ops.linear import linear
 
 CHUNK_ELEMENTS = 2**20           # logits per piece of the torch scan (4 MB in fp32), whatever the row count
@@ -85,7 +85,7 @@ def adaptive_topk(
         return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias).topk(k, dim=1)
 
     n = hidden.shape[0]
-    h0 = _project(hidden, projs[0])                                       # (N, d_0)
+    h0 = project(hidden, projs[0])                                       # (N, d_0)
     word_lse, head_ids = _scan(h0, weights[0], biases[0], k)              # (N,), (N, min(k, V_0))
     if len(weights) == 1:
         return (_logits_at(h0, weights[0], biases[0], head_ids) - word_lse[:, None]).to(hidden.dtype), head_ids
@@ -123,6 +123,6 @@ def adaptive_topk(
 def _tail_topk(hidden, c, k, cluster_logprob, weights, biases, projs):
     """(n, d_proj) rows, their (n,) log-probs of tail cluster c -> the cluster's k best words'
     log-probs (n, min(k, V_c)) and ids inside the cluster."""
-    hc = _project(hidden, projs[c])                                           # (n, d_c)
+    hc = project(hidden, projs[c])                                           # (n, d_c)
     tail_lse, tail_ids = _scan(hc, weights[c], biases[c], k)
     return _logits_at(hc, weights[c], biases[c], tail_ids) - tail_lse[:, None] + cluster_logprob[:, None], tail_ids

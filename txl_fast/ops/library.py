@@ -313,7 +313,7 @@ def _adaptive_log_softmax_backward(
 ) -> list[Tensor]:
     # the fused log-prob kernels have no backward: on the triton backend the torch path is
     # differentiated, as txl_fast.ops.adaptive_softmax._TritonLogSoftmax does
-    fn = _asm._torch_log_softmax if _on_triton(flat[0]) else _asm.adaptive_log_softmax
+    fn = _asm.torch_log_softmax if _on_triton(flat[0]) else _asm.adaptive_log_softmax
     return _vjp(fn, grad, flat, (n_clusters, has_proj, has_clusters))
 
 
