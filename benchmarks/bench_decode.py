@@ -41,7 +41,7 @@ import txl_fast
 from txl_fast import backend, dtypes, ops
 from txl_fast.inference import _candidates, decode_step
 from txl_fast.bench.machine import alternated_times, cpu_name, flags_line
-from txl_fast.model import trusted_token_ids
+from txl_fast.cache import trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
 linear_module = importlib.import_module("txl_fast.ops.linear")

@@ -7,7 +7,7 @@ import bench_decode
 import txl_fast
 from txl_fast import backend
 from txl_fast.inference import decode_step
-from txl_fast.model import trusted_token_ids
+from txl_fast.cache import trusted_token_ids
 
 SMALL = dict(vocab_size=2000, cutoffs=[500, 1000], d_model=64, d_embed=64, n_head=4, d_head=16, d_inner=128,
              div_val=2, n_layer=2, mem_len=48, clamp_len=40, same_length=True, dropout=0.0)

@@ -697,7 +697,7 @@ def check_decode_syncs(S: dict, device, smoke: bool) -> dict:
     from txl_fast import backend
     from txl_fast.bench.syncs import SyncCounter
     from txl_fast.inference import decode_step
-    from txl_fast.model import trusted_token_ids
+    from txl_fast.cache import trusted_token_ids
 
     model = small_model(S["graph_model"], torch.float32, device)
     counts = {}
@@ -964,7 +964,7 @@ def time_host_per_step(S: dict, ceilings: dict, device, smoke: bool) -> dict:
     from txl_fast.bench import analytic
     from txl_fast.config import TransfoXLConfig
     from txl_fast.inference import GRAPH_SLACK, _GraphedDecode, decode_step
-    from txl_fast.model import trusted_token_ids
+    from txl_fast.cache import trusted_token_ids
 
     h = S["bench_host"]
     model = small_model(S["model"], getattr(torch, h["dtype"]), device)

@@ -17,7 +17,7 @@ from tests.helpers import our_model
 from txl_fast import backend
 from txl_fast.bench.syncs import SyncCounter
 from txl_fast.inference import EOS_CHECK_EVERY, decode_step, generate
-from txl_fast.model import trusted_token_ids
+from txl_fast.cache import trusted_token_ids
 
 CANDIDATES = [(False, 0), (True, 5), (True, 0)]           # greedy, top-k, the full row
 

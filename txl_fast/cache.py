@@ -36,11 +36,35 @@ The cache is exact: it stores what the uncached forward would recompute from the
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
 
 from txl_fast.ops.linear import pack, packing_helps
+
+
+# Token ids the caller vouches for (generate's own argmax or samples): their value check, a host
+# sync, is skipped. generate() checks the prompt, once per call; see trusted_token_ids.
+_ids_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_ids_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_token_ids():
+    """Inside this block the models skip the range check of ``input_ids`` (``int(ids.max())``, a host
+    sync): for decode steps fed with tokens the model itself produced, so that a step queues its
+    launches without waiting for the GPU and can be captured in a CUDA graph."""
+    token = _ids_trusted.set(True)
+    try:
+        yield
+    finally:
+        _ids_trusted.reset(token)
+
+
+def ids_trusted() -> bool:
+    """Inside ``trusted_token_ids``: the models skip the value check of their input ids."""
+    return _ids_trusted.get()
 
 
 class LayerKV:

@@ -29,11 +29,11 @@ from typing import Optional
 import torch
 
 from txl_fast import ops
-from txl_fast.cache import InferenceCache
+from txl_fast.cache import InferenceCache, trusted_token_ids
 from txl_fast.checkpoint import METRICS
 from txl_fast.checks import is_int, is_real
 from txl_fast.dtypes import check_dtype
-from txl_fast.model import TransfoXLLMHeadModel, trusted_token_ids
+from txl_fast.config import TransfoXLConfig
 
 # The paper's evaluation protocols (Dai et al. 2019, and the original code's run scripts).
 PRESETS = {
@@ -132,9 +132,12 @@ def _positive(name: str, value) -> None:
 
 
 def check_lm_model(model) -> None:
-    """Not a txl_fast LM-head model, or one in a dtype its device cannot run (float16 on a CPU without
-    fp16 matmul): refused."""
-    if not isinstance(model, TransfoXLLMHeadModel):
+    """Not a txl_fast LM-head model (a module with txl_fast's config, a transformer and the adaptive
+    softmax ``crit``: checked by what the loops use, so that this module needs nothing of
+    txl_fast.model, which builds on it), or one in a dtype its device cannot run (float16 on a CPU
+    without fp16 matmul): refused."""
+    if not (isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), TransfoXLConfig)
+            and hasattr(model, "transformer") and hasattr(model, "crit")):
         raise TypeError(f"expected a txl_fast TransfoXLLMHeadModel (from_pretrained, or txl_fast.convert for an HF "
                         f"directory), got {type(model).__name__}")
     p = next(model.parameters())
@@ -347,7 +350,7 @@ def decode_step(transformer, crit, step_ids: torch.Tensor, state, do_sample: boo
     """One generation step on the model's state: (B, L) ids -> the candidates for the next token
     (``_candidates``: log-probs, ids or None), the state after. The function generate() runs
     eagerly and captures in a CUDA graph; on CUDA a decode step (one token, cached, ids trusted:
-    ``txl_fast.model.trusted_token_ids``) performs no host synchronisation."""
+    ``txl_fast.cache.trusted_token_ids``) performs no host synchronisation."""
     hidden, state = _step(transformer, step_ids, state)
     return (*_candidates(crit, hidden[:, -1], do_sample, top_k), state)
 

@@ -14,8 +14,6 @@ layer's input, detached.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -24,9 +22,11 @@ import torch
 from torch import nn
 
 from txl_fast import backend
-from txl_fast.cache import InferenceCache, PackedWeights, PositionKeys
+from txl_fast import checkpoint
+from txl_fast.cache import InferenceCache, PackedWeights, PositionKeys, ids_trusted
 from txl_fast.checks import is_int
 from txl_fast.config import TransfoXLConfig
+from txl_fast.inference import generate
 from txl_fast.modules import (
     AdaptiveEmbedding,
     PositionalEmbedding,
@@ -34,23 +34,6 @@ from txl_fast.modules import (
     RelPartialLearnableDecoderLayer,
     RelPartialLearnableMultiHeadAttn,
 )
-
-
-# Token ids the caller vouches for (generate's own argmax or samples): their value check, a host
-# sync, is skipped. generate() checks the prompt, once per call; see trusted_token_ids.
-_ids_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_ids_trusted", default=False)
-
-
-@contextlib.contextmanager
-def trusted_token_ids():
-    """Inside this block the models skip the range check of ``input_ids`` (``int(ids.max())``, a host
-    sync): for decode steps fed with tokens the model itself produced, so that a step queues its
-    launches without waiting for the GPU and can be captured in a CUDA graph."""
-    token = _ids_trusted.set(True)
-    try:
-        yield
-    finally:
-        _ids_trusted.reset(token)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -168,8 +151,6 @@ class TransfoXLPreTrainedModel(nn.Module):
         """Load a local directory in HF's layout (config.json + model.safetensors or pytorch_model.bin),
         or a Hugging Face hub name such as "transfo-xl/transfo-xl-wt103" (only config.json and the
         weights are fetched, into huggingface_hub's cache: docs/hub.md)."""
-        from txl_fast import checkpoint
-
         return checkpoint.load_pretrained(cls, name_or_dir, dtype=dtype, device=device, revision=revision,
                                           local_files_only=local_files_only, cache_dir=cache_dir)
 
@@ -177,8 +158,6 @@ class TransfoXLPreTrainedModel(nn.Module):
         """Write config.json and model.safetensors (tied tensors stored once, re-tied on load), and
         the tokenizer's vocab.json when ``tokenizer`` is given: a directory ``from_pretrained``,
         ``TransfoXLTokenizer.from_pretrained`` and ``txl-fast ... --model DIR`` all read."""
-        from txl_fast import checkpoint
-
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model only "
                              f"{self.config.vocab_size} ids: they do not belong together")
@@ -467,7 +446,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError(f"input_ids is on {input_ids.device}, the model on {self._param().device}")
         # The value check needs a host sync; torch.compile traces and trusted ids (generate's decode
         # steps) skip it (shapes and dtypes are still checked).
-        checked = not torch.compiler.is_compiling() and not _ids_trusted.get()
+        checked = not torch.compiler.is_compiling() and not ids_trusted()
         if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.n_token):
             raise ValueError(
                 f"token ids must be in [0, {self.n_token}), got min {int(input_ids.min())}, max {int(input_ids.max())}"
@@ -508,8 +487,6 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
 
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 20, **kwargs) -> torch.LongTensor:
         """Greedy or sampled continuation, (B, L) -> (B, L + new); see ``txl_fast.inference.generate``."""
-        from txl_fast.inference import generate  # noqa: PLC0415 (the loop lives a floor up)
-
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def empty_mems(self, bsz):
