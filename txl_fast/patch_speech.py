@@ -40,15 +40,17 @@ come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-from txl_fast import ops
+from txl_fast import backend, ops
 
 __all__ = ["patch_modules", "unpatch_modules", "SUPPORTED"]
 
@@ -73,15 +75,26 @@ def _always(module) -> bool:
     return getattr(module, _WEIGHTS) == "always"
 
 
-def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool):
+def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
-    ``weights`` (else None; the probabilities path also runs for attention dropout)."""
+    ``weights`` (else None; the probabilities path also runs for attention dropout).
+
+    ``accumulate_fp32``: bf16 / fp16 inputs that would run on the torch path (the CPU, or the
+    probabilities) run it in float32, results cast back: scores and probabilities are not rounded
+    to 8 bits of mantissa (the Triton kernels accumulate in float32 anyway)."""
+    dtype = q.dtype
+    dropout = module._txl_fast_dropout_p() if module.training else 0.0
+    upcast = (accumulate_fp32 and dtype in (torch.bfloat16, torch.float16)
+              and (weights or dropout > 0 or backend.resolve(q) != "triton"))
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
     u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
-    dropout = module._txl_fast_dropout_p() if module.training else 0.0  # the biases fp32 parameters
-    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")
-    if weights or dropout > 0:
-        return ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
-    return ops.rel_attention(q, k, v, r, u, w, **mode), None
+    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")  # the biases fp32 parameters
+    with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        if weights or dropout > 0:
+            out, prob = ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
+            return out.to(dtype), prob.to(dtype)
+        return ops.rel_attention(q, k, v, r, u, w, **mode).to(dtype), None
 
 
 class _SpeechBrainRelPosMHAXL:
@@ -210,6 +223,105 @@ class _ESPnetTransducerRelPosition:
         return self.linear_out(out.reshape(B, T1, H * D))
 
 
+# ---- HuggingFace transformers 5.x (Parakeet, the FastConformer of NeMo) ----------------------------
+# Derived facts about the tensors a forward hands to every layer (HF builds the mask and the position
+# embeddings once per forward): the last result per kind, kept while the same tensor, unmodified, comes back.
+_SEEN: dict = {}
+
+
+def _once_per_tensor(kind: str, t: torch.Tensor, derive):
+    """``derive(t)``, reused while ``t`` is the same unmodified tensor (one check per forward, not per layer)."""
+    seen = _SEEN.get(kind)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
+        return seen[2]
+    result = derive(t)
+    _SEEN[kind] = (weakref.ref(t), t._version, result)
+    return result
+
+
+def _query_and_key_padding(mask: torch.Tensor):
+    """mask (B, 1, T, T) bool -> (queries, keys) (B, T) bool, True = valid, when the mask is exactly
+    valid-query AND valid-key (what ParakeetEncoder builds), both None when nothing is padded;
+    False when the mask is anything else. Reads the mask's values: one host sync."""
+    m = mask[:, 0]
+    queries, keys = m.any(dim=2), m.any(dim=1)
+    if not torch.equal(m, queries[:, :, None] & keys[:, None, :]):
+        return False
+    if bool(keys.all()):
+        return None, None
+    return queries, keys
+
+
+def _same_rows(pos: torch.Tensor) -> bool:
+    """True when every batch row of pos (B, 2T - 1, E) is row 0 (HF expands one table over the batch)."""
+    return pos.shape[0] == 1 or pos.stride(0) == 0 or torch.equal(pos, pos[:1].expand_as(pos))
+
+
+def _hf_attentions_wanted(module, kwargs) -> bool:
+    """The attention weights are asked for, and HF's own module would return them: its eager attention
+    (sdpa and flex return None, HF warns), with ``output_attentions`` passed to the module or to the
+    model (its output collector then records them), or ``attention_weights="always"``."""
+    if module.config._attn_implementation not in (None, "eager"):
+        return False
+    if _always(module) or kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector  # noqa: PLC0415
+    except ImportError:                                  # another layout: the kwargs and config above decide
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+# the same maths as the op (None: a module built outside a model, HF then runs eager); others run HF's
+_HF_ATTENTION_FUNCTIONS = (None, "eager", "sdpa", "flex_attention")
+
+
+class _HFParakeetEncoderAttention:
+    """Overrides for transformers 5.x ``ParakeetEncoderAttention``; its signature and outputs."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.attention_dropout
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        """hidden_states (B, T, E), position_embeddings (B or 1, 2T - 1, E) (row p: distance T - 1 - p),
+        attention_mask (B, 1, T, T) bool (valid query AND valid key) or None -> (out (B, T, E),
+        probabilities (B, H, T, T) when asked, else None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.config.num_attention_heads, self.head_dim
+        reason, padding = None, (None, None)
+        if self.config._attn_implementation not in _HF_ATTENTION_FUNCTIONS:
+            reason = f"ParakeetEncoderAttention with attn_implementation={self.config._attn_implementation!r}"
+        elif (not isinstance(position_embeddings, torch.Tensor) or position_embeddings.dim() != 3
+              or position_embeddings.shape[0] not in (1, B) or position_embeddings.shape[1] != 2 * T - 1):
+            reason = "ParakeetEncoderAttention with position embeddings other than (B, 2T - 1, E)"
+        elif attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, T)
+                                             or not _once_per_tensor("mask", attention_mask, _query_and_key_padding)):
+            reason = "ParakeetEncoderAttention with a mask that is not valid-query AND valid-key (B, 1, T, T) bool"
+        elif not _once_per_tensor("positions", position_embeddings, _same_rows):
+            reason = "ParakeetEncoderAttention with position embeddings that differ per batch row (dropout_positions)"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+        if attention_mask is not None:
+            padding = _once_per_tensor("mask", attention_mask, _query_and_key_padding)
+        queries, keys = padding
+        q = self.q_proj(hidden_states).view(B, T, H, D)
+        k = self.k_proj(hidden_states).view(B, T, -1, D)
+        v = self.v_proj(hidden_states).view(B, T, -1, D)
+        if k.shape[2] != H:                              # grouped keys and values: head h reads group h // (H / groups)
+            k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+        r = self.relative_k_proj(position_embeddings[:1]).view(2 * T - 1, H, D)  # distances T-1 … -(T-1)
+        out, prob = _attend(self, q, k, v, r, self.bias_u, self.bias_v, self.scaling, keys,
+                            _hf_attentions_wanted(self, kwargs), accumulate_fp32=True)
+        if queries is not None:
+            # HF's padded query rows see only finfo.min scores: uniform over all T keys, the mean value
+            out = torch.where(queries[:, :, None, None], out, v.mean(dim=1, keepdim=True).to(out.dtype))
+            if prob is not None:
+                prob = torch.where(queries[:, None, :, None], prob, torch.full((), 1 / T, dtype=prob.dtype))
+        return self.o_proj(out.reshape(B, T, H * D)), prob
+
+
 # (module, qualname) of the library class -> (patched class name, overrides)
 SUPPORTED = {
     ("speechbrain.nnet.attention", "RelPosMHAXL"): ("SpeechBrainRelPosMHAXL", _SpeechBrainRelPosMHAXL),
@@ -217,6 +329,8 @@ SUPPORTED = {
         ("ESPnetRelPositionMultiHeadedAttention", _ESPnetRelPosition),
     ("espnet2.asr_transducer.encoder.modules.attention", "RelPositionMultiHeadedAttention"):
         ("ESPnetTransducerRelPositionMultiHeadedAttention", _ESPnetTransducerRelPosition),
+    ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoderAttention"):
+        ("HFParakeetEncoderAttention", _HFParakeetEncoderAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
