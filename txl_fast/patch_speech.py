@@ -12,19 +12,27 @@ exact classes, not their subclasses):
                (the "latest" relative positions, ``RelPositionalEncoding``)
   ESPnet       ``espnet2.asr_transducer.encoder.modules.attention.RelPositionMultiHeadedAttention``
                (``left_context`` frames of memory before the chunk)
+  transformers ``transformers.models.parakeet.modeling_parakeet.ParakeetEncoderAttention`` (5.x:
+               Parakeet CTC / TDT, NeMo's FastConformer; in ParakeetEncoder, ParakeetForCTC, ...)
 
 In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
 q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
 row p the distance Lk - 1 - p (their rel_shift is ``txl_fast.ops.rel_shift``); u, v of the paper
 ``pos_bias_u`` / ``pos_bias_v`` ((D, H) in SpeechBrain, reinterpreted as (H, D) as it does);
-scale 1/sqrt(embed_dim) (SpeechBrain) or 1/sqrt(d_k) (ESPnet); padded keys hidden; a query that
-sees no key gets zeros (``empty_rows="zero"``), as all of them give.
+scale 1/sqrt(embed_dim) (SpeechBrain) or 1/sqrt(d_k) (ESPnet, Parakeet); padded keys hidden; a
+query that sees no key gets zeros (``empty_rows="zero"``), as SpeechBrain and ESPnet give.
+Parakeet: u, v are ``bias_u`` / ``bias_v`` (H, D), r = relative_k_proj(position_embeddings[0]);
+its mask (B, 1, T, T) is valid-query AND valid-key (checked once per forward: one host sync), and
+its padded query rows, all finfo.min, come out uniform over all T keys: we give the same (the mean
+of the values), but no gradient through their scores (HF's autograd sends one, through scores
+that the forward rounds away).
 
 What the op cannot express exactly runs the library's own code, with one warning per reason:
 a float or per-query ``attn_mask`` / ``chunk_mask``, SpeechBrain's ``mask_pos_future`` and
 cross-attention layouts, ESPnet's ``zero_triu``, legacy relative positions (a different class,
 never swapped), the transducer's simplified score, position embeddings per batch row or of
-another length.
+another length; Parakeet's masks of another form (limited context), position tables that differ per
+batch row (``dropout_positions`` in training), attention functions other than eager / sdpa / flex.
 
 Attention weights. SpeechBrain's modules return the probabilities by default and its encoder
 layers always take them; ESPnet's keep them in ``self.attn`` for plots. Producing them costs the
@@ -32,11 +40,16 @@ full (B, H, Lq, Lk) probabilities the fused path never writes, so with
 ``attention_weights="on_request"`` (the default) a patched SpeechBrain module returns them only
 when the caller passes ``return_attn_weights=True`` explicitly (``None`` in their place
 otherwise), and a patched ESPnet module sets ``self.attn = None``; ``attention_weights="always"``
-keeps the libraries' behaviour. In training mode with attention dropout the probabilities path
-runs (dropout draws a different random mask than the library's).
+keeps the libraries' behaviour. Parakeet returns them (as its second output, which the model's
+``output_attentions`` collects) under the eager attention only, as HF: when ``output_attentions``
+is asked for, or always with ``"always"``; under sdpa never (HF warns). In training mode with
+attention dropout the probabilities path runs (dropout draws a different random mask than the
+library's).
 
 Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
-come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it.
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. Parakeet's
+bf16 / fp16 (weights or autocast) runs the torch path in float32 (``accumulate_fp32``): rounding
+scores and probabilities to bf16 left it less accurate than HF's SDPA.
 """
 from __future__ import annotations
 
