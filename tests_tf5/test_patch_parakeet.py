@@ -183,6 +183,32 @@ def test_attention_without_mask_and_batch_of_one_table():
     check(ours1, ref, "one table")
 
 
+@pytest.mark.skipif(not txl_fast.backend.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton import")
+@pytest.mark.parametrize("train", [False, True])
+def test_attention_on_the_triton_kernels(train, monkeypatch):
+    """On the triton backend (interpreted on the CPU): the padding reaches the kernels as key lengths
+    (a row of length 0 included); outputs and every gradient as HF's."""
+    kernels = pytest.importorskip("txl_fast.kernels.rel_attention")
+    launches = []
+    original = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *a, **kw: (launches.append(kw), original(*a, **kw))[1])
+    module = perturb(ParakeetEncoderAttention(config("sdpa"), 0)).train(train)
+    x0, pos, valid = attention_inputs(seed=8)
+
+    def run(m):
+        x = x0.clone().requires_grad_()
+        out = m(x, pos, pair_mask(valid))[0]
+        weighted(out, valid).backward()
+        return out, grads(m, x)
+
+    with txl_fast.backend.use_backend("triton"):
+        (ref, ref_g), (ours, our_g) = run_both(module, run)
+    check(ours, ref, "output")
+    check_grads(our_g, ref_g, f"triton train={train}")
+    assert len(launches) == 1 and launches[0]["key_lengths"].tolist() == [13, 8, 0]
+    assert launches[0]["causal"] is False and launches[0]["empty_rows"] == "zero"
+
+
 def bf16_errors(module, x, pos, valid, autocast):
     """Relative errors on the valid frames against float64 of HF's bf16 and ours."""
     mask = pair_mask(valid)
