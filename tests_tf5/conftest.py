@@ -14,6 +14,17 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import transformers  # noqa: E402
 
+from txl_fast import patch_speech  # noqa: E402
+
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.exit(f"tests_tf5 needs transformers 5.x, found {transformers.__version__}: run scripts/test_tf5.sh",
                 returncode=4)
+
+
+@pytest.fixture(autouse=True)
+def no_silent_fallback(request, monkeypatch):
+    """A fallback would agree with HF by construction: outside the test of the fallbacks it is an error."""
+    if "fallback" not in request.node.name:
+        def refuse(module, reason):
+            raise AssertionError(f"unexpected fallback: {reason}")
+        monkeypatch.setattr(patch_speech, "_fallback", refuse)
