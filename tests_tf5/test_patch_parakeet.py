@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from compare import (TOL, TOLERANCE, GRAD_TOL, check, check_grads, frames, grads, perturb, rel_err, run_both,
+from compare import (TOLERANCE, GRAD_TOL, check, check_grads, frames, grads, perturb, rel_err, run_both,
                      run_models, weighted)
 from transformers import ParakeetCTCConfig, ParakeetEncoder, ParakeetEncoderConfig, ParakeetForCTC
 from transformers.models.parakeet.modeling_parakeet import (

@@ -88,7 +88,8 @@ def _always(module) -> bool:
     return getattr(module, _WEIGHTS) == "always"
 
 
-def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False):
+def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False,
+            empty_rows: str = "zero"):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
     ``weights`` (else None; the probabilities path also runs for attention dropout).
 
@@ -102,7 +103,7 @@ def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
-    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")  # the biases fp32 parameters
+    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows=empty_rows)  # the biases fp32 parameters
     with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
         if weights or dropout > 0:
             out, prob = ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
@@ -335,6 +336,64 @@ class _HFParakeetEncoderAttention:
         return self.o_proj(out.reshape(B, T, H * D)), prob
 
 
+def _key_padding(mask: torch.Tensor):
+    """HF's bidirectional mask (B, 1, T, T), bool (True = attend) or additive float (0 or finfo.min),
+    -> keys (B, T) bool, True = visible, when every query row is the same key padding (what
+    ``create_bidirectional_mask`` builds), None when nothing is padded; False for anything else.
+    Reads the mask's values: one host sync."""
+    if mask.is_floating_point():
+        low = torch.finfo(mask.dtype).min
+        if not bool(((mask == 0) | (mask == low)).all()):
+            return False
+        mask = mask == 0
+    rows = mask[:, 0, 0]                                                       # (B, T)
+    if mask.stride(2) != 0 and not torch.equal(mask[:, 0], rows[:, None, :].expand_as(mask[:, 0])):
+        return False
+    return None if bool(rows.all()) else rows
+
+
+class _HFWav2Vec2ConformerSelfAttention:
+    """Overrides for transformers 5.x ``Wav2Vec2ConformerSelfAttention`` with
+    ``position_embeddings_type="relative"``; its signature and outputs. (Rotary or absolute
+    positions: the same class, never swapped.)"""
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        return module.position_embeddings_type == "relative"
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def forward(self, hidden_states, attention_mask=None, relative_position_embeddings=None, **kwargs):
+        """hidden_states (B, T, E), attention_mask (B, 1, T, T) bool or additive float (key padding),
+        relative_position_embeddings (1, 2T - 1, E) (row p: distance T - 1 - p) -> (out (B, T, E),
+        probabilities (B, H, T, T) when asked, else None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_size
+        pos = relative_position_embeddings
+        reason = None
+        if self.config._attn_implementation not in (None, "eager", "sdpa"):      # flex: a BlockMask
+            reason = f"Wav2Vec2ConformerSelfAttention with attn_implementation={self.config._attn_implementation!r}"
+        elif not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[1] != 2 * T - 1:
+            reason = "Wav2Vec2ConformerSelfAttention with position embeddings other than (1, 2T - 1, E)"
+        elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                             or attention_mask.shape != (B, 1, T, T)
+                                             or _once_per_tensor("key mask", attention_mask, _key_padding) is False):
+            reason = "Wav2Vec2ConformerSelfAttention with a mask that is not key padding (B, 1, T, T)"
+        elif not _once_per_tensor("positions", pos, _same_rows):
+            reason = "Wav2Vec2ConformerSelfAttention with position embeddings that differ per batch row"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, attention_mask, relative_position_embeddings,
+                                               **kwargs)
+        keys = None if attention_mask is None else _once_per_tensor("key mask", attention_mask, _key_padding)
+        q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
+        r = self.linear_pos(pos[:1]).view(2 * T - 1, H, D)                       # distances T-1 … -(T-1)
+        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, self.scaling, keys,
+                            _hf_attentions_wanted(self, kwargs), accumulate_fp32=True, empty_rows="uniform")
+        return self.linear_out(out.reshape(B, T, H * D)), prob
+
+
 # (module, qualname) of the library class -> (patched class name, overrides)
 SUPPORTED = {
     ("speechbrain.nnet.attention", "RelPosMHAXL"): ("SpeechBrainRelPosMHAXL", _SpeechBrainRelPosMHAXL),
@@ -344,6 +403,8 @@ SUPPORTED = {
         ("ESPnetTransducerRelPositionMultiHeadedAttention", _ESPnetTransducerRelPosition),
     ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoderAttention"):
         ("HFParakeetEncoderAttention", _HFParakeetEncoderAttention),
+    ("transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer", "Wav2Vec2ConformerSelfAttention"):
+        ("HFWav2Vec2ConformerSelfAttention", _HFWav2Vec2ConformerSelfAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
@@ -379,9 +440,17 @@ def _key(module: nn.Module) -> tuple[str, str]:
     return cls.__module__, cls.__qualname__
 
 
+def _supported(module: nn.Module) -> bool:
+    key = _key(module)
+    if key not in SUPPORTED:
+        return False
+    applies = getattr(SUPPORTED[key][1], "_txl_fast_applies", None)        # a class serving several kinds
+    return applies is None or applies(module)
+
+
 def targets(model: nn.Module) -> list[nn.Module]:
     """The supported speech attention modules inside ``model`` (patched or not)."""
-    return [m for m in model.modules() if _key(m) in SUPPORTED]
+    return [m for m in model.modules() if _supported(m)]
 
 
 def is_patched(module: nn.Module) -> bool:
