@@ -72,11 +72,13 @@ def test_attention_module(attn, train):
     check_grads(our_g, ref_g, f"{attn} train={train}")
 
 
-def test_attention_eager_row_of_length_zero():
-    """Eager: a batch row with every key padded is uniform over all keys in HF; ours too."""
-    module = perturb(Wav2Vec2ConformerSelfAttention(config("eager"))).eval()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_row_of_length_zero(attn):
+    """A batch row with every key padded is uniform over all keys in HF (eager's finfo.min scores,
+    sdpa's all-False row alike); ours too."""
+    module = perturb(Wav2Vec2ConformerSelfAttention(config(attn))).eval()
     x, pos, valid = attention_inputs(lengths=(13, 8, 0), seed=1)
-    mask = key_mask(valid, "eager")
+    mask = key_mask(valid, attn)
     ref = module(x, mask, pos)[0]
     txl_fast.patch(module)
     ours = module(x, mask, pos)[0]
