@@ -14,6 +14,8 @@ exact classes, not their subclasses):
                (``left_context`` frames of memory before the chunk)
   transformers ``transformers.models.parakeet.modeling_parakeet.ParakeetEncoderAttention`` (5.x:
                Parakeet CTC / TDT, NeMo's FastConformer; in ParakeetEncoder, ParakeetForCTC, ...)
+  transformers ``transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer.
+               Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
 
 In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
 q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
@@ -25,14 +27,18 @@ Parakeet: u, v are ``bias_u`` / ``bias_v`` (H, D), r = relative_k_proj(position_
 its mask (B, 1, T, T) is valid-query AND valid-key (checked once per forward: one host sync), and
 its padded query rows, all finfo.min, come out uniform over all T keys: we give the same (the mean
 of the values), but no gradient through their scores (HF's autograd sends one, through scores
-that the forward rounds away).
+that the forward rounds away). Wav2Vec2Conformer: ``pos_bias_u`` / ``pos_bias_v`` (H, D),
+r = linear_pos(relative_position_embeddings[0]); its mask (B, 1, T, T) is key padding (every query
+row the same; bool under sdpa, 0 / finfo.min under eager), a batch row with no visible key is
+uniform over all keys (``empty_rows="uniform"``) as HF gives under both.
 
 What the op cannot express exactly runs the library's own code, with one warning per reason:
 a float or per-query ``attn_mask`` / ``chunk_mask``, SpeechBrain's ``mask_pos_future`` and
 cross-attention layouts, ESPnet's ``zero_triu``, legacy relative positions (a different class,
 never swapped), the transducer's simplified score, position embeddings per batch row or of
 another length; Parakeet's masks of another form (limited context), position tables that differ per
-batch row (``dropout_positions`` in training), attention functions other than eager / sdpa / flex.
+batch row (``dropout_positions`` in training), attention functions other than eager / sdpa / flex;
+Wav2Vec2Conformer's masks other than key padding, flex attention (its mask is a BlockMask).
 
 Attention weights. SpeechBrain's modules return the probabilities by default and its encoder
 layers always take them; ESPnet's keep them in ``self.attn`` for plots. Producing them costs the
@@ -40,16 +46,16 @@ full (B, H, Lq, Lk) probabilities the fused path never writes, so with
 ``attention_weights="on_request"`` (the default) a patched SpeechBrain module returns them only
 when the caller passes ``return_attn_weights=True`` explicitly (``None`` in their place
 otherwise), and a patched ESPnet module sets ``self.attn = None``; ``attention_weights="always"``
-keeps the libraries' behaviour. Parakeet returns them (as its second output, which the model's
-``output_attentions`` collects) under the eager attention only, as HF: when ``output_attentions``
-is asked for, or always with ``"always"``; under sdpa never (HF warns). In training mode with
-attention dropout the probabilities path runs (dropout draws a different random mask than the
-library's).
+keeps the libraries' behaviour. Parakeet and Wav2Vec2Conformer return them (as their second
+output, which the model's ``output_attentions`` collects) under the eager attention only, as HF:
+when ``output_attentions`` is asked for, or always with ``"always"``; under sdpa never (HF warns).
+In training mode with attention dropout the probabilities path runs (dropout draws a different
+random mask than the library's).
 
 Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
-come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. Parakeet's
-bf16 / fp16 (weights or autocast) runs the torch path in float32 (``accumulate_fp32``): rounding
-scores and probabilities to bf16 left it less accurate than HF's SDPA.
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. Parakeet's and
+Wav2Vec2Conformer's bf16 / fp16 (weights or autocast) run the torch path in float32
+(``accumulate_fp32``): rounding scores and probabilities to bf16 left it less accurate than HF's SDPA.
 """
 from __future__ import annotations
 
@@ -359,7 +365,10 @@ class _HFWav2Vec2ConformerSelfAttention:
 
     @staticmethod
     def _txl_fast_applies(module) -> bool:
-        return module.position_embeddings_type == "relative"
+        """Relative positions, and transformers 5's module (4.x has a class of the same name with
+        another signature, mask and outputs)."""
+        version = getattr(sys.modules.get("transformers"), "__version__", "0")
+        return module.position_embeddings_type == "relative" and int(version.split(".")[0]) >= 5
 
     def _txl_fast_dropout_p(self) -> float:
         return self.dropout.p
