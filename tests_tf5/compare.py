@@ -73,11 +73,12 @@ def grads(model, *inputs):
     return out
 
 
-def run_models(model, run, dtype):
-    """(HF, ours) results of ``run`` in ``dtype``, and in fp32 also HF's float64 gradients."""
+def run_models(model, run, dtype, reference64=True):
+    """(HF, ours) results of ``run`` in ``dtype``, and in fp32 also HF's float64 gradients (unless
+    ``reference64`` is False: a model that cannot run in float64)."""
     model = model.to(dtype)
     ref64 = None
-    if dtype == torch.float32:
+    if dtype == torch.float32 and reference64:
         double = copy.deepcopy(model).double()
         for m in double.modules():             # HF's eager softmax runs in fp32: finfo(float64).min -> -inf, NaN
             if hasattr(m, "config"):

@@ -358,6 +358,48 @@ def _key_padding(mask: torch.Tensor):
     return None if bool(rows.all()) else rows
 
 
+def _transformers_5() -> bool:
+    """The transformers imported is 5.x or later (the adapters' signatures are 5.x's, tested on 5.23)."""
+    version = getattr(sys.modules.get("transformers"), "__version__", "0")
+    return int(version.split(".")[0]) >= 5
+
+
+class _HFFastSpeech2ConformerAttention:
+    """Overrides for transformers 5.x ``FastSpeech2ConformerAttention`` (ESPnet's "latest" relative
+    attention, in FastSpeech2Conformer's encoder and decoder); its signature and outputs."""
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        return _transformers_5()
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def forward(self, hidden_states, attention_mask=None, pos_emb=None, output_attentions=False):
+        """hidden_states (B, T, E), attention_mask (B, 1, T) (nonzero = keep) or None, pos_emb
+        (1, 2T - 1, E) (row p: distance T - 1 - p) -> (out (B, T, E), probabilities (B, H, T, T) or None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_dim
+        reason = None
+        if not isinstance(pos_emb, torch.Tensor) or pos_emb.dim() != 3 or pos_emb.shape[0] not in (1, B) \
+                or pos_emb.shape[1] != 2 * T - 1:
+            reason = "FastSpeech2ConformerAttention with pos_emb other than (1, 2T - 1, E)"
+        elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                             or attention_mask.shape != (B, 1, T)):
+            reason = "FastSpeech2ConformerAttention with a mask other than (B, 1, T)"   # HF raises, says why
+        elif not _once_per_tensor("positions", pos_emb, _same_rows):
+            reason = "FastSpeech2ConformerAttention with position embeddings that differ per batch row"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, attention_mask, pos_emb, output_attentions)
+        q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
+        r = self.linear_pos(pos_emb[:1]).view(2 * T - 1, H, D)                   # distances T-1 … -(T-1)
+        keep = None if attention_mask is None else attention_mask[:, 0] != 0       # (B, T)
+        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.dim_key), keep,
+                            bool(output_attentions) or _always(self), accumulate_fp32=True)
+        return self.linear_out(out.reshape(B, T, H * D)), prob
+
+
 class _HFWav2Vec2ConformerSelfAttention:
     """Overrides for transformers 5.x ``Wav2Vec2ConformerSelfAttention`` with
     ``position_embeddings_type="relative"``; its signature and outputs. (Rotary or absolute
@@ -367,8 +409,7 @@ class _HFWav2Vec2ConformerSelfAttention:
     def _txl_fast_applies(module) -> bool:
         """Relative positions, and transformers 5's module (4.x has a class of the same name with
         another signature, mask and outputs)."""
-        version = getattr(sys.modules.get("transformers"), "__version__", "0")
-        return module.position_embeddings_type == "relative" and int(version.split(".")[0]) >= 5
+        return module.position_embeddings_type == "relative" and _transformers_5()
 
     def _txl_fast_dropout_p(self) -> float:
         return self.dropout.p
@@ -414,6 +455,8 @@ SUPPORTED = {
         ("HFParakeetEncoderAttention", _HFParakeetEncoderAttention),
     ("transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer", "Wav2Vec2ConformerSelfAttention"):
         ("HFWav2Vec2ConformerSelfAttention", _HFWav2Vec2ConformerSelfAttention),
+    ("transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer", "FastSpeech2ConformerAttention"):
+        ("HFFastSpeech2ConformerAttention", _HFFastSpeech2ConformerAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
