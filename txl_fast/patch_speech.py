@@ -16,6 +16,8 @@ exact classes, not their subclasses):
                Parakeet CTC / TDT, NeMo's FastConformer; in ParakeetEncoder, ParakeetForCTC, ...)
   transformers ``transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer.
                Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
+  transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
+               FastSpeech2ConformerAttention`` (5.x; ESPnet's "latest", in encoder and decoder)
 
 In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
 q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
@@ -30,7 +32,9 @@ of the values), but no gradient through their scores (HF's autograd sends one, t
 that the forward rounds away). Wav2Vec2Conformer: ``pos_bias_u`` / ``pos_bias_v`` (H, D),
 r = linear_pos(relative_position_embeddings[0]); its mask (B, 1, T, T) is key padding (every query
 row the same; bool under sdpa, 0 / finfo.min under eager), a batch row with no visible key is
-uniform over all keys (``empty_rows="uniform"``) as HF gives under both.
+uniform over all keys (``empty_rows="uniform"``) as HF gives under both. FastSpeech2Conformer:
+ESPnet's conventions (mask (B, 1, T), nonzero = keep; a row with no key gets zeros), weights only
+with ``output_attentions=True`` as HF (or always with ``"always"``).
 
 What the op cannot express exactly runs the library's own code, with one warning per reason:
 a float or per-query ``attn_mask`` / ``chunk_mask``, SpeechBrain's ``mask_pos_future`` and
@@ -38,7 +42,8 @@ cross-attention layouts, ESPnet's ``zero_triu``, legacy relative positions (a di
 never swapped), the transducer's simplified score, position embeddings per batch row or of
 another length; Parakeet's masks of another form (limited context), position tables that differ per
 batch row (``dropout_positions`` in training), attention functions other than eager / sdpa / flex;
-Wav2Vec2Conformer's masks other than key padding, flex attention (its mask is a BlockMask).
+Wav2Vec2Conformer's masks other than key padding, flex attention (its mask is a BlockMask);
+FastSpeech2Conformer's masks other than (B, 1, T) (HF raises on them).
 
 Attention weights. SpeechBrain's modules return the probabilities by default and its encoder
 layers always take them; ESPnet's keep them in ``self.attn`` for plots. Producing them costs the
@@ -53,8 +58,8 @@ In training mode with attention dropout the probabilities path runs (dropout dra
 random mask than the library's).
 
 Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
-come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. Parakeet's and
-Wav2Vec2Conformer's bf16 / fp16 (weights or autocast) run the torch path in float32
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. The transformers
+adapters' bf16 / fp16 (weights or autocast) run the torch path in float32
 (``accumulate_fp32``): rounding scores and probabilities to bf16 left it less accurate than HF's SDPA.
 """
 from __future__ import annotations
