@@ -248,7 +248,7 @@ class _ESPnetTransducerRelPosition:
         return self.linear_out(out.reshape(B, T1, H * D))
 
 
-# ---- HuggingFace transformers 5.x (Parakeet, the FastConformer of NeMo) ----------------------------
+# ---- HuggingFace transformers 5.x: Parakeet (NeMo's FastConformer), Wav2Vec2Conformer, FastSpeech2Conformer ----
 # Derived facts about the tensors a forward hands to every layer (HF builds the mask and the position
 # embeddings once per forward): the last result per kind, kept while the same tensor, unmodified, comes back.
 _SEEN: dict = {}
