@@ -16,6 +16,10 @@ VENV="$ROOT/.venv-tf5"
 
 if [ ! -x "$VENV/bin/python" ]; then
     python -m venv --system-site-packages "$VENV"
+    # when `python` is itself a venv, --system-site-packages reaches its base interpreter, not it:
+    # its site-packages go in by a .pth file, after the new venv's own (whose transformers wins)
+    python -c 'import sysconfig; p = sysconfig.get_paths(); print("\n".join(dict.fromkeys([p["purelib"], p["platlib"]])))' \
+        > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_outer_env.pth"
 fi
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$TF5_VERSION')" 2>/dev/null; then
     "$VENV/bin/pip" install -q "transformers==$TF5_VERSION"
