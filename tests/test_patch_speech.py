@@ -294,3 +294,19 @@ def test_patch_refuses_modules_without_supported_attention():
         txl_fast.patch("not a module")
     with pytest.raises(ValueError, match="attention_weights must be one of"):
         txl_fast.patch_speech.patch_modules(torch.nn.Linear(2, 2), attention_weights="sometimes")
+
+
+def test_transformers_4_wav2vec2_conformer_is_never_swapped():
+    """transformers 4.x has a Wav2Vec2ConformerSelfAttention of the same module and name as 5.x's,
+    with another signature and outputs: patch leaves it alone (the 5.x adapter: tests_tf5/)."""
+    modeling = pytest.importorskip("transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer")
+    import transformers
+
+    assert transformers.__version__.startswith("4.")
+    config = transformers.Wav2Vec2ConformerConfig(hidden_size=16, num_attention_heads=2,
+                                                  position_embeddings_type="relative")
+    module = modeling.Wav2Vec2ConformerSelfAttention(config)
+    assert txl_fast.patch_speech.targets(module) == []
+    with pytest.raises(TypeError, match="Wav2Vec2ConformerSelfAttention"):
+        txl_fast.patch(module)
+    assert type(module) is modeling.Wav2Vec2ConformerSelfAttention

@@ -38,7 +38,7 @@ def test_readme_has_an_example():
 def test_setup_commands_are_what_ci_runs():
     commands = [block.strip() for block in fenced(README, "bash")]
     assert "pip install torch==2.13.0 && pip install . && txl-fast eval" in commands
-    test_command = ("pip install torch==2.13.0 && pip install -e \".[test]\" && pip install --no-deps -r tests/requirements-speech.txt && python -m pytest -q")
+    test_command = ("pip install torch==2.13.0 && pip install -e \".[test]\" && pip install --no-deps -r tests/requirements-speech.txt && python -m pytest -q && bash scripts/test_tf5.sh")
     assert test_command in commands
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert test_command in ci

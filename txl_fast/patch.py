@@ -292,9 +292,9 @@ def patch(model: nn.Module, *, check_mask: bool = True, attention_weights: str =
     """Route ``model``'s attention (and adaptive softmax) to txl_fast's ops, in place; returns ``model``.
 
     ``model`` is an HF TransfoXLModel, TransfoXLLMHeadModel or TransfoXLForSequenceClassification,
-    or any module holding supported Conformer attention modules (SpeechBrain, ESPnet:
-    ``txl_fast.patch_speech``); anything else: TypeError. Parameters, buffers and ``state_dict``
-    are untouched. Patching twice is a no-op.
+    or any module holding supported Conformer attention modules (SpeechBrain, ESPnet, transformers
+    5.x Parakeet: ``txl_fast.patch_speech``); anything else: TypeError. Parameters, buffers and
+    ``state_dict`` are untouched. Patching twice is a no-op.
 
     HF: the fused op derives its mask from the model's ``same_length`` / ``mem_len``;
     ``check_mask`` (default) compares it with the mask HF built, once per forward (a host sync on a

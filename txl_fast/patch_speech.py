@@ -12,19 +12,38 @@ exact classes, not their subclasses):
                (the "latest" relative positions, ``RelPositionalEncoding``)
   ESPnet       ``espnet2.asr_transducer.encoder.modules.attention.RelPositionMultiHeadedAttention``
                (``left_context`` frames of memory before the chunk)
+  transformers ``transformers.models.parakeet.modeling_parakeet.ParakeetEncoderAttention`` (5.x:
+               Parakeet CTC / TDT, NeMo's FastConformer; in ParakeetEncoder, ParakeetForCTC, ...)
+  transformers ``transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer.
+               Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
+  transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
+               FastSpeech2ConformerAttention`` (5.x; ESPnet's "latest", in encoder and decoder)
 
 In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
 q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
 row p the distance Lk - 1 - p (their rel_shift is ``txl_fast.ops.rel_shift``); u, v of the paper
 ``pos_bias_u`` / ``pos_bias_v`` ((D, H) in SpeechBrain, reinterpreted as (H, D) as it does);
-scale 1/sqrt(embed_dim) (SpeechBrain) or 1/sqrt(d_k) (ESPnet); padded keys hidden; a query that
-sees no key gets zeros (``empty_rows="zero"``), as all of them give.
+scale 1/sqrt(embed_dim) (SpeechBrain) or 1/sqrt(d_k) (ESPnet, Parakeet); padded keys hidden; a
+query that sees no key gets zeros (``empty_rows="zero"``), as SpeechBrain and ESPnet give.
+Parakeet: u, v are ``bias_u`` / ``bias_v`` (H, D), r = relative_k_proj(position_embeddings[0]);
+its mask (B, 1, T, T) is valid-query AND valid-key (checked once per forward: one host sync), and
+its padded query rows, all finfo.min, come out uniform over all T keys: we give the same (the mean
+of the values), but no gradient through their scores (HF's autograd sends one, through scores
+that the forward rounds away). Wav2Vec2Conformer: ``pos_bias_u`` / ``pos_bias_v`` (H, D),
+r = linear_pos(relative_position_embeddings[0]); its mask (B, 1, T, T) is key padding (every query
+row the same; bool under sdpa, 0 / finfo.min under eager), a batch row with no visible key is
+uniform over all keys (``empty_rows="uniform"``) as HF gives under both. FastSpeech2Conformer:
+ESPnet's conventions (mask (B, 1, T), nonzero = keep; a row with no key gets zeros), weights only
+with ``output_attentions=True`` as HF (or always with ``"always"``).
 
 What the op cannot express exactly runs the library's own code, with one warning per reason:
 a float or per-query ``attn_mask`` / ``chunk_mask``, SpeechBrain's ``mask_pos_future`` and
 cross-attention layouts, ESPnet's ``zero_triu``, legacy relative positions (a different class,
 never swapped), the transducer's simplified score, position embeddings per batch row or of
-another length.
+another length; Parakeet's masks of another form (limited context), position tables that differ per
+batch row (``dropout_positions`` in training), attention functions other than eager / sdpa / flex;
+Wav2Vec2Conformer's masks other than key padding, flex attention (its mask is a BlockMask);
+FastSpeech2Conformer's masks other than (B, 1, T) (HF raises on them).
 
 Attention weights. SpeechBrain's modules return the probabilities by default and its encoder
 layers always take them; ESPnet's keep them in ``self.attn`` for plots. Producing them costs the
@@ -32,23 +51,30 @@ full (B, H, Lq, Lk) probabilities the fused path never writes, so with
 ``attention_weights="on_request"`` (the default) a patched SpeechBrain module returns them only
 when the caller passes ``return_attn_weights=True`` explicitly (``None`` in their place
 otherwise), and a patched ESPnet module sets ``self.attn = None``; ``attention_weights="always"``
-keeps the libraries' behaviour. In training mode with attention dropout the probabilities path
-runs (dropout draws a different random mask than the library's).
+keeps the libraries' behaviour. Parakeet and Wav2Vec2Conformer return them (as their second
+output, which the model's ``output_attentions`` collects) under the eager attention only, as HF:
+when ``output_attentions`` is asked for, or always with ``"always"``; under sdpa never (HF warns).
+In training mode with attention dropout the probabilities path runs (dropout draws a different
+random mask than the library's).
 
 Low precision: under ``torch.autocast`` (SpeechBrain's modules need it for bf16) the projections
-come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it.
+come out in bf16 / fp16 and the op runs in that dtype, the fp32 biases cast to it. The transformers
+adapters' bf16 / fp16 (weights or autocast) run the torch path in float32
+(``accumulate_fp32``): rounding scores and probabilities to bf16 left it less accurate than HF's SDPA.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-from txl_fast import ops
+from txl_fast import backend, ops
 
 __all__ = ["patch_modules", "unpatch_modules", "SUPPORTED"]
 
@@ -73,15 +99,27 @@ def _always(module) -> bool:
     return getattr(module, _WEIGHTS) == "always"
 
 
-def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool):
+def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False,
+            empty_rows: str = "zero"):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
-    ``weights`` (else None; the probabilities path also runs for attention dropout)."""
+    ``weights`` (else None; the probabilities path also runs for attention dropout).
+
+    ``accumulate_fp32``: bf16 / fp16 inputs that would run on the torch path (the CPU, or the
+    probabilities) run it in float32, results cast back: scores and probabilities are not rounded
+    to 8 bits of mantissa (the Triton kernels accumulate in float32 anyway)."""
+    dtype = q.dtype
+    dropout = module._txl_fast_dropout_p() if module.training else 0.0
+    upcast = (accumulate_fp32 and dtype in (torch.bfloat16, torch.float16)
+              and (weights or dropout > 0 or backend.resolve(q) != "triton"))
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
     u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
-    dropout = module._txl_fast_dropout_p() if module.training else 0.0  # the biases fp32 parameters
-    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows="zero")
-    if weights or dropout > 0:
-        return ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
-    return ops.rel_attention(q, k, v, r, u, w, **mode), None
+    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows=empty_rows)  # the biases fp32 parameters
+    with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        if weights or dropout > 0:
+            out, prob = ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
+            return out.to(dtype), prob.to(dtype)
+        return ops.rel_attention(q, k, v, r, u, w, **mode).to(dtype), None
 
 
 class _SpeechBrainRelPosMHAXL:
@@ -210,6 +248,207 @@ class _ESPnetTransducerRelPosition:
         return self.linear_out(out.reshape(B, T1, H * D))
 
 
+# ---- HuggingFace transformers 5.x: Parakeet (NeMo's FastConformer), Wav2Vec2Conformer, FastSpeech2Conformer ----
+# Derived facts about the tensors a forward hands to every layer (HF builds the mask and the position
+# embeddings once per forward): the last result per kind, kept while the same tensor, unmodified, comes back.
+_SEEN: dict = {}
+
+
+def _once_per_tensor(kind: str, t: torch.Tensor, derive):
+    """``derive(t)``, reused while ``t`` is the same unmodified tensor (one check per forward, not per layer)."""
+    seen = _SEEN.get(kind)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
+        return seen[2]
+    result = derive(t)
+    _SEEN[kind] = (weakref.ref(t), t._version, result)
+    return result
+
+
+def _query_and_key_padding(mask: torch.Tensor):
+    """mask (B, 1, T, T) bool -> (queries, keys) (B, T) bool, True = valid, when the mask is exactly
+    valid-query AND valid-key (what ParakeetEncoder builds), both None when nothing is padded;
+    False when the mask is anything else. Reads the mask's values: one host sync."""
+    m = mask[:, 0]
+    queries, keys = m.any(dim=2), m.any(dim=1)
+    if not torch.equal(m, queries[:, :, None] & keys[:, None, :]):
+        return False
+    if bool(keys.all()):
+        return None, None
+    return queries, keys
+
+
+def _same_rows(pos: torch.Tensor) -> bool:
+    """True when every batch row of pos (B, 2T - 1, E) is row 0 (HF expands one table over the batch)."""
+    return pos.shape[0] == 1 or pos.stride(0) == 0 or torch.equal(pos, pos[:1].expand_as(pos))
+
+
+def _hf_attentions_wanted(module, kwargs) -> bool:
+    """The attention weights are asked for, and HF's own module would return them: its eager attention
+    (sdpa and flex return None, HF warns), with ``output_attentions`` passed to the module or to the
+    model (its output collector then records them), or ``attention_weights="always"``."""
+    if module.config._attn_implementation not in (None, "eager"):
+        return False
+    if _always(module) or kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector  # noqa: PLC0415
+    except ImportError:                                  # another layout: the kwargs and config above decide
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+# the same maths as the op (None: a module built outside a model, HF then runs eager); others run HF's
+_HF_ATTENTION_FUNCTIONS = (None, "eager", "sdpa", "flex_attention")
+
+
+class _HFParakeetEncoderAttention:
+    """Overrides for transformers 5.x ``ParakeetEncoderAttention``; its signature and outputs."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.attention_dropout
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        """hidden_states (B, T, E), position_embeddings (B or 1, 2T - 1, E) (row p: distance T - 1 - p),
+        attention_mask (B, 1, T, T) bool (valid query AND valid key) or None -> (out (B, T, E),
+        probabilities (B, H, T, T) when asked, else None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.config.num_attention_heads, self.head_dim
+        reason, padding = None, (None, None)
+        if self.config._attn_implementation not in _HF_ATTENTION_FUNCTIONS:
+            reason = f"ParakeetEncoderAttention with attn_implementation={self.config._attn_implementation!r}"
+        elif (not isinstance(position_embeddings, torch.Tensor) or position_embeddings.dim() != 3
+              or position_embeddings.shape[0] not in (1, B) or position_embeddings.shape[1] != 2 * T - 1):
+            reason = "ParakeetEncoderAttention with position embeddings other than (B, 2T - 1, E)"
+        elif attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, T)
+                                             or not _once_per_tensor("mask", attention_mask, _query_and_key_padding)):
+            reason = "ParakeetEncoderAttention with a mask that is not valid-query AND valid-key (B, 1, T, T) bool"
+        elif not _once_per_tensor("positions", position_embeddings, _same_rows):
+            reason = "ParakeetEncoderAttention with position embeddings that differ per batch row (dropout_positions)"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+        if attention_mask is not None:
+            padding = _once_per_tensor("mask", attention_mask, _query_and_key_padding)
+        queries, keys = padding
+        q = self.q_proj(hidden_states).view(B, T, H, D)
+        k = self.k_proj(hidden_states).view(B, T, -1, D)
+        v = self.v_proj(hidden_states).view(B, T, -1, D)
+        if k.shape[2] != H:                              # grouped keys and values: head h reads group h // (H / groups)
+            k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+        r = self.relative_k_proj(position_embeddings[:1]).view(2 * T - 1, H, D)  # distances T-1 … -(T-1)
+        out, prob = _attend(self, q, k, v, r, self.bias_u, self.bias_v, self.scaling, keys,
+                            _hf_attentions_wanted(self, kwargs), accumulate_fp32=True)
+        if queries is not None:
+            # HF's padded query rows see only finfo.min scores: uniform over all T keys, the mean value
+            out = torch.where(queries[:, :, None, None], out, v.mean(dim=1, keepdim=True).to(out.dtype))
+            if prob is not None:
+                prob = torch.where(queries[:, None, :, None], prob, torch.full((), 1 / T, dtype=prob.dtype))
+        return self.o_proj(out.reshape(B, T, H * D)), prob
+
+
+def _key_padding(mask: torch.Tensor):
+    """HF's bidirectional mask (B, 1, T, T), bool (True = attend) or additive float (0 or finfo.min),
+    -> keys (B, T) bool, True = visible, when every query row is the same key padding (what
+    ``create_bidirectional_mask`` builds), None when nothing is padded; False for anything else.
+    Reads the mask's values: one host sync."""
+    if mask.is_floating_point():
+        low = torch.finfo(mask.dtype).min
+        if not bool(((mask == 0) | (mask == low)).all()):
+            return False
+        mask = mask == 0
+    rows = mask[:, 0, 0]                                                       # (B, T)
+    if mask.stride(2) != 0 and not torch.equal(mask[:, 0], rows[:, None, :].expand_as(mask[:, 0])):
+        return False
+    return None if bool(rows.all()) else rows
+
+
+def _transformers_5() -> bool:
+    """The transformers imported is 5.x or later (the adapters' signatures are 5.x's, tested on 5.23)."""
+    version = getattr(sys.modules.get("transformers"), "__version__", "0")
+    return int(version.split(".")[0]) >= 5
+
+
+class _HFFastSpeech2ConformerAttention:
+    """Overrides for transformers 5.x ``FastSpeech2ConformerAttention`` (ESPnet's "latest" relative
+    attention, in FastSpeech2Conformer's encoder and decoder); its signature and outputs."""
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        return _transformers_5()
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def forward(self, hidden_states, attention_mask=None, pos_emb=None, output_attentions=False):
+        """hidden_states (B, T, E), attention_mask (B, 1, T) (nonzero = keep) or None, pos_emb
+        (1, 2T - 1, E) (row p: distance T - 1 - p) -> (out (B, T, E), probabilities (B, H, T, T) or None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_dim
+        reason = None
+        if not isinstance(pos_emb, torch.Tensor) or pos_emb.dim() != 3 or pos_emb.shape[0] not in (1, B) \
+                or pos_emb.shape[1] != 2 * T - 1:
+            reason = "FastSpeech2ConformerAttention with pos_emb other than (1, 2T - 1, E)"
+        elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                             or attention_mask.shape != (B, 1, T)):
+            reason = "FastSpeech2ConformerAttention with a mask other than (B, 1, T)"   # HF raises, says why
+        elif not _once_per_tensor("positions", pos_emb, _same_rows):
+            reason = "FastSpeech2ConformerAttention with position embeddings that differ per batch row"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, attention_mask, pos_emb, output_attentions)
+        q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
+        r = self.linear_pos(pos_emb[:1]).view(2 * T - 1, H, D)                   # distances T-1 … -(T-1)
+        keep = None if attention_mask is None else attention_mask[:, 0] != 0       # (B, T)
+        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.dim_key), keep,
+                            bool(output_attentions) or _always(self), accumulate_fp32=True)
+        return self.linear_out(out.reshape(B, T, H * D)), prob
+
+
+class _HFWav2Vec2ConformerSelfAttention:
+    """Overrides for transformers 5.x ``Wav2Vec2ConformerSelfAttention`` with
+    ``position_embeddings_type="relative"``; its signature and outputs. (Rotary or absolute
+    positions: the same class, never swapped.)"""
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        """Relative positions, and transformers 5's module (4.x has a class of the same name with
+        another signature, mask and outputs)."""
+        return module.position_embeddings_type == "relative" and _transformers_5()
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.dropout.p
+
+    def forward(self, hidden_states, attention_mask=None, relative_position_embeddings=None, **kwargs):
+        """hidden_states (B, T, E), attention_mask (B, 1, T, T) bool or additive float (key padding),
+        relative_position_embeddings (1, 2T - 1, E) (row p: distance T - 1 - p) -> (out (B, T, E),
+        probabilities (B, H, T, T) when asked, else None)."""
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_size
+        pos = relative_position_embeddings
+        reason = None
+        if self.config._attn_implementation not in (None, "eager", "sdpa"):      # flex: a BlockMask
+            reason = f"Wav2Vec2ConformerSelfAttention with attn_implementation={self.config._attn_implementation!r}"
+        elif not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[1] != 2 * T - 1:
+            reason = "Wav2Vec2ConformerSelfAttention with position embeddings other than (1, 2T - 1, E)"
+        elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                             or attention_mask.shape != (B, 1, T, T)
+                                             or _once_per_tensor("key mask", attention_mask, _key_padding) is False):
+            reason = "Wav2Vec2ConformerSelfAttention with a mask that is not key padding (B, 1, T, T)"
+        elif not _once_per_tensor("positions", pos, _same_rows):
+            reason = "Wav2Vec2ConformerSelfAttention with position embeddings that differ per batch row"
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, hidden_states, attention_mask, relative_position_embeddings,
+                                               **kwargs)
+        keys = None if attention_mask is None else _once_per_tensor("key mask", attention_mask, _key_padding)
+        q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
+        r = self.linear_pos(pos[:1]).view(2 * T - 1, H, D)                       # distances T-1 … -(T-1)
+        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, self.scaling, keys,
+                            _hf_attentions_wanted(self, kwargs), accumulate_fp32=True, empty_rows="uniform")
+        return self.linear_out(out.reshape(B, T, H * D)), prob
+
+
 # (module, qualname) of the library class -> (patched class name, overrides)
 SUPPORTED = {
     ("speechbrain.nnet.attention", "RelPosMHAXL"): ("SpeechBrainRelPosMHAXL", _SpeechBrainRelPosMHAXL),
@@ -217,6 +456,12 @@ SUPPORTED = {
         ("ESPnetRelPositionMultiHeadedAttention", _ESPnetRelPosition),
     ("espnet2.asr_transducer.encoder.modules.attention", "RelPositionMultiHeadedAttention"):
         ("ESPnetTransducerRelPositionMultiHeadedAttention", _ESPnetTransducerRelPosition),
+    ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoderAttention"):
+        ("HFParakeetEncoderAttention", _HFParakeetEncoderAttention),
+    ("transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer", "Wav2Vec2ConformerSelfAttention"):
+        ("HFWav2Vec2ConformerSelfAttention", _HFWav2Vec2ConformerSelfAttention),
+    ("transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer", "FastSpeech2ConformerAttention"):
+        ("HFFastSpeech2ConformerAttention", _HFFastSpeech2ConformerAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
@@ -252,9 +497,17 @@ def _key(module: nn.Module) -> tuple[str, str]:
     return cls.__module__, cls.__qualname__
 
 
+def _supported(module: nn.Module) -> bool:
+    key = _key(module)
+    if key not in SUPPORTED:
+        return False
+    applies = getattr(SUPPORTED[key][1], "_txl_fast_applies", None)        # a class serving several kinds
+    return applies is None or applies(module)
+
+
 def targets(model: nn.Module) -> list[nn.Module]:
     """The supported speech attention modules inside ``model`` (patched or not)."""
-    return [m for m in model.modules() if _key(m) in SUPPORTED]
+    return [m for m in model.modules() if _supported(m)]
 
 
 def is_patched(module: nn.Module) -> bool:
