@@ -102,6 +102,7 @@ def test_the_model_is_not_changed_and_threads_share_it():
         "evaluate_nocache": lambda: evaluate(model, stream, tgt_len=5, mem_len=9, same_length=False, clamp_len=0,
                                              progress=False, use_cache=False).nll,
         "generate": lambda: model.generate(prompt, 12),
+        "generate_protocol": lambda: model.generate(prompt, 12, mem_len=3, clamp_len=2, same_length=False),
         "score": lambda: torch.cat([s.logprobs for s in score(model, docs, tgt_len=4, mem_len=20, batch_size=2,
                                                                 context_id=CONTEXT)]),
     }
@@ -129,6 +130,18 @@ def test_the_model_is_not_changed_and_threads_share_it():
                 assert value.shape == alone[name].shape and (value.double() - alone[name].double()).abs().max() <= 1e-5
     t = model.transformer
     assert (t.mem_len, t.clamp_len, t.same_length) == (6, 5, True)
+
+
+def test_generate_takes_its_protocol_per_call():
+    """generate(mem_len=, clamp_len=, same_length=) equals a model configured so, cached or not."""
+    model, other = our_model("default"), our_model("default", mem_len=3, clamp_len=2, same_length=False)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    for use_cache in (True, False):
+        got = model.generate(prompt, 9, mem_len=3, clamp_len=2, same_length=False, use_cache=use_cache)
+        assert torch.equal(got, other.generate(prompt, 9, use_cache=use_cache))
+    assert (model.transformer.mem_len, model.transformer.clamp_len) == (6, 5)
+    with pytest.raises(ValueError, match="same_length needs a memory"):
+        model.generate(prompt, 3, mem_len=0, same_length=True)
 
 
 def test_read_documents_conventions():

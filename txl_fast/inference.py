@@ -394,13 +394,13 @@ class _GraphedDecode:
         return outputs
 
 
-def _check_graphable(model, use_cache: bool) -> None:
+def _check_graphable(model, use_cache: bool, mem_len: int) -> None:
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if not use_cache:
         raise ValueError("cuda_graph=True needs use_cache=True (graphs replay the cached decode step)")
-    if model.transformer.mem_len <= 0:
+    if mem_len <= 0:
         raise ValueError("cuda_graph=True needs mem_len > 0 (without memory every step is longer)")
 
 
@@ -419,6 +419,9 @@ def generate(
     streamer=None,
     use_cache: bool = True,
     cuda_graph: bool = False,
+    mem_len: Optional[int] = None,
+    clamp_len: Optional[int] = None,
+    same_length: Optional[bool] = None,
 ) -> torch.LongTensor:
     """Continue ``input_ids`` (B, L) by up to ``max_new_tokens``: (B, L + new) int64.
 
@@ -441,8 +444,19 @@ def generate(
     graphs score HF's zero memory rows as ordinary keys (the torch backend's closed form has
     shapes that change every step), so on the torch backend tokens can differ from eager ones by
     rounding; on the triton backend the arithmetic is the same. Off by default.
+
+    mem_len, clamp_len, same_length: this call's protocol, the model's own where None (the model
+    is not changed).
     """
     check_lm_model(model)
+    transformer, crit = model.transformer, model.crit
+    own = dict(mem_len=transformer.mem_len, clamp_len=transformer.clamp_len, same_length=transformer.same_length)
+    given = {k: v for k, v in (("mem_len", mem_len), ("clamp_len", clamp_len), ("same_length", same_length))
+             if v is not None}
+    protocol = {**own, **given}
+    if given:                                            # the model's own settings are HF's to judge
+        check_protocol(1, protocol["mem_len"], max(protocol["clamp_len"], 0), protocol["same_length"], 1,
+                       init_mems)
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (B, L) tensor: generation needs a prompt")
@@ -457,14 +471,15 @@ def generate(
     if streamer is not None and not callable(streamer):
         raise TypeError(f"streamer must be callable (it receives each step's tokens), got {type(streamer).__name__}")
     if cuda_graph:
-        _check_graphable(model, use_cache)
-    transformer, crit = model.transformer, model.crit
+        _check_graphable(model, use_cache, protocol["mem_len"])
+    if not use_cache:
+        transformer = protocol_view(transformer, **protocol)
     B, L = input_ids.shape
     free = available_memory(input_ids.device)
     if free is not None and B * (L + max_new_tokens) * 8 > free:
         raise ValueError(f"max_new_tokens={max_new_tokens}: the output ({B} x {L + max_new_tokens} ids) would not "
                          f"fit in the {free / 2**30:.1f} GiB of free memory")
-    state = _initial_state(transformer, B, init_mems, use_cache, L)
+    state = _initial_state(transformer, B, init_mems, use_cache, L, protocol)
     out = torch.empty(B, L + max_new_tokens, dtype=torch.int64, device=input_ids.device)
     out[:, :L] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -482,7 +497,7 @@ def generate(
                 candidates = step(step_ids)
         else:
             with trusted_token_ids():
-                if cuda_graph and graphed is None and state.mlen == transformer.mem_len:
+                if cuda_graph and graphed is None and state.mlen == protocol["mem_len"]:
                     state.fix_for_graphs(1, GRAPH_SLACK)
                     graphed = _GraphedDecode(step, state, step_ids)
                 candidates = graphed(step_ids) if graphed is not None else step(step_ids)
@@ -499,7 +514,7 @@ def generate(
                 and bool(all_finished[i]):
             break
         # without any memory (mem_len 0) HF feeds the whole sequence again; so do we
-        step_ids = out[:, : L + steps] if transformer.mem_len == 0 else out[:, L + i : L + steps]
+        step_ids = out[:, : L + steps] if protocol["mem_len"] == 0 else out[:, L + i : L + steps]
     done_steps = int(all_finished[:steps].sum()) if eos_token_id is not None else 0
     if done_steps:                          # cut after the first step where every row had finished
         steps -= done_steps - 1
