@@ -158,7 +158,8 @@ def _lay_out(docs: list, order: list, rows: int, align: int) -> list[list[tuple[
 
 def _run(model, cache, placed: list, docs: list, results: list, context_id: int, tgt_len: int, layers: list) -> None:
     """Read each batch row's documents (``placed``, from ``_lay_out``) in segments of tgt_len,
-    each document started afresh in its row (``cache.start_documents``), filling ``results``."""
+    each document started afresh in its row (``cache.start_documents``), writing each step's
+    log-probabilities and states straight into ``results``."""
     t, crit = model.transformer, model.crit
     device = next(model.parameters()).device
     lengths = [max((start + len(docs[d]) + 1 for d, start in row), default=0) for row in placed]
@@ -166,33 +167,45 @@ def _run(model, cache, placed: list, docs: list, results: list, context_id: int,
     for b, row in enumerate(placed):
         for d, start in row:
             stream[b, start + 1 : start + 1 + len(docs[d])] = docs[d]
-    logprobs = torch.full(stream.shape, math.nan)                                    # position t predicts t + 1
-    dtype = next(model.parameters()).dtype
-    states = {layer: torch.full((*stream.shape, t.d_model), math.nan, dtype=dtype) for layer in layers}
     rows = list(range(len(placed)))                                                  # the cache's rows, as rows of stream
+    first = [0] * len(placed)                    # per row of stream, its first document not yet read to the end
     for pos in range(0, stream.shape[1], tgt_len):
         if any(lengths[b] <= pos for b in rows):                                     # rows done: the batch shrinks
             keep = [i for i, b in enumerate(rows) if lengths[b] > pos]
             cache.keep_rows(keep)
             rows = [rows[i] for i in keep]
         L = min(tgt_len, max(lengths[b] for b in rows) - pos)
-        cache.start_documents([(i, start - pos) for i, b in enumerate(rows) for _, start in placed[b]
-                               if pos <= start < pos + L and start > 0])
+        in_step = [list(_overlapping(placed[b], first[b], docs, pos, pos + L)) for b in rows]
+        cache.start_documents([(i, start - pos) for i, row in enumerate(in_step) for _, start in row
+                               if pos <= start and start > 0])                       # a row's first needs no start
         ids = stream[rows, pos : pos + L]                                            # (B, L)
         targets = stream[rows, pos + 1 : pos + 1 + L]
         targets = torch.cat([targets, ids[:, targets.shape[1] :]], dim=1)            # past the end: any id
         out = t(ids.to(device), cache=cache, output_hidden_states=bool(layers))
         nll = ops.adaptive_nll(out.last_hidden_state.reshape(-1, t.d_model), targets.reshape(-1).to(device),
                                *crit.clusters())
-        logprobs[rows, pos : pos + L] = nll.view(len(rows), L).neg().float().cpu()
-        for layer in layers:
-            states[layer][rows, pos : pos + L] = out.hidden_states[layer].cpu()
-    for b, row in enumerate(placed):
-        for d, start in row:
-            n = len(docs[d])
-            results[d].logprobs.copy_(logprobs[b, start : start + n])
-            for layer in layers:
-                results[d].hidden_states[layer].copy_(states[layer][b, start + 1 : start + 1 + n])
+        logprobs = nll.view(len(rows), L).neg().float().cpu()                        # (B, L): position predicts next
+        states = {layer: out.hidden_states[layer].cpu() for layer in layers}         # (B, L, d) each
+        for i, (b, row) in enumerate(zip(rows, in_step)):
+            for d, start in row:
+                n, res = len(docs[d]), results[d]
+                k0, k1 = max(0, pos - start), min(n, pos + L - start)                # token k predicted at start + k
+                res.logprobs[k0:k1] = logprobs[i, start + k0 - pos : start + k1 - pos]
+                k0, k1 = max(0, pos - start - 1), min(n, pos + L - start - 1)        # token k read at start + 1 + k
+                for layer in layers:
+                    res.hidden_states[layer][k0:k1] = states[layer][i, start + 1 + k0 - pos : start + 1 + k1 - pos]
+                if start + n + 1 <= pos + L:
+                    first[b] += 1
+
+
+def _overlapping(row: list, first: int, docs: list, lo: int, hi: int):
+    """The (document, start) pairs of ``row`` from index ``first`` on whose positions (start …
+    start + n) meet [lo, hi); a row's documents are in order of their starts."""
+    for d, start in row[first:]:
+        if start >= hi:
+            return
+        if start + len(docs[d]) + 1 > lo:
+            yield d, start
 
 
 def _share(results: list, shards: list, rank: int, device, layers: list) -> None:
