@@ -13,14 +13,13 @@ run takes another word, the two continue different texts).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import txl_fast
 from txl_fast import TransfoXLLMHeadModel, TransfoXLTokenizer
-from txl_fast.bench.machine import cpu_name
-from txl_fast.cli import _stored_protocol
+from txl_fast.bench.machine import cpu_name, time_call
+from txl_fast.cli import stored_protocol
 
 DTYPES = ("float32", "bfloat16")
 
@@ -42,15 +41,14 @@ def main(argv=None) -> int:
     path = txl_fast.default_model_path()
     tok = TransfoXLTokenizer.from_pretrained(path)
     ids = tok.encode_file(path / "heldout.txt", ordered=True, add_eos=True)
-    protocol = _stored_protocol(path)
+    protocol = stored_protocol(path)
     lines = [line for line in (path / "heldout.txt").read_text(encoding="utf-8").splitlines() if len(line.split()) > 16]
     prompts = [torch.tensor([tok.encode(lines[i * len(lines) // args.prompts])[:16]]) for i in range(args.prompts)]
     result = {}
     for name in DTYPES:
         model = TransfoXLLMHeadModel.from_pretrained(path, dtype=name)
-        start = time.perf_counter()
-        r = txl_fast.evaluate(model, ids, progress=False, **protocol)
-        result[name] = dict(ppl=r.perplexity, seconds=time.perf_counter() - start, tokens=r.tokens,
+        seconds, r = time_call(lambda: txl_fast.evaluate(model, ids, progress=False, **protocol))
+        result[name] = dict(ppl=r.perplexity, seconds=seconds, tokens=r.tokens,
                             top1=top1(model, ids[:-1], protocol["tgt_len"]),
                             greedy=[model.generate(q, args.new_tokens, init_mems="empty")[0, 16:] for q in prompts])
     fp32, bf16 = result["float32"], result["bfloat16"]

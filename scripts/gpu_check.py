@@ -963,7 +963,7 @@ def time_host_per_step(S: dict, ceilings: dict, device, smoke: bool) -> dict:
     from txl_fast import use_backend
     from txl_fast.bench import analytic
     from txl_fast.config import TransfoXLConfig
-    from txl_fast.inference import GRAPH_SLACK, _GraphedDecode, decode_step
+    from txl_fast.inference import GRAPH_SLACK, GraphedDecode, decode_step
     from txl_fast.model import trusted_token_ids
 
     h = S["bench_host"]
@@ -996,7 +996,7 @@ def time_host_per_step(S: dict, ceilings: dict, device, smoke: bool) -> dict:
                                                                       False, 0))
                 if device.type == "cuda":
                     cache.fix_for_graphs(1, GRAPH_SLACK)
-                    graphed = _GraphedDecode(lambda x: decode_step(model.transformer, model.crit, x, cache,
+                    graphed = GraphedDecode(lambda x: decode_step(model.transformer, model.crit, x, cache,
                                                                    False, 0)[:2], cache, ids)
                     for _ in range(GRAPH_SLACK + 2):
                         graphed(ids)                                            # capture every layout

@@ -99,7 +99,7 @@ def _load(model_ref: Path | str, fetch: dict, dtype: str, device: str):
     return model, tok
 
 
-def _stored_protocol(model_ref: Path | str) -> dict:
+def stored_protocol(model_ref: Path | str) -> dict:
     """The evaluation protocol a trained model was validated with (metrics.json), or {} (a hub model's
     metrics.json is not fetched)."""
     metrics = model_ref / METRICS if isinstance(model_ref, Path) else None
@@ -142,7 +142,7 @@ def _protocol(args, model_ref: Path | str, config) -> tuple[dict, str]:
     model's config with tgt_len 128), then --preset, then explicit flags."""
     protocol = {"tgt_len": 128, "mem_len": config.mem_len, "clamp_len": config.clamp_len,
                 "same_length": config.same_length, "batch_size": 1, "init_mems": "empty"}
-    stored = _stored_protocol(model_ref)
+    stored = stored_protocol(model_ref)
     protocol.update({k: v for k, v in stored.items() if k in protocol})
     source = f"the model's training protocol ({METRICS})" if stored else "the model's config, tgt_len 128"
     if args.preset:
