@@ -97,7 +97,6 @@ def flat_params(params) -> list:
 
 
 def small_model(config: dict, dtype, device):
-
     torch.manual_seed(0)
     with torch.device(device):
         model = TransfoXLLMHeadModel(TransfoXLConfig(**config))

@@ -60,8 +60,18 @@ def verdict(errors: dict, torch_errors: dict, dtype: str, all_finite: bool) -> d
             "torch_errors": {k: float(f"{v:.3e}") for k, v in torch_errors.items()}}
 
 
-def check_attention(case, dtype_name: str, device, smoke: bool) -> dict:
+def attend_with_grads(x: list, dout, mode: dict, backend_name: str, device) -> list:
+    """[out, *its 6 gradients] of ``ops.rel_attention(*x, **mode)`` on ``backend_name``, on fresh leaves
+    (freed allocator blocks poisoned first)."""
+    leaves = [t.clone().requires_grad_() for t in x]
+    poison(device)
+    with use_backend(backend_name):
+        out = ops.rel_attention(*leaves, **mode)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
 
+
+def check_attention(case, dtype_name: str, device, smoke: bool) -> dict:
+    """Attention (causal, memory, window, clamped positions): output and every gradient against float64."""
     dtype = getattr(torch, dtype_name)
     if smoke and dtype == torch.bfloat16:
         return {"status_check": "skipped", "why": "bf16 is broken in the Triton interpreter"}
@@ -71,15 +81,8 @@ def check_attention(case, dtype_name: str, device, smoke: bool) -> dict:
     ref = naive.rel_attention(*x64, scale, window)[0]
     dout = torch.randn_like(ref)
     refs = [ref, *torch.autograd.grad(ref, x64, dout)]
-
-    def run(backend_name):
-        leaves = [t.clone().requires_grad_() for t in x]
-        poison(device)
-        with use_backend(backend_name):
-            out = ops.rel_attention(*leaves, scale=scale, window=window)
-            return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
-
-    got, torch_got = run("triton"), run("torch")
+    got, torch_got = (attend_with_grads(x, dout, dict(scale=scale, window=window), backend_name, device)
+                      for backend_name in ("triton", "torch"))
     names = ("out", *GRADS)
     return verdict({n: rel_err(g, r) for n, g, r in zip(names, got, refs)},
                    {n: rel_err(g, r) for n, g, r in zip(names, torch_got, refs)}, dtype_name, finite(*got))
@@ -102,13 +105,9 @@ def check_bidirectional(case, dtype_name: str, device, smoke: bool) -> dict:
     mode = dict(scale=D**-0.5, causal=False, context=context, key_lengths=lengths, empty_rows="zero")
 
     def run(backend_name):
-        leaves = [t.clone().requires_grad_() for t in x]
-        poison(device)
-        with use_backend(backend_name):
-            out = ops.rel_attention(*leaves, **mode)
-            got = [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
-            with torch.no_grad():
-                inference = ops.rel_attention(*x, **mode)
+        got = attend_with_grads(x, dout, mode, backend_name, device)
+        with use_backend(backend_name), torch.no_grad():
+            inference = ops.rel_attention(*x, **mode)
         errors = {n: rel_err(g, r) for n, g, r in zip(("out", *GRADS), got, refs)}
         errors["out_inference"] = rel_err(inference, ref)
         return errors, finite(*got, inference)
