@@ -22,7 +22,10 @@ What it does, in order:
 
 Peak memory on the CPU is the process's resident set sampled every 2 ms during a run, above its
 level at the start of the run (freed heap returned with malloc_trim first); on CUDA
-torch.cuda.max_memory_allocated above the allocation at the start.
+torch.cuda.max_memory_allocated above the allocation at the start (``harness.PeakMemory``).
+
+This file measures; the pair of models and each side's NLL and generation are ``harness``'s, the
+clock ``machine``'s, and step 4-5 (tables, plot, JSON, RESULTS.md) ``report``'s.
 """
 from __future__ import annotations
 
