@@ -253,8 +253,10 @@ def time_host_per_step(S: dict, ceilings: dict, device, smoke: bool) -> dict:
             _, cand, cache = decode_step(model.transformer, model.crit, prompt, model.new_cache(1), False, 0)
             ids = cand[:, :1]
             with trusted_token_ids():
-                def host_us(fn, n=10):                      # wall time, synchronised: not CUDA events
-                    times = alternated_times({"step": fn}, device.type, n, warmup=0, events=False)["step"]
+                def host_us(fn, n=10):          # host time: the device idle before each call, not waited for
+                    synchronize(device)
+                    times = alternated_times({"step": fn}, "cpu", n, warmup=0,
+                                             after_round=lambda: synchronize(device))["step"]
                     return round(1e6 * statistics.median(times), 1)
                 result["host_us_eager"] = host_us(lambda: decode_step(model.transformer, model.crit, ids, cache,
                                                                       False, 0))
