@@ -13,13 +13,12 @@ run takes another word, the two continue different texts).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import txl_fast
 from txl_fast import TransfoXLLMHeadModel, TransfoXLTokenizer
-from txl_fast.bench.machine import cpu_name
+from txl_fast.bench.machine import cpu_name, time_call
 from txl_fast.inference import stored_protocol
 
 DTYPES = ("float32", "bfloat16")
@@ -48,9 +47,8 @@ def main(argv=None) -> int:
     result = {}
     for name in DTYPES:
         model = TransfoXLLMHeadModel.from_pretrained(path, dtype=name)
-        start = time.perf_counter()
-        r = txl_fast.evaluate(model, ids, progress=False, **protocol)
-        result[name] = dict(ppl=r.perplexity, seconds=time.perf_counter() - start, tokens=r.tokens,
+        seconds, r = time_call(lambda: txl_fast.evaluate(model, ids, progress=False, **protocol))
+        result[name] = dict(ppl=r.perplexity, seconds=seconds, tokens=r.tokens,
                             top1=top1(model, ids[:-1], protocol["tgt_len"]),
                             greedy=[model.generate(q, args.new_tokens, init_mems="empty")[0, 16:] for q in prompts])
     fp32, bf16 = result["float32"], result["bfloat16"]

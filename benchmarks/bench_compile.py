@@ -2,8 +2,9 @@
 
     python benchmarks/bench_compile.py [--bsz 4] [--tgt-len 64] [--iters 10]
 
-Rows: HF TransfoXLLMHeadModel eager, the same patched by txl_fast.patch, txl_fast's model eager,
-and txl_fast's model under torch.compile (Inductor, torch backend). Reports tokens/s (median of
+Rows: HF TransfoXLLMHeadModel eager, the same patched by txl_fast.patch, txl_fast's model eager
+(the same weights: ``txl_fast.bench.harness.build_pair``), and txl_fast's model under torch.compile
+(Inductor, torch backend). Reports tokens/s (median of
 --iters timed forwards after warm-up) and the one-off compile time. A small model, so that it runs
 on a laptop CPU; the triton backend is not involved.
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 import warnings
 
 import torch
 
 import txl_fast
+from txl_fast.bench.harness import build_pair
+from txl_fast.bench.machine import median_time, time_call
 
 warnings.filterwarnings("ignore")
 CONFIG = dict(vocab_size=10000, cutoffs=[2000, 5000], d_model=256, d_embed=256, n_head=8, d_head=32,
@@ -27,16 +28,17 @@ CONFIG = dict(vocab_size=10000, cutoffs=[2000, 5000], d_model=256, d_embed=256, 
 
 
 def timed(model, data, tgt_len: int, iters: int) -> float:
-    """Median seconds per segment, memory carried from one segment to the next."""
-    times, mems = [], None
-    with torch.no_grad():
-        for i in range(iters + 2):                        # 2 warm-up segments
-            ids = data[:, (i % 4) * tgt_len : (i % 4 + 1) * tgt_len]
-            start = time.perf_counter()
-            out = model(ids, mems=mems, labels=ids)
-            times.append(time.perf_counter() - start)
-            mems = out.mems
-    return statistics.median(times[2:])
+    """Median seconds per segment (2 warm-up segments), memory carried from one segment to the next."""
+    state = {"i": 0, "mems": None}
+
+    def segment():
+        i = state["i"] % 4
+        ids = data[:, i * tgt_len : (i + 1) * tgt_len]
+        with torch.no_grad():
+            state["mems"] = model(ids, mems=state["mems"], labels=ids).mems
+        state["i"] += 1
+
+    return median_time(segment, reps=iters, warmup=2)
 
 
 def main() -> None:
@@ -53,22 +55,18 @@ def main() -> None:
           f"d_model {CONFIG['d_model']}, {CONFIG['n_layer']} layers, vocab {CONFIG['vocab_size']}")
     rows = []
     try:
-        import transformers
-
-        hf = transformers.TransfoXLLMHeadModel(transformers.TransfoXLConfig(**CONFIG)).eval()
+        ours, hf = build_pair(CONFIG)
         rows.append(("HF eager", timed(hf, data, args.tgt_len, args.iters), None))
         txl_fast.patch(hf)
         rows.append(("HF + txl_fast.patch", timed(hf, data, args.tgt_len, args.iters), None))
-    except ImportError:
-        pass
-    ours = txl_fast.TransfoXLLMHeadModel(txl_fast.TransfoXLConfig(**CONFIG)).eval()
+    except ImportError:                                   # no peer: our rows alone
+        ours = txl_fast.TransfoXLLMHeadModel(txl_fast.TransfoXLConfig(**CONFIG)).eval()
     with txl_fast.use_backend("torch"):
         rows.append(("txl_fast eager", timed(ours, data, args.tgt_len, args.iters), None))
         compiled = torch.compile(ours)
-        start = time.perf_counter()
         with torch.no_grad():
-            compiled(data[:, : args.tgt_len], mems=ours.init_mems(args.bsz), labels=data[:, : args.tgt_len])
-        compile_s = time.perf_counter() - start
+            compile_s, _ = time_call(lambda: compiled(data[:, : args.tgt_len], mems=ours.init_mems(args.bsz),
+                                                      labels=data[:, : args.tgt_len]))
         rows.append(("txl_fast torch.compile", timed(compiled, data, args.tgt_len, args.iters), compile_s))
     print(f"{'':24s} {'ms/segment':>10s} {'tokens/s':>10s}")
     for name, sec, comp in rows:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import txl_fast  # noqa: E402
 from txl_fast.bench import machine, speech  # noqa: E402
+from txl_fast.bench.machine import alternated_times, best_time  # noqa: E402
 
 BATCH = 8
 LAYERS = 12
@@ -42,12 +41,7 @@ CONFIGS = {"d256_h4": (256, 4), "d512_h8": (512, 8)}
 def matmul_rate(dtype: torch.dtype, reps: int = 5) -> float:
     """Best FLOP/s of a (3200, 512) x (512, 2048) matmul, a Conformer feed-forward's shape."""
     a, b = torch.randn(3200, 512, dtype=dtype), torch.randn(512, 2048, dtype=dtype)
-    best = math.inf
-    for _ in range(reps + 1):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 3200 * 512 * 2048 / best
+    return 2 * 3200 * 512 * 2048 / best_time(lambda: a @ b, reps=reps)
 
 
 def ragged(frames: int) -> torch.Tensor:
@@ -119,18 +113,6 @@ def timed(fn, dtype, backward):
     return once
 
 
-def best_of_alternated(fns: dict, rounds: int) -> dict:
-    best = dict.fromkeys(fns, math.inf)
-    for fn in fns.values():                               # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def row(kind, library, config, frames, dtype, backward, rounds, rates):
     d, heads = CONFIGS[config]
     torch.manual_seed(0)
@@ -144,7 +126,7 @@ def row(kind, library, config, frames, dtype, backward, rounds, rates):
            "patched": timed(lambda: run(patched, inputs), dtype, backward)}
     if (kind, library) == ("attention", "speechbrain") and not backward:
         fns["sdpa"] = timed(lambda: sdpa_route(module, inputs, *extra), dtype, backward)
-    best = best_of_alternated(fns, rounds)
+    best = {name: min(t) for name, t in alternated_times(fns, reps=rounds).items()}      # a warm-up round first
     rate = rates["bf16" if dtype == torch.bfloat16 else "fp32"]
     result = dict(kind=kind, library=library, config=config, frames=frames, batch=BATCH,
                   layers=LAYERS if kind == "encoder" else 1, dtype=str(dtype).replace("torch.", ""),

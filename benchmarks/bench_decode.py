@@ -32,15 +32,14 @@ import contextlib
 import copy
 import importlib
 import statistics
-import time
 from unittest import mock
 
 import torch
 
 import txl_fast
 from txl_fast import backend, dtypes, ops
-from txl_fast.inference import _candidates, decode_step
-from txl_fast.bench.machine import alternated_times, cpu_name, flags_line
+from txl_fast.inference import candidates, decode_step
+from txl_fast.bench.machine import alternated_times, cpu_name, flags_line, time_call
 from txl_fast.cache import trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
@@ -56,9 +55,8 @@ class Bandwidth:
         self.samples: list[float] = []
 
     def sample(self) -> None:
-        start = time.perf_counter()
-        self.buffer.sum()
-        self.samples.append(self.buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        seconds, _ = time_call(self.buffer.sum)
+        self.samples.append(self.buffer.numel() * 4 / seconds / 1e9)
 
     @property
     def gbps(self) -> float:
@@ -132,7 +130,7 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
                 sum(weight_bytes(l.pos_ff.CoreNet[3]) for l in layers)),
         "layer norms + adds": (norms, sum(weight_bytes(l.dec_attn.layer_norm, l.pos_ff.layer_norm) for l in layers)),
         "next token (head" + (f" + tails {tails}" if tails else "") + ")": (
-            lambda: _candidates(crit, h[:, -1], False, 0), head_bytes),
+            lambda: candidates(crit, h[:, -1], False, 0), head_bytes),
     }
 
 

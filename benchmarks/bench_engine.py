@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-import time
 import warnings
 
 import torch
@@ -38,20 +36,13 @@ import torch
 import txl_fast
 from txl_fast.bench import analytic
 from txl_fast.bench.floor import fraction
-from txl_fast.bench.machine import measure
+from txl_fast.bench.harness import build_pair, hf_generate, hf_nll
+from txl_fast.bench.machine import alternated_times, measure
+from txl_fast.bench.report import format_ms
 
 warnings.filterwarnings("ignore")
 TINY = dict(vocab_size=500, cutoffs=[100, 250], d_model=32, d_embed=32, n_head=2, d_head=16, d_inner=64,
             div_val=2, n_layer=2, mem_len=16, clamp_len=20, same_length=True, dropout=0.0)
-
-
-def hf_eval(hf, data, tgt_len, segments):
-    """HF's loop: memory of hidden states, every projection recomputed; NLL of each segment."""
-    mems = None
-    with torch.no_grad():
-        for s in range(segments):
-            ids = data[:, s * tgt_len : (s + 1) * tgt_len]
-            mems = hf(ids, mems=mems, labels=ids).mems
 
 
 def ours_eval(model, data, tgt_len, segments, cache=None):
@@ -105,13 +96,7 @@ class Probes:
 
 def alternated(sides: dict, rounds: int, probes: Probes) -> tuple[dict, tuple[float, float]]:
     """Median seconds of each side's call and the probes' rates, all called in turn for ``rounds`` rounds."""
-    everything = {**sides, **probes.sides}
-    times = {name: [] for name in everything}
-    for _ in range(rounds):
-        for name, fn in everything.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = alternated_times({**sides, **probes.sides}, reps=rounds, warmup=0)
     return {name: statistics.median(times[name]) for name in sides}, probes.rates(times)
 
 
@@ -120,18 +105,13 @@ def row(name, unit, ours_s, hf_s, floor_s, rates):
                 fraction_of_floor=fraction(floor_s, ours_s), matmul_flops_per_s=rates[0], read_bytes_per_s=rates[1])
 
 
-def _ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
-
-
 def format_rows(rows) -> str:
     lines = ["| workload | txl_fast ms | HF 4.35 ms (same dtype) | ratio | floor ms | ours of floor "
              "| rates beside it |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['workload']} ({r['unit']}) | {_ms(r['ours_s'])} | {_ms(r['hf_s'])} "
-                     f"| {r['ratio']:.1f}× | {_ms(r['floor_s'])} | {r['fraction_of_floor']:.0%} "
+        lines.append(f"| {r['workload']} ({r['unit']}) | {format_ms(r['ours_s'])} | {format_ms(r['hf_s'])} "
+                     f"| {r['ratio']:.1f}× | {format_ms(r['floor_s'])} | {r['fraction_of_floor']:.0%} "
                      f"| {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {r['read_bytes_per_s'] / 1e9:.1f} GB/s |")
     return "\n".join(lines)
 
@@ -172,12 +152,7 @@ def run(args) -> int:
     else:
         machine = measure("cpu")
     print(f"machine: {machine.summary()}", flush=True)
-    torch.manual_seed(0)
-    hf = transformers.TransfoXLLMHeadModel(transformers.TransfoXLConfig(**(TINY if args.tiny else {}))).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = txl_fast.TransfoXLLMHeadModel.from_pretrained(tmp, dtype=dtype)
-    hf = hf.to(dtype)
+    ours, hf = build_pair(TINY if args.tiny else {}, "cpu", dtype)
     cfg, tgt = ours.config, 8 if args.tiny else 128
     weights = [p.detach() for p in ours.parameters() if p.numel() * p.element_size() >= 2**20]   # a decode step's pages
     probes = Probes(dtype, 256, [torch.ones(2**22)]) if args.tiny else Probes(dtype, 2048, weights)
@@ -191,11 +166,11 @@ def run(args) -> int:
     rows = []
     fill = -(-cfg.mem_len // tgt)                                   # segments that fill the memory
     for bsz in args.batch:
-        data = torch.randint(0, cfg.vocab_size, (bsz, tgt * max(args.segments, fill)))
+        data = torch.randint(0, cfg.vocab_size, (bsz, tgt * max(args.segments, fill) + 1))    # + the last target
         full = ours_eval(ours, data, tgt, fill)                     # warm-up, and a memory of real tokens
-        hf_eval(hf, data[:, : 2 * tgt], tgt, 2)
+        hf_nll(hf, data, tgt, 2)
         t, rates = alternated({"ours": lambda: ours_eval(ours, data, tgt, args.segments, full),
-                               "hf": lambda: hf_eval(hf, data, tgt, args.segments),
+                               "hf": lambda: hf_nll(hf, data, tgt, args.segments),
                                "zero": lambda: ours_eval(ours, data, tgt, args.segments)}, args.rounds, probes)
         rate = rates[0]
         n = args.segments
@@ -208,8 +183,7 @@ def run(args) -> int:
                         zero / n, rates))
     prompt = torch.randint(0, cfg.vocab_size, (1, tgt))
     gen = {"ours": lambda: ours.generate(prompt, args.new_tokens),
-           "hf": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0)}
+           "hf": lambda: hf_generate(hf, prompt, args.new_tokens)}
     tokens = {name: fn()[0, tgt:] for name, fn in gen.items()}          # warm-up, and the check
     both = min(len(tokens["ours"]), len(tokens["hf"]))                  # HF stops early at its eos (id 0)
     same = int((tokens["ours"][:both] == tokens["hf"][:both]).sum())

@@ -31,7 +31,6 @@ import contextlib
 import pathlib
 import statistics
 import subprocess
-import time
 import types
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 import txl_fast
 from txl_fast import dtypes, ops
 from txl_fast.bench import analytic
-from txl_fast.bench.machine import cpu_name, flags_line, median_time
+from txl_fast.bench.machine import alternated_times, cpu_name, flags_line, median_time
 from txl_fast.ops.linear import split_linear
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -189,17 +188,16 @@ def report(dtype, batch: int, rounds: int, against: dict | None, rev: str) -> No
     rates = []
     with torch.no_grad():
         segment = segment_fn(model, cache, ids)
-        times = {name: [] for name in variants}
-        for name, functions in variants.items():          # warm-up (position keys, first touches)
-            with swapped(functions):
-                segment()
-        for _ in range(rounds):                            # the rate and the variants, alternated
-            rates.append(matmul_rate(cfg, batch, dtype))
-            for name, functions in variants.items():
+
+        def under(functions):
+            def run():
                 with swapped(functions):
-                    start = time.perf_counter()
                     segment()
-                    times[name].append(time.perf_counter() - start)
+            return run
+
+        # a warm-up round (position keys, first touches), then the variants alternated, the rate after each round
+        times = alternated_times({name: under(functions) for name, functions in variants.items()}, reps=rounds,
+                                 after_round=lambda: rates.append(matmul_rate(cfg, batch, dtype)))
         errors = {}
         for name, functions in variants.items():     # the NLL of the last segment's hidden states vs float64
             with swapped(functions):

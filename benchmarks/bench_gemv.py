@@ -13,24 +13,19 @@ ceiling a one-row product could reach. ``ops.linear`` takes split_linear up to M
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from txl_fast.bench.machine import alternated_times
 
 from txl_fast.ops import compiled_decode
 from txl_fast.ops.linear import MAX_PACKED_ROWS, MAX_ROWS, pack, split_linear
 
 
 def per_product_ms(fns: dict, n: int, rounds: int) -> dict:
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()                                                                    # warm-up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    """Median ms per product of each of ``fns`` (n products a call), alternated after a warm-up round."""
+    times = alternated_times(fns, reps=rounds)
     return {name: statistics.median(t) / n * 1e3 for name, t in times.items()}
 
 

@@ -8,11 +8,11 @@ scanned (the worst case). Medians of alternated runs.
 """
 import argparse
 import statistics
-import time
 
 import torch
 
 from txl_fast import ops
+from txl_fast.bench.machine import alternated_times
 from txl_fast.modules import ProjectedAdaptiveLogSoftmax
 
 
@@ -40,12 +40,7 @@ def main():
                     fast = lambda: ops.adaptive_topk(h, k, *clusters)  # noqa: E731
                     ref, got = full(), fast()
                     assert torch.equal(ref.indices, got[1]), "selection differs"
-                    times = {"full": [], "fast": []}
-                    for _ in range(args.rounds):
-                        for name, fn in (("full", full), ("fast", fast)):
-                            t0 = time.perf_counter()
-                            fn()
-                            times[name].append(time.perf_counter() - t0)
+                    times = alternated_times({"full": full, "fast": fast}, reps=args.rounds, warmup=0)   # warmed above
                     tf, tq = (statistics.median(times[n]) * 1e3 for n in ("full", "fast"))
                     print(f"| {b} | {k} | {label} | {tf:.1f} | {tq:.1f} | {tf / tq:.1f}x |")
 

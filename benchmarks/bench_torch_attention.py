@@ -42,8 +42,8 @@ def main() -> None:
     torch.set_num_threads(2)
     fused_out = ra._torch_fused_out
 
-    def explicit_out(q, k, v, r, u, w, scale, window, uniform_keys=0):
-        return ra._torch_rel_attention(q, k, v, r, u, w, scale, window)[0]
+    def explicit_out(q, k, v, r, u, w, scale, window, uniform_keys=0, **options):     # keys, causal, ...
+        return ra._torch_rel_attention(q, k, v, r, u, w, scale, window, **options)[0]
 
     print(f"chunk: {ra.SCORE_CHUNK} score elements\n")
     print("| step | batch | memory | explicit, ms | fused, ms | ratio | rel. difference |")

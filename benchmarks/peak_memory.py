@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from txl_fast.bench.harness import hf_nll, write_hf_checkpoint
+
 warnings.filterwarnings("ignore")
 
 
@@ -46,10 +48,7 @@ def child(side: str, model_dir: str, batch: int, segments: int) -> dict:
         f.write("5")                                       # VmHWM := VmRSS
     with torch.no_grad():
         if side == "hf":
-            mems = None
-            for s in range(segments):
-                ids = data[:, s * 128 : (s + 1) * 128]
-                mems = model(ids, mems=mems, labels=ids).mems
+            hf_nll(model, data, 128)
         else:
             import txl_fast  # noqa: PLC0415
 
@@ -69,11 +68,8 @@ def main() -> None:
         side, model_dir, batch, segments = args.child
         print(json.dumps(child(side, model_dir, int(batch), int(segments))))
         return
-    import transformers  # noqa: PLC0415
-
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        transformers.TransfoXLLMHeadModel(transformers.TransfoXLConfig()).save_pretrained(tmp)
+        write_hf_checkpoint({}, tmp)
         print("| batch | txl_fast eval MiB | HF eval MiB | ratio |\n|---:|---:|---:|---:|")
         for batch in args.batch:
             res = {}

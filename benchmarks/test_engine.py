@@ -10,14 +10,14 @@ result. Side-by-side ratios (benchmarks/RESULTS.md) come from ``benchmarks/bench
     TXL_BENCH_FULL=1 python -m pytest benchmarks -q --benchmark-json out.json
 """
 import os
-import tempfile
 
 import pytest
 import torch
 
 import txl_fast
+from txl_fast.bench.harness import build_pair, hf_generate, hf_nll
 
-transformers = pytest.importorskip("transformers", reason="the peer transformers==4.35.0 is a test extra")
+pytest.importorskip("transformers", reason="the peer transformers==4.35.0 is a test extra")
 FULL = os.environ.get("TXL_BENCH_FULL") == "1"
 QUICK = dict(vocab_size=2000, cutoffs=[500, 1000], d_model=64, d_embed=64, n_head=4, d_head=16, d_inner=128,
              div_val=2, n_layer=2, mem_len=48, clamp_len=40, same_length=True, dropout=0.0)
@@ -26,24 +26,7 @@ TGT_LEN = 128 if FULL else 16
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    hf = transformers.TransfoXLLMHeadModel(transformers.TransfoXLConfig(**({} if FULL else QUICK))).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = txl_fast.TransfoXLLMHeadModel.from_pretrained(tmp)
-    return ours, hf
-
-
-def hf_stream_nll(hf, data, segments):
-    mems, total = None, 0.0
-    with torch.no_grad():
-        for s in range(segments):
-            ids = data[:, s * TGT_LEN : (s + 1) * TGT_LEN + 1]
-            out = hf(ids[:, :-1], mems=mems)
-            mems = out.mems
-            logprob = out.prediction_scores
-            total -= logprob.gather(2, ids[:, 1:, None]).sum().item()
-    return total
+    return build_pair({} if FULL else QUICK)
 
 
 @pytest.mark.parametrize("bsz", [1, 4])
@@ -59,10 +42,10 @@ def test_eval_stream(benchmark, models, side, bsz):
     if side == "txl_fast":
         result = benchmark(txl_fast.evaluate, ours, stream, **protocol)
         assert result.tokens == bsz * TGT_LEN * segments
-        expected = hf_stream_nll(hf, data, segments) / result.tokens
+        expected = hf_nll(hf, data, TGT_LEN) / result.tokens
         assert abs(result.nll - expected) <= 1e-4 * max(1.0, abs(expected))
     else:
-        benchmark(hf_stream_nll, hf, data, segments)
+        benchmark(hf_nll, hf, data, TGT_LEN)
 
 
 @pytest.mark.parametrize("side", ["txl_fast", "hf"])
@@ -72,7 +55,6 @@ def test_greedy_generation(benchmark, models, side):
     new = 16 if FULL else 8
     if side == "txl_fast":
         out = benchmark(ours.generate, prompt, new)
-        assert torch.equal(out, hf.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=None,
-                                            pad_token_id=0))
+        assert torch.equal(out, hf_generate(hf, prompt, new))
     else:
-        benchmark(hf.generate, prompt, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        benchmark(hf_generate, hf, prompt, new)

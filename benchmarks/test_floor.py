@@ -18,14 +18,13 @@ it (issue 16's target is 85 %). The same for an evaluation segment (128 tokens o
 NLL of every token) against its matmul floor, its FLOPs (``analytic.eval_floor_flops``) at the best
 rate of a 1024^3 float32 matmul alternated with it: 71-81 % of it here.
 """
-import time
-
 import pytest
 import torch
 
 from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel, ops
 from txl_fast.bench import analytic
 from txl_fast.bench.floor import check_fraction, fraction
+from txl_fast.bench.machine import alternated_times
 from txl_fast.inference import choose_next
 
 MINIMUM = 0.5
@@ -36,13 +35,6 @@ ATTEMPT_THREADS = (1, min(2, torch.get_num_threads()), 1, min(2, torch.get_num_t
 EVAL_ROUNDS = 4                 # evaluation segments of ~0.25 s
 CONFIG = dict(vocab_size=2000, cutoffs=[500, 1000], d_model=1024, d_embed=1024, n_head=16, d_head=64, d_inner=4096,
               div_val=4, n_layer=4, mem_len=64, clamp_len=1000, same_length=True, dropout=0.0)
-
-
-def timed(fn, into: list) -> None:
-    """Call fn() and append its seconds to ``into``."""
-    start = time.perf_counter()
-    fn()
-    into.append(time.perf_counter() - start)
 
 
 @pytest.fixture
@@ -80,28 +72,21 @@ def test_decode_step_reaches_half_the_bandwidth_floor(benchmark, decode_setup, o
             w.sum()
 
     token = torch.randint(0, cfg.vocab_size, (1, 1))
-    reads, steps = [], []
 
     def step():
         with torch.no_grad():
             hidden = model.transformer(token, cache=cache).last_hidden_state
             choose_next(model.crit, hidden[:, -1], False, 1.0, 0, 1.0, None)
 
-    def pair():                                     # alternated: the machine, then our step
-        timed(read_weights, reads)
-        timed(step, steps)
-
     need = sum(analytic.decode_step_reads(cfg, cfg.mem_len, batch=1, es=4).values())
     attempts = []                                   # (floor seconds, step times) of each attempt
 
     def attempt(threads):
         torch.set_num_threads(threads)              # both sides of the attempt on the same threads
-        pair()                                      # warm-up (the packed weights follow the thread count)
-        reads.clear(), steps.clear()
-        for _ in range(ROUNDS):
-            pair()
-        attempts.append((threads, need * min(reads) / weight_bytes, list(steps)))
-        return fraction(attempts[-1][1], min(steps)) >= MINIMUM
+        # alternated: the machine, then our step; a warm-up round first (the packed weights follow the threads)
+        times = alternated_times({"read": read_weights, "step": step}, reps=ROUNDS)
+        attempts.append((threads, need * min(times["read"]) / weight_bytes, times["step"]))
+        return fraction(attempts[-1][1], min(times["step"])) >= MINIMUM
 
     # the attempts run inside one benchmarked call, so that --benchmark-disable (one call) checks as many
     benchmark.pedantic(lambda: any(attempt(threads) for threads in ATTEMPT_THREADS), rounds=1, iterations=1)
@@ -120,20 +105,17 @@ def test_eval_segment_reaches_half_the_matmul_floor(benchmark, decode_setup, one
     data = torch.randint(0, cfg.vocab_size, (1, 129), generator=g)
     cache = model.new_cache(1, "zeros", step_hint=128)
     a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-    products, segments = [], []
 
     def segment():
         with torch.no_grad():
             hidden = model.transformer(data[:, :128], cache=cache).last_hidden_state[0]       # (128, d)
             ops.adaptive_nll(hidden, data[0, 1:], *model.crit.clusters())
 
-    def pair():                                     # alternated: the machine, then our segment
-        timed(lambda: a @ b, products)
-        timed(segment, segments)
-
-    pair()                                          # warm-up; the memory now holds 128 real rows >= mem_len
-    products.clear(), segments.clear()
-    benchmark.pedantic(lambda: [pair() for _ in range(EVAL_ROUNDS)], rounds=1, iterations=1)
+    # alternated: the machine, then our segment; after the warm-up round the memory holds 128 real rows >= mem_len
+    times = {}
+    benchmark.pedantic(lambda: times.update(alternated_times({"product": lambda: a @ b, "segment": segment},
+                                                             reps=EVAL_ROUNDS)), rounds=1, iterations=1)
+    products, segments = times["product"], times["segment"]
     rate = 2.0 * 1024**3 / min(products)
     flops = analytic.eval_floor_flops(cfg, 1, 128, cfg.mem_len, 1, share=analytic.uniform_share(cfg))
     achieved = check_fraction("eval segment, batch 1, full memory", flops / rate, segments, MINIMUM)

@@ -17,13 +17,13 @@ ends with a synchronize.
 """
 import importlib.util
 import os
-import tempfile
 
 import pytest
 import torch
 
-from txl_fast import TransfoXLConfig, TransfoXLLMHeadModel, backend, ops, use_backend
+from txl_fast import TransfoXLConfig, backend, ops, use_backend
 from txl_fast.bench import analytic
+from txl_fast.bench.harness import build_pair
 from txl_fast.modules import ProjectedAdaptiveLogSoftmax
 
 FULL = os.environ.get("TXL_BENCH_FULL") == "1"
@@ -164,17 +164,12 @@ else:
 @pytest.fixture(scope="module")
 def step_models():
     """dtype name -> (ours, hf) with the same random weights (HF's save_pretrained, loaded by txl_fast)."""
-    transformers = pytest.importorskip("transformers", reason="the peer transformers==4.35.0 is a test extra")
+    pytest.importorskip("transformers", reason="the peer transformers==4.35.0 is a test extra")
     built = {}
 
     def get(dtype):
         if dtype not in built:
-            torch.manual_seed(0)
-            hf = transformers.TransfoXLLMHeadModel(transformers.TransfoXLConfig(**STEP_CONFIG)).eval()
-            with tempfile.TemporaryDirectory() as tmp:
-                hf.save_pretrained(tmp)
-                ours = TransfoXLLMHeadModel.from_pretrained(tmp, dtype=DTYPES[dtype], device=DEVICE).eval()
-            built[dtype] = ours, hf.to(DEVICE, DTYPES[dtype])
+            built[dtype] = build_pair(STEP_CONFIG, DEVICE, DTYPES[dtype])
         return built[dtype]
 
     return get

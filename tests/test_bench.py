@@ -290,7 +290,7 @@ def test_bench_engine_tiny_smoke(tmp_path, capsys, compiled):
 
 
 def test_results_md_section_replaced_in_place(tmp_path):
-    from txl_fast.bench.runner import MARK_BEGIN, MARK_END, write_results_md
+    from txl_fast.bench.report import MARK_BEGIN, MARK_END, write_results_md
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\n## Someone else's section\n\nkeep me\n")
@@ -303,7 +303,8 @@ def test_results_md_section_replaced_in_place(tmp_path):
 
 def test_runner_tiny_smoke(tmp_path, capsys):
     pytest.importorskip("transformers", reason="the comparison needs the peer transformers==4.35.0")
-    from txl_fast.bench.runner import MARK_BEGIN, main
+    from txl_fast.bench.report import MARK_BEGIN
+    from txl_fast.bench.runner import main
 
     out_json, out_png, out_md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "RESULTS.md"
     rc = main(["--tiny", "--rounds", "1", "--json", str(out_json), "--plot", str(out_png),

@@ -313,7 +313,7 @@ def next_token(logprobs: torch.Tensor, do_sample: bool, temperature: float, top_
     return _sample(logprobs, None, temperature, top_p, generator)
 
 
-def _candidates(crit, hidden: torch.Tensor, do_sample: bool, top_k: int):
+def candidates(crit, hidden: torch.Tensor, do_sample: bool, top_k: int):
     """(B, d) last hidden states -> the next token's candidates: log-probs (B, n) and their ids
     (B, n) best first, or ids None when n is the whole vocabulary (sampling without top-k)."""
     if do_sample and top_k == 0:
@@ -324,7 +324,7 @@ def _candidates(crit, hidden: torch.Tensor, do_sample: bool, top_k: int):
 
 def _pick(logprobs: torch.Tensor, ids: Optional[torch.Tensor], do_sample: bool, temperature: float, top_p: float,
           generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The candidates of ``_candidates`` -> (B,) next tokens: the best, or a sample."""
+    """The candidates of ``candidates`` -> (B,) next tokens: the best, or a sample."""
     return _sample(logprobs, ids, temperature, top_p, generator) if do_sample else ids[:, 0]
 
 
@@ -333,7 +333,7 @@ def choose_next(crit, hidden: torch.Tensor, do_sample: bool, temperature: float,
     """(B, d) last hidden states -> (B,) next tokens, as ``next_token`` on the full log-probs, but
     greedy and top-k decoding see only the k best words (``ops.adaptive_topk``: no (B, V) row; the
     tail clusters are scanned only where they can win). Sampling without top-k needs every word."""
-    return _pick(*_candidates(crit, hidden, do_sample, top_k), do_sample, temperature, top_p, generator)
+    return _pick(*candidates(crit, hidden, do_sample, top_k), do_sample, temperature, top_p, generator)
 
 
 # generate(): decode steps between the host's looks at "has every row produced eos" (each one a
@@ -348,14 +348,14 @@ GRAPH_SLACK = 14
 
 def decode_step(transformer, crit, step_ids: torch.Tensor, state, do_sample: bool, top_k: int):
     """One generation step on the model's state: (B, L) ids -> the candidates for the next token
-    (``_candidates``: log-probs, ids or None), the state after. The function generate() runs
+    (``candidates``: log-probs, ids or None), the state after. The function generate() runs
     eagerly and captures in a CUDA graph; on CUDA a decode step (one token, cached, ids trusted:
     ``txl_fast.cache.trusted_token_ids``) performs no host synchronisation."""
     hidden, state = _step(transformer, step_ids, state)
-    return (*_candidates(crit, hidden[:, -1], do_sample, top_k), state)
+    return (*candidates(crit, hidden[:, -1], do_sample, top_k), state)
 
 
-class _GraphedDecode:
+class GraphedDecode:
     """Cached decode steps replayed from CUDA graphs, one graph per layout of the cache.
 
     The cache is first fixed (``InferenceCache.fix_for_graphs``), so a few layouts repeat. A layout
@@ -437,8 +437,8 @@ def generate(
 
     cuda_graph=True (model on CUDA, use_cache, mem_len > 0): once the memory is full (right after
     the prompt with init_mems="zeros"; with "empty", after mem_len tokens) the decode step - the
-    model on one token and the next token's candidates (``_candidates``: greedy's best, top-k's k,
-    or the full log-probs) - is replayed from CUDA graphs (``_GraphedDecode``: GRAPH_SLACK + 2 of
+    model on one token and the next token's candidates (``candidates``: greedy's best, top-k's k,
+    or the full log-probs) - is replayed from CUDA graphs (``GraphedDecode``: GRAPH_SLACK + 2 of
     them, captured on first use), so a step costs a few launches of host time instead of hundreds.
     Sampling from the candidates (the generator), eos and the streamer run eagerly around it. The
     graphs score HF's zero memory rows as ordinary keys (the torch backend's closed form has
@@ -499,7 +499,7 @@ def generate(
             with trusted_token_ids():
                 if cuda_graph and graphed is None and state.mlen == protocol["mem_len"]:
                     state.fix_for_graphs(1, GRAPH_SLACK)
-                    graphed = _GraphedDecode(step, state, step_ids)
+                    graphed = GraphedDecode(step, state, step_ids)
                 candidates = graphed(step_ids) if graphed is not None else step(step_ids)
         token = _pick(*candidates, do_sample, temperature, top_p, generator)                  # (B,)
         if eos_token_id is not None:

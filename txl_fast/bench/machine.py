@@ -15,13 +15,14 @@ compare against, not the vendor's peaks: ``matmul_rate(dtype)`` is the best over
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -109,41 +110,52 @@ def llc_bytes() -> Optional[int]:
     return best[1]
 
 
-def median_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, warmup: int = 1) -> float:
-    """Median seconds of ``fn()``: perf_counter on the CPU, CUDA events (do_bench, median) on CUDA."""
+def time_call(fn: Callable[[], object], device: str = "cpu") -> tuple[float, object]:
+    """(seconds, result) of one call of ``fn``: perf_counter, the device synchronised before and after
+    on CUDA. The one clock every measurement of txl_fast.bench and benchmarks/ reads."""
     if device == "cuda":
-        from triton.testing import do_bench  # noqa: PLC0415 (CUDA only)
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
 
 def alternated_times(fns: dict[str, Callable[[], object]], device: str = "cpu", reps: int = 5,
-                     after_round: Optional[Callable[[], object]] = None) -> dict[str, list]:
-    """Seconds of every ``fns`` entry: one warm-up round, then ``reps`` rounds each calling every
-    entry once in turn (CPU, perf_counter; ``after_round()`` after each round, e.g. a probe of the
-    machine); on CUDA do_bench's CUDA-event times, entry by entry."""
-    if device == "cuda":
+                     after_round: Optional[Callable[[], object]] = None, warmup: int = 1,
+                     events: bool = True, around: Optional[Callable[[str], ContextManager]] = None
+                     ) -> dict[str, list]:
+    """Seconds of every ``fns`` entry: ``warmup`` rounds, then ``reps`` rounds each calling every
+    entry once in turn (``time_call``; ``after_round()`` after each round, e.g. a probe of the
+    machine; ``around(name)``: a context entered before the clock starts and left after it stops,
+    e.g. ``harness.PeakMemory``); on CUDA do_bench's CUDA-event times, entry by entry, unless
+    ``events`` is False (a long call: ``time_call``'s synchronised wall time, alternated as on the CPU)."""
+    if device == "cuda" and events:
         from triton.testing import do_bench  # noqa: PLC0415 (CUDA only)
 
         return {k: [t / 1e3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")] for k, fn in fns.items()}
     times = {k: [] for k in fns}
-    for rnd in range(reps + 1):
+    for rnd in range(reps + warmup):
         for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if rnd:
-                times[k].append(time.perf_counter() - start)
+            with around(k) if around is not None else contextlib.nullcontext():
+                seconds, _ = time_call(fn, device)
+            if rnd >= warmup:
+                times[k].append(seconds)
         if after_round is not None:
             after_round()
     return times
+
+
+def median_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` (``alternated_times`` of one entry): perf_counter on the CPU, CUDA
+    events (do_bench) on CUDA."""
+    return statistics.median(alternated_times({"fn": fn}, device, reps, warmup=warmup)["fn"])
+
+
+def best_time(fn: Callable[[], object], device: str = "cpu", reps: int = 5, warmup: int = 1) -> float:
+    """Best seconds of ``fn()`` over ``reps`` calls after ``warmup`` (``alternated_times`` of one entry)."""
+    return min(alternated_times({"fn": fn}, device, reps, warmup=warmup)["fn"])
 
 
 def rate(work: float, seconds: list) -> dict:
