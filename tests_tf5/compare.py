@@ -86,3 +86,23 @@ def run_models(model, run, dtype, reference64=True):
         ref64 = run(double)[1]
     (ref, ref_g), (ours, our_g) = run_both(model, run)
     return ref, ours, ref_g, our_g, ref64
+
+
+def check_bf16(module, x, mask, pos, autocast: bool) -> None:
+    """``module(x, mask, pos)`` in bf16 (bf16 weights and inputs, or fp32 ones under autocast),
+    unpatched then patched, against float64: ours within the bf16 tolerance and no less accurate
+    than the library's (5 % margin)."""
+    ref = copy.deepcopy(module).double()(x.double(), mask, pos.double())[0]
+    low, xs, ps = (module, x, pos) if autocast else (copy.deepcopy(module).bfloat16(), x.bfloat16(), pos.bfloat16())
+    errors = []
+    for patched in (False, True):
+        if patched:
+            txl_fast.patch(low)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = low(xs, mask, ps)[0]
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        errors.append(rel_err(out, ref))
+    txl_fast.unpatch(low)
+    library, ours = errors
+    assert ours <= 1.05 * library, f"bf16: ours {ours:.2e}, HF's {library:.2e}"
+    assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"

@@ -5,12 +5,11 @@ outputs on every frame, attention weights, the loss, the gradients of every para
 train mode (no dropout), padded batches (a row of length 0: zeros, as HF); bf16 against float64;
 the fallback and its one warning; unpatch.
 """
-import copy
 import warnings
 
 import pytest
 import torch
-from compare import TOLERANCE, check, check_grads, frames, grads, perturb, rel_err, run_both, run_models, weighted
+from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, weighted
 from transformers import FastSpeech2ConformerConfig, FastSpeech2ConformerModel
 from transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer import (
     FastSpeech2ConformerAttention,
@@ -88,20 +87,7 @@ def test_attention_bf16_no_less_accurate(autocast):
         for p in module.parameters():
             p.mul_(0.5)
     x, pos, valid, mask = attention_inputs(T=150, lengths=(150, 101, 40), seed=3, E=64)
-    ref = copy.deepcopy(module).double()(x.double(), mask, pos.double())[0]
-    low, xs, ps = (module, x, pos) if autocast else (copy.deepcopy(module).bfloat16(), x.bfloat16(), pos.bfloat16())
-    errors = []
-    for patched in (False, True):
-        if patched:
-            txl_fast.patch(low)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = low(xs, mask, ps)[0]
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        errors.append(rel_err(out, ref))
-    txl_fast.unpatch(low)
-    library, ours = errors
-    assert ours <= 1.05 * library, f"bf16: ours {ours:.2e}, HF's {library:.2e}"
-    assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"
+    check_bf16(module, x, mask, pos, autocast)
 
 
 def test_fallback_warns_once_and_agrees():

@@ -8,12 +8,11 @@ left alone; the fallback and its one warning; unpatch.
 HF's mask here is key padding only (a padded query attends to the valid keys), so padded frames
 agree too and the losses may read every frame.
 """
-import copy
 import warnings
 
 import pytest
 import torch
-from compare import TOLERANCE, check, check_grads, frames, grads, perturb, rel_err, run_both, run_models, weighted
+from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, weighted
 from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC, Wav2Vec2ConformerModel
 from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import (
     Wav2Vec2ConformerRelPositionalEmbedding,
@@ -110,20 +109,7 @@ def test_attention_bf16_no_less_accurate(autocast):
     pos = Wav2Vec2ConformerRelPositionalEmbedding(config(hidden_size=64))(x)
     valid = frames([150, 101, 40], T)
     mask = key_mask(valid, "sdpa")
-    ref = copy.deepcopy(module).double()(x.double(), mask, pos.double())[0]
-    low, xs, ps = (module, x, pos) if autocast else (copy.deepcopy(module).bfloat16(), x.bfloat16(), pos.bfloat16())
-    errors = []
-    for patched in (False, True):
-        if patched:
-            txl_fast.patch(low)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = low(xs, mask, ps)[0]
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        errors.append(rel_err(out, ref))
-    txl_fast.unpatch(low)
-    library, ours = errors
-    assert ours <= 1.05 * library, f"bf16: ours {ours:.2e}, HF's {library:.2e}"
-    assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"
+    check_bf16(module, x, mask, pos, autocast)
 
 
 def test_fallback_warns_once_and_agrees():
