@@ -1,6 +1,7 @@
 """What the tf5 tests share: patched vs HF's own code on one model, and the checks (tests/helpers.py's
 tolerance table and relative error)."""
 import copy
+import warnings
 
 import torch
 from helpers import TOLERANCE, rel_err
@@ -88,21 +89,41 @@ def run_models(model, run, dtype, reference64=True):
     return ref, ours, ref_g, our_g, ref64
 
 
-def check_bf16(module, x, mask, pos, autocast: bool) -> None:
-    """``module(x, mask, pos)`` in bf16 (bf16 weights and inputs, or fp32 ones under autocast),
-    unpatched then patched, against float64: ours within the bf16 tolerance and no less accurate
-    than the library's (5 % margin)."""
-    ref = copy.deepcopy(module).double()(x.double(), mask, pos.double())[0]
+def bf16_errors(module, run, x, pos, autocast: bool) -> list[float]:
+    """[HF's, ours]: the relative errors against float64 of ``run(module, x, pos)`` (the output
+    compared) in bf16 (bf16 weights and inputs, or fp32 ones under autocast), unpatched then patched."""
+    ref = run(copy.deepcopy(module).double(), x.double(), pos.double())
     low, xs, ps = (module, x, pos) if autocast else (copy.deepcopy(module).bfloat16(), x.bfloat16(), pos.bfloat16())
     errors = []
     for patched in (False, True):
         if patched:
             txl_fast.patch(low)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = low(xs, mask, ps)[0]
+            out = run(low, xs, ps)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         errors.append(rel_err(out, ref))
     txl_fast.unpatch(low)
-    library, ours = errors
+    return errors
+
+
+def check_bf16(module, run, x, pos, autocast: bool) -> None:
+    """``bf16_errors``: ours within the bf16 tolerance and no less accurate than HF's (5 % margin)."""
+    library, ours = bf16_errors(module, run, x, pos, autocast)
     assert ours <= 1.05 * library, f"bf16: ours {ours:.2e}, HF's {library:.2e}"
     assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"
+
+
+def warns_once_and_agrees(module, call) -> None:
+    """A call the op cannot express: the patched module runs HF's own code, with one warning for
+    three calls, and gives HF's output exactly."""
+    from txl_fast import patch_speech
+
+    ref = call(module)
+    patch_speech._warned.clear()
+    txl_fast.patch(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [call(module) for _ in range(3)]
+    txl_fast.unpatch(module)
+    assert len([w for w in caught if "txl_fast.patch" in str(w.message)]) == 1
+    assert all(torch.equal(out, ref) for out in outs)

@@ -5,11 +5,10 @@ outputs on every frame, attention weights, the loss, the gradients of every para
 train mode (no dropout), padded batches (a row of length 0: zeros, as HF); bf16 against float64;
 the fallback and its one warning; unpatch.
 """
-import warnings
 
 import pytest
 import torch
-from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, weighted
+from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, warns_once_and_agrees, weighted
 from transformers import FastSpeech2ConformerConfig, FastSpeech2ConformerModel
 from transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer import (
     FastSpeech2ConformerAttention,
@@ -87,7 +86,7 @@ def test_attention_bf16_no_less_accurate(autocast):
         for p in module.parameters():
             p.mul_(0.5)
     x, pos, valid, mask = attention_inputs(T=150, lengths=(150, 101, 40), seed=3, E=64)
-    check_bf16(module, x, mask, pos, autocast)
+    check_bf16(module, lambda m, x, pos: m(x, mask, pos)[0], x, pos, autocast)
 
 
 def test_fallback_warns_once_and_agrees():
@@ -95,15 +94,7 @@ def test_fallback_warns_once_and_agrees():
     module = attention().eval()
     x, pos, _, mask = attention_inputs(seed=4)
     pos = pos.expand(3, -1, -1) + 0.01 * torch.randn(3, *pos.shape[1:])
-    ref = module(x, mask, pos)[0]
-    patch_speech._warned.clear()
-    txl_fast.patch(module)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outs = [module(x, mask, pos)[0] for _ in range(3)]
-    txl_fast.unpatch(module)
-    assert len([w for w in caught if "txl_fast.patch" in str(w.message)]) == 1
-    assert all(torch.equal(out, ref) for out in outs)
+    warns_once_and_agrees(module, lambda m: m(x, mask, pos)[0])
 
 
 def test_unpatch_restores():

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from compare import (TOLERANCE, GRAD_TOL, check, check_grads, frames, grads, perturb, rel_err, run_both,
+from compare import (TOLERANCE, GRAD_TOL, check, check_bf16, check_grads, frames, grads, perturb, rel_err, run_both,
                      run_models, weighted)
 from transformers import ParakeetCTCConfig, ParakeetEncoder, ParakeetEncoderConfig, ParakeetForCTC
 from transformers.models.parakeet.modeling_parakeet import (
@@ -137,26 +137,6 @@ def test_attention_on_the_triton_kernels(train, monkeypatch):
     assert launches[0]["causal"] is False and launches[0]["empty_rows"] == "zero"
 
 
-def bf16_errors(module, x, pos, valid, autocast):
-    """Relative errors on the valid frames against float64 of HF's bf16 and ours."""
-    mask = pair_mask(valid)
-    ref = copy.deepcopy(module).double()(x.double(), pos.double(), mask)[0][valid]
-    if autocast:
-        low, xs, ps = module, x, pos
-    else:
-        low, xs, ps = copy.deepcopy(module).bfloat16(), x.bfloat16(), pos.bfloat16()
-    errors = []
-    for patched in (False, True):
-        if patched:
-            txl_fast.patch(low)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = low(xs, ps, mask)[0]
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        errors.append(rel_err(out[valid], ref))
-    txl_fast.unpatch(low)
-    return errors
-
-
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_bf16_no_less_accurate(autocast, attn):
@@ -168,9 +148,8 @@ def test_attention_bf16_no_less_accurate(autocast, attn):
     x = torch.randn(3, T, 64)
     pos = ParakeetEncoderRelPositionalEncoding(config(hidden_size=64))(x)
     valid = frames([150, 101, 40], T)
-    library, ours = bf16_errors(module, x, pos, valid, autocast)
-    assert ours <= 1.05 * library, f"bf16: ours {ours:.2e}, HF's {library:.2e}"
-    assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"
+    mask = pair_mask(valid)
+    check_bf16(module, lambda m, x, pos: m(x, pos, mask)[0][valid], x, pos, autocast)     # on the valid frames
 
 
 # ---- what runs HF's code ----------------------------------------------------------------------------

@@ -8,11 +8,10 @@ left alone; the fallback and its one warning; unpatch.
 HF's mask here is key padding only (a padded query attends to the valid keys), so padded frames
 agree too and the losses may read every frame.
 """
-import warnings
 
 import pytest
 import torch
-from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, weighted
+from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, warns_once_and_agrees, weighted
 from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC, Wav2Vec2ConformerModel
 from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import (
     Wav2Vec2ConformerRelPositionalEmbedding,
@@ -109,7 +108,7 @@ def test_attention_bf16_no_less_accurate(autocast):
     pos = Wav2Vec2ConformerRelPositionalEmbedding(config(hidden_size=64))(x)
     valid = frames([150, 101, 40], T)
     mask = key_mask(valid, "sdpa")
-    check_bf16(module, x, mask, pos, autocast)
+    check_bf16(module, lambda m, x, pos: m(x, mask, pos)[0], x, pos, autocast)
 
 
 def test_fallback_warns_once_and_agrees():
@@ -118,15 +117,7 @@ def test_fallback_warns_once_and_agrees():
     x, pos, valid = attention_inputs(seed=4)
     band = (torch.arange(13)[:, None] - torch.arange(13)[None, :]).abs() <= 3
     mask = key_mask(valid, "sdpa") & band
-    ref = module(x, mask, pos)[0]
-    patch_speech._warned.clear()
-    txl_fast.patch(module)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outs = [module(x, mask, pos)[0] for _ in range(3)]
-    txl_fast.unpatch(module)
-    assert len([w for w in caught if "txl_fast.patch" in str(w.message)]) == 1
-    assert all(torch.equal(out, ref) for out in outs)
+    warns_once_and_agrees(module, lambda m: m(x, mask, pos)[0])
 
 
 def test_rotary_is_left_alone_and_unpatch_restores():
