@@ -86,7 +86,7 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
     inner = torch.randn(bsz, 1, tr.config.d_inner, generator=g).to(dtype)
     mlen = cache.mlen
     window = tr.attention_window(1, mlen)
-    positions = tr._position_keys(mlen + 1, 1, written_out=False)
+    positions = tr.position_keys(mlen + 1, 1, written_out=False)
     ids = torch.randint(tr.n_token, (bsz, 1), generator=g)
     weights = [w for layer in layers for w in layer.decode_weights()]
     packed = tr._packed.get(weights, bsz) or [None] * len(weights)          # as the step takes them
@@ -137,14 +137,14 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
 def tail_clusters(model, ids, cache) -> list:
     """The tail clusters a greedy step scans (its bytes count only then): one step, recorded."""
     scanned = []
-    tail_topk = topk_module._tail_topk
+    tail_topk = topk_module.tail_topk
 
     def recording(hidden, c, *args):
         scanned.append(c)
         return tail_topk(hidden, c, *args)
 
     layout = cache.layout()
-    with mock.patch.object(topk_module, "_tail_topk", recording), trusted_token_ids():
+    with mock.patch.object(topk_module, "tail_topk", recording), trusted_token_ids():
         decode_step(model.transformer, model.crit, ids, cache, False, 0)
     cache.restore(layout)
     return sorted(set(scanned))

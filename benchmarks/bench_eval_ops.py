@@ -102,7 +102,7 @@ def op_classes(model, cache, ids):
     attn = [layer.dec_attn for layer in layers]
     h = tr.word_emb(ids[:, :-1])                                                     # (B, Lq, d)
     window = tr.attention_window(Lq, MEM)
-    positions = tr._position_keys(Lk, Lq, written_out=False)
+    positions = tr.position_keys(Lk, Lq, written_out=False)
     heads = [ops.linear(h, a.qkv_net.weight).view(B, Lq, 3, H, D).unbind(2) for a in attn]
     kvs = [kv.extend(k, v) for kv, (_, k, v) in zip(cache.layers, heads)]           # (B, Lk, H, D) views
     inner = torch.relu(ops.linear(h, layers[0].pos_ff.CoreNet[0].weight, layers[0].pos_ff.CoreNet[0].bias))

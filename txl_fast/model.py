@@ -272,7 +272,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             cache.commit(mem_len)
         return cache
 
-    def _position_keys(self, klen: int, qlen: int, written_out: bool, clamp_len: Optional[int] = None,
+    def position_keys(self, klen: int, qlen: int, written_out: bool, clamp_len: Optional[int] = None,
                        mem_len: Optional[int] = None) -> list:
         """Per layer (Lr, H, D) projected position embeddings of distances Lr - 1 … 0: Lr = klen, or
         clamp_len + 1 when that is less (the attention op takes row 0 for every larger distance,
@@ -312,7 +312,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             raise ValueError("the inference cache is for evaluation: call model.eval() first")
         mlen = cache.mlen
         window = self.attention_window(qlen, mlen, cache.mem_len, cache.same_length)
-        positions = self._position_keys(mlen + qlen, qlen, backend.resolve(word_emb) == "triton",
+        positions = self.position_keys(mlen + qlen, qlen, backend.resolve(word_emb) == "triton",
                                         cache.clamp_len, cache.mem_len)
         key_mask = cache.key_mask(qlen)                                                 # (B, mlen + Lq) or None
         weights = [w for layer in self.layers for w in layer.decode_weights()]

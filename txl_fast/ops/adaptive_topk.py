@@ -105,7 +105,7 @@ def adaptive_topk(
         if backend.sync_free(hidden):
             # no host sync (a CUDA graph, a queue that never waits): every row scans the tail and
             # the rows that cannot enter merge -inf, which changes nothing
-            tail_values, tail_ids = _tail_topk(hidden, c, k, cluster_logprob[:, c - 1], weights, biases, projs)
+            tail_values, tail_ids = tail_topk(hidden, c, k, cluster_logprob[:, c - 1], weights, biases, projs)
             tail_values = tail_values.masked_fill(~can_enter[:, None], float("-inf"))
             values, pick = torch.cat([values, tail_values], 1).topk(k, dim=1)
             ids = torch.cat([ids, tail_ids + bounds[c]], 1).gather(1, pick)
@@ -113,14 +113,14 @@ def adaptive_topk(
         rows = can_enter.nonzero().squeeze(1)                                             # (n_c,)
         if rows.numel() == 0:
             continue
-        tail_values, tail_ids = _tail_topk(hidden[rows], c, k, cluster_logprob[rows, c - 1], weights, biases, projs)
+        tail_values, tail_ids = tail_topk(hidden[rows], c, k, cluster_logprob[rows, c - 1], weights, biases, projs)
         merged, pick = torch.cat([values[rows], tail_values], 1).topk(k, dim=1)
         ids[rows] = torch.cat([ids[rows], tail_ids + bounds[c]], 1).gather(1, pick)
         values[rows] = merged
     return values.to(hidden.dtype), ids
 
 
-def _tail_topk(hidden, c, k, cluster_logprob, weights, biases, projs):
+def tail_topk(hidden, c, k, cluster_logprob, weights, biases, projs):
     """(n, d_proj) rows, their (n,) log-probs of tail cluster c -> the cluster's k best words'
     log-probs (n, min(k, V_c)) and ids inside the cluster."""
     hc = project(hidden, projs[c])                                           # (n, d_c)
