@@ -23,7 +23,9 @@ plus the view's offset: a view's alignment is the one a GPU allocation, 256-byte
 Identical specialisations are compiled once (``dedupe``).
 
 Must run without ``TRITON_INTERPRET=1`` (an interpreted kernel cannot be compiled): run it in its
-own process, ``python -m txl_fast.kernels.aot``.
+own process, ``python -m txl_fast.kernels.aot``. ``python -m txl_fast.kernels.aot --loops PATTERN``
+prints instead the PTX instruction count of each kernel matching PATTERN and of its loop bodies
+(``ptx_loops``; docs/kernels.md has the before/after table of the relative attention's key loop).
 """
 from __future__ import annotations
 
@@ -285,10 +287,68 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def _is_instruction(line: str) -> bool:
+    """A PTX instruction line: ends with ';' and is not a directive, a declaration or a comment."""
+    line = line.strip()
+    return line.endswith(";") and not line.startswith((".", "//", "{", "}"))
+
+
+def ptx_loops(ptx: str) -> tuple[int, list[int]]:
+    """(instructions of the whole PTX, [instructions of each loop body]): a loop body is the text
+    from a label to the last branch back to it (a backward ``bra``), as ``ptxas`` sees the loop
+    after triton's software pipelining (prologue and epilogue outside); bodies in PTX order."""
+    lines = ptx.splitlines()
+    where, last_back = {}, {}
+    for n, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            where[m.group(1)] = n
+        b = _BRANCH.search(line)
+        if b and b.group(1) in where and where[b.group(1)] < n:
+            last_back[b.group(1)] = n
+    loops = [sum(_is_instruction(x) for x in lines[where[lab]:end + 1])
+             for lab, end in sorted(last_back.items(), key=lambda kv: where[kv[0]])]
+    return sum(_is_instruction(x) for x in lines), loops
+
+
+def loop_report(pattern: str, modules=MODULES) -> list[dict]:
+    """PTX instruction counts (``ptx_loops``) of every spec whose "kernel specialisation" matches
+    the regex ``pattern``, for each arch: what ``python -m txl_fast.kernels.aot --loops PATTERN``
+    prints. Compiled in this process, one at a time (triton's cache makes reruns fast)."""
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    rows = []
+    for _, _, spec in load_specs(modules)[0]:
+        if not re.search(pattern, f"{spec.name} {spec.describe()}"):
+            continue
+        for arch in ARCHS:
+            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            total, loops = ptx_loops(k.asm["ptx"])
+            rows.append(dict(kernel=spec.name, specialisation=spec.describe(), arch=f"sm_{arch}",
+                             ptx_instructions=total, loop_bodies=loops))
+    return rows
+
+
 def main(argv=None) -> None:
     import sys  # noqa: PLC0415
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--loops"]:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise SystemExit("--loops cannot run with TRITON_INTERPRET=1")
+        pattern = argv[1] if len(argv) > 1 else ""
+        for r in loop_report(pattern, modules=tuple(argv[2:]) or MODULES):
+            print(f"{r['kernel']:24s} {r['arch']}  total {r['ptx_instructions']:6d}  loop bodies "
+                  f"{' '.join(str(n) for n in r['loop_bodies']) or '-'}  {r['specialisation']}", flush=True)
+        return
     t0 = time.perf_counter()
     rows = report(modules=tuple(argv) or MODULES)
     print(format_table(rows))
