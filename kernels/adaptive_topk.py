@@ -2,25 +2,13 @@
 
     cluster_topk(h (n, d), w (V, d), b (V,), k) -> lse (n,), ids (n, min(k, V)) best first
 
-The cluster's vocabulary is streamed in tiles exactly as the loss kernel does
-(``kernels/adaptive_softmax.py``: ``_logits_tile``, vocabulary splits): per row an online
-log-sum-exp and a running top-K of the logits, K = next power of two >= k. No (n, V) tensor exists;
-temporaries are (splits, n) log-sum-exp partials and (n, splits * K) candidates.
-
-A candidate is one int64 key: the high 32 bits an order-preserving integer image of the fp32 logit
-(the float's bits, with the magnitude bits flipped for negatives), the low 32 bits the column. Keys
-compare like their logits (ties: the higher column first), so ``tl.topk`` on keys selects logits and
-carries their columns; the running set merges with each tile's top-K by ``tl.join`` and one more
-``tl.topk``. The splits' candidates are merged on the host by ``torch.topk`` on the keys.
-The keys only *select*: the caller recomputes the winners' logits in the accumulation dtype
-(``txl_fast.ops.adaptive_topk``), so float64 validation keeps float64 values.
-
-Cost, wt103 head (20,000 x 1024) at batch 1..64 rows: the same reads as the loss kernel's forward
-(the weights once, 41 MB in bf16: ~14 us at 3 TB/s), plus 2 log2(K) compare-exchange passes per
-logit for the two top-K merges (bitonic, in registers). A prediction: no GPU was available.
-
-Tested under ``TRITON_INTERPRET=1`` against a full float64 log-softmax + ``torch.topk``
-(``tests/test_ops_adaptive_topk.py``); compiled ahead of time for sm_80 / sm_90 (``aot_specs``).
+The vocabulary is streamed as the loss kernel streams it (``kernels/adaptive_softmax.py``:
+``_logits_tile``, vocabulary splits): per row an online log-sum-exp and a running top-K of the
+logits, K = next power of two >= k. A candidate is one int64 key, the high 32 bits an
+order-preserving image of the fp32 logit, the low 32 bits the column (``_pack``), so ``tl.topk`` on
+keys selects logits and carries their columns; the splits' candidates are merged on the host. The
+keys only select: the caller recomputes the winners' logits in the accumulation dtype. The design,
+the cost and what is verified: docs/kernels.md.
 """
 from __future__ import annotations
 

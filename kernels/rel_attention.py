@@ -1,122 +1,17 @@
 """Fused relative-position attention (Transformer-XL), forward and backward, in Triton.
 
 Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
-r (Lr, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
-(q_i + w).r[j + Lq - 1 - i]), row p of r the distance Lk - 1 - p). Key j is visible to query i
-when the distance d = i + mlen - j lies in [dmin, dmax] and j < key_lengths[b] (``visibility``):
-causal, [0, window - 1] and Lr = Lk (the op's clamped position keys written out to Lk rows,
-``full_positions``); bidirectional (Conformer encoders), [-right, left] for a context
-(left, right) or every distance, and Lr = Lk + Lq - 1 (distances down to -(Lq - 1)).
-``txl_fast.naive`` is the literal validator.
+r (Lr, H, D), content_bias = r_w_bias and position_bias = r_r_bias (H, D)):
+score(i, j) = scale * ((q_i + content_bias).k_j + (q_i + position_bias).r[j + Lq - 1 - i]), row p of
+r the distance Lk - 1 - p. Key j is visible to query i when d = i + mlen - j lies in [dmin, dmax]
+and j < key_lengths[b] (``visibility``). ``txl_fast.naive`` is the literal validator.
 
-Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
-------------------------------------------------------------------------------------
-A *prediction* from arithmetic, not a measurement: no GPU was available while this was written.
-H100 SXM roofline taken as ~3.0 TB/s HBM and ~800 TFLOP/s dense bf16. Full numbers and the
-derivation: benchmarks/RESULTS.md.
-
-* FLOPs (forward, dense count; ~96% of the pairs are visible at mem 1600): three Lq x Lk x D
-  products per head (content q.k, position q.r, probs.v), 2 FLOPs per MAC:
-  3 * 2 * 128 * 1728 * 64 * 16 = 1.36 GFLOP per batch row; the kernel issues the position product
-  on a band of BM + BN rows of r per tile (2x), so 1.81 GFLOP issued. bsz 32: 43.5 (58) GFLOP.
-* Minimum bytes of the fused op (bf16: read q, k, v, write out, per batch row; read r once):
-  0.26 + 3.54 + 3.54 + 0.26 = 7.60 MB per row, + 3.54 MB r: bsz 1 11.1 MB, bsz 32 247 MB.
-* HF's unfused path (fp32) materialises AC, BD, the padded BD, the shifted BD, the scores and
-  the probs, each bsz * H * Lq * Lk fp32 (14.2 MB per batch row), each written and read once:
-  170 MB per row, + 15.2 MB of q/k/v/out in fp32 + 7.1 MB r: bsz 1 192 MB, bsz 32 5.93 GB
-  (17x / 24x the fused minimum).
-* Predicted H100 time: bsz 32 fused: memory 247 MB / 3.0 TB/s = 82 us, compute 58 GFLOP issued /
-  800 TFLOP/s = 72 us -> ~0.1 ms as a roofline bound (expect 2-3x at realistic efficiency with
-  the gather and 32 x 32 tiles). HF: 5.93 GB / 3.0 TB/s = ~2.0 ms of memory traffic alone.
-  bsz 1: fused 3.7 us of memory (launch-latency bound in practice), HF 64 us.
-
-Kernel design
--------------
-* Layout: every tensor is read through its strides (HF's time-major ``x.transpose(0, 1)`` views
-  work without a copy). Program ids are cast to int64 before they multiply a stride; intra-tile
-  row offsets are int32 and the launcher checks that they fit.
-* Forward (``_fwd_kernel``): one program per (query tile of BLOCK_M rows, batch * head), online
-  softmax over key tiles of BLOCK_N in fp32 (fp64 for fp64 inputs) with exp2 and a folded
-  scale * log2(e). Only the key tiles that hold a visible key are visited (causal/window band).
-  It saves the row max ``m`` (log2 domain) and the row sum ``l`` for the backward.
-* Relative shift: for query tile [m0, m0+BM) and key tile [n0, n0+BN) the needed r rows
-  p = j + Lq - 1 - i form one band of BM + BN - 1 consecutive rows starting at
-  n0 - m0 + Lq - BM. The kernel loads that band (masked at 0 and Lk), computes
-  band = (q + w) @ band^T with tl.dot (BM x BLOCK_P, BLOCK_P = next pow2 of BM + BN - 1), and skews
-  it in registers with ``tl.gather(band, j_local - i_local + BM - 1, axis=1)``. The backward un-skews
-  dscore the same way (gather with the inverse index, zero outside the band). Nothing of size
-  Lq x Lk is ever written to memory.
-* Masking: invisible scores get a finite fill (-1e30 in the log2 domain), keys past Lk get -inf.
-  The bounds a score is checked against are constexpr (LOWER, UPPER, HAS_LENGTHS): the causal
-  mode without a window checks d >= 0 only, as before the bidirectional mode existed, and the
-  bidirectional mode without context or padding checks nothing. The key tiles a query tile
-  visits are those of its rows' band, [m0 + mlen - dmax, m0 + BM - 1 + mlen - dmin], cut at its
-  batch row's key length (``_key_range``; ``_bwd_dkdv_kernel`` bounds its query tiles the same
-  way), so tiles of padding are never read.
-* Empty rows (no visible key: a window of 0, a key length of 0, or a window that falls into the
-  padding). Since dmin <= 0 they are the rows [end, Lq) (``_rows_with_keys``, one formula per
-  program). HF's uniform rows (empty_rows="uniform"): every program whose tile holds an empty row
-  visits all Lk keys, whose scores are all the fill, so the row comes out exactly uniform over
-  the Lk keys, as HF's masked_fill(finfo.min) gives, and the dk/dv programs visit every query
-  tile of a batch row that has one. empty_rows="zero" (ZERO_EMPTY): the forward writes l = 0 and
-  out = 0 for those rows (no test in the key loop), and the backward takes their probabilities
-  as 0 (m = 0, 1/l = 0: never a division by 0). The backward zeroes dscore at invisible
-  positions (those scores are constants), and recomputes p = exp2(s - m) / l from the saved m and
-  l (storing m and l apart, not m + log l, keeps 1/Lk exact for uniform rows).
-* Backward: ``_bwd_delta_kernel`` computes delta = rowsum(o * do). ``_bwd_dq_kernel`` (one program
-  per query tile, loop over key tiles) writes dq = dq_content + dq_position and per-tile partial
-  sums of dq_content (-> d r_w_bias) and dq_position (-> d r_r_bias), reduced on the host over
-  (batch, tile) in a fixed order. ``_bwd_dkdv_kernel`` (one program per key tile, loop over the
-  query tiles that see it) accumulates dk and dv in registers and the position gradient
-  dr_band = dS_band^T @ (q + w) for each tile pair; r rows are shared by every batch, head-tile
-  and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
-  buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
-  the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
-  kernel); bidirectional, DR has the Lk + Lq - 1 rows of r. The summation order, hence the last
-  bits of dr, is not deterministic on a GPU: two runs differ by fp32 rounding of a sum of
-  ~B * Lq / BM terms per element (expected relative difference ~1e-7, within the GPU check's
-  1e-6; a prediction, not measured). A deterministic variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
-  Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
-* Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
-  (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
-  per chunk; ``_fwd_combine_kernel`` merges the chunks in chunk order and writes out, m and l,
-  so the backward is the same as for the tiled path. ``split_plan`` takes it for decode (Lq <=
-  DECODE_MAX_LQ, 16-row tiles) and whenever the tiled grid would underfill the GPU
-  (cdiv(Lq, BM) * B * H < UNDERFILL_PROGRAMS = 132, a nominal H100/H200 SM count; wt103 eval at
-  batch 1 is 64 programs), aiming at ~TARGET_PROGRAMS = 264 programs. The r band a split program
-  loads serves SPLIT_ROWS = min(BM, next pow2 of Lq) query rows: at Lq 1, BN = 32 rows of r per
-  key tile instead of BM + BN - 1 padded to 64 (the band product and the r traffic halve).
-  *Predictions* (no GPU was available): wt103 eval at batch 1 goes from 64 programs on 132 SMs
-  to ~320 (5 key chunks per tile), so up to ~2x on that forward (the partials, 2.6 MB, cost
-  ~1 us to write and merge); decode reads half the r bytes of the old band.
-* Growing arguments: Lk, mlen, window, keys_per_split and n_splits change while generation fills
-  the memory; they are ``do_not_specialize`` (the JIT would otherwise compile a new binary each
-  time one of them becomes divisible by 16, or 1: three binaries over Lk 1601 ... 1640). They
-  bound loops and masks only (every load is contiguous along D), so no vectorisation is lost.
-* Head size: any D in 1..128; the tile is padded to BLOCK_D = max(16, next pow2 of D) with masks
-  (so D = 48 works, as BLOCK_D 64). Ahead-of-time compiled specialisations: D in {16, 32, 64, 128}.
-* dtypes: fp32 (tl.dot with input_precision "tf32x3" on a GPU: three TF32 tensor-core products,
-  ~fp32 accuracy; "ieee" lowers to FMA loops that spilled over 100 KB and overflowed sm_80
-  shared memory; exact "ieee" under the interpreter), fp16, bf16 (products in the input dtype,
-  accumulation in fp32); fp64 under the interpreter only (validation; the launcher refuses fp64
-  on CUDA because the scalar scale is passed as fp32 there).
-
-What is tested, and on what
----------------------------
-``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
-(fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, the split path forced over several query tiles, strided
-time-major inputs, NaN canaries, input validation, an allocation bound; the bidirectional mode and
-key lengths with both kinds of empty rows on the three paths, tiles past a key length never
-read); ``tests/test_triton_op.py`` runs the same launchers through the
-``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
-traces them. bf16 cannot run in the interpreter (triton issue 11584): it
-is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
-specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions for the JIT's own specialisations at the wt103 shapes and a Conformer layer's, and
-counts the JIT's specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
-GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
-hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
+``_fwd_kernel`` runs an online softmax over key tiles (SPLIT_K: over one chunk of the keys, merged
+by ``_fwd_combine_kernel``); the backward is ``_bwd_delta_kernel``, ``_bwd_dq_kernel`` (loop over
+key tiles) and ``_bwd_dkdv_kernel`` (loop over query tiles, dr by relaxed atomics). A tile's
+position term is one band of r rows, multiplied once and skewed in registers (``_scores``,
+``_unskew``). Every loop is split into tiles no mask touches and edge tiles (``_full_tiles``).
+The design, the cost model and what is verified: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -675,7 +570,7 @@ def block_d(head_dim: int) -> int:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; keep() drops invalid ones.
 # Measured in the AOT report (ptxas, sm_80/sm_90): 64 x 64 tiles spill 0.4-90 KB in every kernel
 # (the (BM, BP) position band and the gather's shuffles), 32 x 64 still spills KBs in dq/dkdv,
-# 32 x 32 spills at most ~2 KB; and each candidate costs 2-50 s of compile per arch. So one
+# 32 x 32 spills at most ~2 KB; and each candidate multiplies the AOT compile. So one
 # candidate per kernel is kept until a GPU can time the others (listed in UNTESTED_CANDIDATES).
 FWD_CANDIDATES = [(32, 32, 4, 2)]
 DQ_CANDIDATES = [(32, 32, 4, 2)]
