@@ -116,31 +116,3 @@ def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int,
     lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
     keys = top.topk(min(k, V), dim=1).values                                   # (n, k), best first
     return lse, keys & LOW_BITS
-
-
-AOT_ROWS = (1, 32)                     # a generation step at batch 1 and 32
-AOT_KS = (1, 64)                       # greedy, and the largest K the kernel takes
-TOP64_SPILL_BUDGET = 32                # known: top-64 at d 1024 spills 24 B on sm_90 under triton 3.6 (none in 3.8)
-
-
-def aot_specs() -> list:
-    """Every specialisation a generation step picks on the wt103 output layer
-    (``adaptive_softmax.aot_parameters``): dtype (fp32, fp16, bf16) x cluster x rows x K, with
-    the attributes the JIT derives (``aot.specs_from_launches``)."""
-    from txl_fast.kernels import aot  # noqa: PLC0415
-    from txl_fast.kernels.adaptive_softmax import aot_parameters  # noqa: PLC0415
-
-    specs = []
-    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        weights, biases, *_ = aot_parameters(dtype)
-        for w, b in zip(weights, biases):
-            for n in AOT_ROWS:
-                for k in AOT_KS:
-                    rec = aot.LaunchRecorder()
-                    cluster_topk(torch.empty(n, w.shape[1], dtype=dtype, device="meta"), w, b, k, launch=rec)
-                    new = aot.specs_from_launches({"_topk_fwd_kernel": "adaptive_topk.fwd"}, rec.launches,
-                                                  f"{dt} d{w.shape[1]} n{n} top{k}", uses_dot=lambda _: dt != "fp32")
-                    for spec in new:
-                        spec.spill_budget = TOP64_SPILL_BUDGET if k == 64 else 0
-                    specs += new
-    return specs
