@@ -29,18 +29,18 @@ MAX_SPLITS = 16                       # split path: at most this many key chunks
 TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
 UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
 INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
-SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
 #
-# Every key loop is split as in Triton's tutorial 06 (``_attn_fwd_inner`` with STAGE): the tiles
-# that every (query row, key) pair of sees (no mask: ``MASKED=False``) and the edge tiles around
-# them (the band's ends, the key length, Lk, a split's end, a ragged last query tile), which apply
-# the visibility masks. The three loops (leading edge, full, trailing edge) walk the same tiles in
-# the same order as one masked loop would, so the sums are the same bit for bit (``_full_tiles``).
+# Every key loop is split as in Triton's tutorial 06 (``_attn_fwd_inner`` with STAGE): the full
+# tiles, whose every (query row, key) pair is visible (no mask: ``MASKED=False``), and the edge
+# tiles around them (the band's ends, the key length, Lk, a split's end, a ragged last query
+# tile), which apply the visibility masks. The three loops (leading edge, full, trailing edge)
+# walk the same tiles in the same order as one masked loop would, so the sums are the same bit for
+# bit (``_full_tiles``).
 
 @triton.jit
 def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

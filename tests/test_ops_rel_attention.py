@@ -10,7 +10,8 @@ buffer; input validation before launch; an allocation bound (no Lq x Lk tensor).
 bidirectional mode and key padding (per-row lengths, a prefix key mask; windows on either or both
 sides, memory, rows and batch rows with no visible key, both kinds of empty rows) on the tiled,
 decode and split paths, in fp64 (plus fp32, fp16 and a full gradcheck), NaN-poisoned, and
-key tiles past a row's length never read.
+key tiles past a row's length never read. The loops split into full and edge tiles: the full
+(unmasked) loop taken by every kernel, its result bit for bit that of every tile masked.
 What it does not cover: bf16 (broken in the interpreter; compiled ahead of time in test_aot.py),
 GPU numerics (tf32x3 fp32 dots, atomics ordering), the autotuned tile sizes, and speed.
 """
