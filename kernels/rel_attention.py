@@ -29,6 +29,11 @@ MAX_SPLITS = 16                       # split path: at most this many key chunks
 TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
 UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
 INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
+# The key loops split into full tiles (no mask) and edge tiles (``_full_tiles``), as Triton's
+# tutorial 06; off: three copies of the loop raise the register pressure, and ptxas spills past the
+# AOT allowances (dkdv on sm_80 fp16 D 64: 692 B, fp32 up to 118 KB; the fp32 forward on sm_90,
+# docs/kernels.md). On, the result is the same bit for bit; a GPU has to time it before it ships.
+FULL_TILES = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ def _fwd_kernel(
     srp, srh, srd, scbh, scbd, spbh, spbd, sob, som, soh, sod,
     H, Lq, Lk, Lr, mlen, dmin, dmax, keys_per_split, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
@@ -233,8 +238,10 @@ def _fwd_kernel(
         lo = tl.maximum(lo, split * keys_per_split)
         hi = tl.minimum(hi, (split + 1) * keys_per_split)
     # rows past Lq are never stored: the full tiles need only the real rows to see them whole
-    full_lo, full_hi = _full_key_tiles(lo, hi, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, Lk, mlen, dmin, dmax,
-                                       length, LOWER, UPPER, BLOCK_N)
+    full_lo, full_hi = hi, hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_key_tiles(lo, hi, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, Lk, mlen, dmin, dmax,
+                                           length, LOWER, UPPER, BLOCK_N)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -242,7 +249,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for stage in tl.static_range(3):          # leading edge tiles, full tiles, trailing edge tiles
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
         start = lo if stage == 0 else (full_lo if stage == 1 else full_hi)
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         acc, l_i, m_i = _fwd_tiles(
@@ -380,7 +387,7 @@ def _bwd_dq_kernel(
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
     H, Lq, Lk, Lr, mlen, dmin, dmax, n_tiles, scale, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content (the
@@ -410,14 +417,16 @@ def _bwd_dq_kernel(
     # feed the bias sums, so a ragged last query tile has edge tiles only
     length = _key_length(LENS, b, Lk, HAS_LENGTHS)
     lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, Lq, False, BLOCK_M)
-    full_lo, full_hi = _full_key_tiles(lo, tl.where(m0 + BLOCK_M <= Lq, hi, lo), m0, m0 + BLOCK_M - 1, Lk,
-                                       mlen, dmin, dmax, length, LOWER, UPPER, BLOCK_N)
+    full_lo, full_hi = hi, hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_key_tiles(lo, tl.where(m0 + BLOCK_M <= Lq, hi, lo), m0, m0 + BLOCK_M - 1, Lk,
+                                           mlen, dmin, dmax, length, LOWER, UPPER, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
     dq_c = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dq_p = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for stage in tl.static_range(3):          # leading edge tiles, full tiles, trailing edge tiles
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
         start = lo if stage == 0 else (full_lo if stage == 1 else full_hi)
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         dq_c, dq_p = _dq_tiles(
@@ -492,7 +501,7 @@ def _bwd_dkdv_kernel(
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
     H, Lq, Lk, Lr, mlen, dmin, dmax, scale, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lr, H, BD)."""
@@ -531,7 +540,9 @@ def _bwd_dkdv_kernel(
         first = tl.maximum(first, n0 + BLOCK_N - 1 - mlen + dmin)
     if UPPER:
         last = tl.minimum(last, n0 - mlen + dmax + 1)
-    full_lo, full_hi = _full_tiles(q_lo, q_hi, first, last, BLOCK_M)
+    full_lo, full_hi = q_hi, q_hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_tiles(q_lo, q_hi, first, last, BLOCK_M)
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
@@ -539,7 +550,7 @@ def _bwd_dkdv_kernel(
     dr_base = DR + h * sdrh
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    for stage in tl.static_range(3):          # leading edge tiles, full tiles, trailing edge tiles
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
         start = q_lo if stage == 0 else (full_lo if stage == 1 else full_hi)
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else q_hi)
         dk, dv = _dkdv_tiles(
@@ -764,6 +775,7 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
         spbh=position_bias.stride(0), spbd=position_bias.stride(1),
         **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
         H=H, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
+        FULL_TILES=FULL_TILES,
     )
     plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
     if plan is not None:
@@ -826,6 +838,7 @@ def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: floa
         spbh=position_bias.stride(0), spbd=position_bias.stride(1),
         **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())),
         H=H, Lq=Lq, Lk=Lk, scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=acc, PREC=_precision(), BLOCK_D=bd,
+        FULL_TILES=FULL_TILES,
     )
     _run(launch, _bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
         common, DQ=dq, DCB_PART=dcb_part, DPB_PART=dpb_part, n_tiles=n_tiles,

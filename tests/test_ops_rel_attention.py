@@ -10,8 +10,9 @@ buffer; input validation before launch; an allocation bound (no Lq x Lk tensor).
 bidirectional mode and key padding (per-row lengths, a prefix key mask; windows on either or both
 sides, memory, rows and batch rows with no visible key, both kinds of empty rows) on the tiled,
 decode and split paths, in fp64 (plus fp32, fp16 and a full gradcheck), NaN-poisoned, and
-key tiles past a row's length never read. The loops split into full and edge tiles: the full
-(unmasked) loop taken by every kernel, its result bit for bit that of every tile masked.
+key tiles past a row's length never read. The loops split into full and edge tiles (``FULL_TILES``,
+off by default): the full (unmasked) loop taken by every kernel, its result bit for bit that of
+every tile masked.
 What it does not cover: bf16 (broken in the interpreter; compiled ahead of time in test_aot.py),
 GPU numerics (tf32x3 fp32 dots, atomics ordering), the autotuned tile sizes, and speed.
 """
@@ -496,6 +497,7 @@ def test_full_tiles_are_taken_and_change_no_bit(monkeypatch, case, path):
     mode = dict(causal=causal, **{"window" if causal else "context": extent})
     if lengths is not None:
         mode["key_lengths"] = torch.tensor(lengths)
+    monkeypatch.setattr(K, "FULL_TILES", True)           # the split is off by default (ptxas spills)
     original = K._full_tiles
     split, taken = run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, original.fn)
     dq_programs = -(-Lq // K.INTERPRET_BLOCK) * B * H
