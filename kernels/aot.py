@@ -25,7 +25,8 @@ Identical specialisations are compiled once (``dedupe``).
 Must run without ``TRITON_INTERPRET=1`` (an interpreted kernel cannot be compiled): run it in its
 own process, ``python -m txl_fast.kernels.aot``. ``python -m txl_fast.kernels.aot --loops PATTERN``
 prints instead the PTX instruction count of each kernel matching PATTERN and of its loop bodies
-(``ptx_loops``; docs/kernels.md has the before/after table of the relative attention's key loop).
+(``ptx_loops``; ``--full-tiles``: with the attention's loops split, ``rel_attention.FULL_TILES``;
+docs/kernels.md has the before/after table).
 """
 from __future__ import annotations
 
@@ -553,6 +554,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["--loops"]:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             raise SystemExit("--loops cannot run with TRITON_INTERPRET=1")
+        if "--full-tiles" in argv:           # the attention's loops split into full and edge tiles
+            argv = [a for a in argv if a != "--full-tiles"]
+            importlib.import_module("txl_fast.kernels.rel_attention").FULL_TILES = True
         pattern = argv[1] if len(argv) > 1 else ""
         for r in loop_report(pattern, modules=tuple(argv[2:]) or MODULES):
             print(f"{r['kernel']:24s} {r['arch']}  total {r['ptx_instructions']:6d}  loop bodies "

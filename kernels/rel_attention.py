@@ -10,8 +10,9 @@ and j < key_lengths[b] (``visibility``). ``txl_fast.naive`` is the literal valid
 by ``_fwd_combine_kernel``); the backward is ``_bwd_delta_kernel``, ``_bwd_dq_kernel`` (loop over
 key tiles) and ``_bwd_dkdv_kernel`` (loop over query tiles, dr by relaxed atomics). A tile's
 position term is one band of r rows, multiplied once and skewed in registers (``_scores``,
-``_unskew``). Every loop is split into tiles no mask touches and edge tiles (``_full_tiles``).
-The design, the cost model and what is verified: docs/kernels.md.
+``_unskew``). With ``FULL_TILES`` (off until a GPU times it) each loop is split into tiles no mask
+touches and edge tiles (``_full_tiles``). The design, the cost model and what is verified:
+docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ FULL_TILES = False
 # kernels
 # ---------------------------------------------------------------------------------------------
 #
-# Every key loop is split as in Triton's tutorial 06 (``_attn_fwd_inner`` with STAGE): the full
+# With FULL_TILES every key loop is split as in Triton's tutorial 06 (``_attn_fwd_inner`` with
+# STAGE; without, each kernel runs one masked loop, the leading-edge call over all tiles): the full
 # tiles, whose every (query row, key) pair is visible (no mask: ``MASKED=False``), and the edge
 # tiles around them (the band's ends, the key length, Lk, a split's end, a ragged last query
 # tile), which apply the visibility masks. The three loops (leading edge, full, trailing edge)
