@@ -4,80 +4,12 @@ Maths, shapes and argument conventions: ``txl_fast.ops.adaptive_softmax`` (hidde
 per cluster c = 0..C weights[c] (V_c, d_c), biases[c] (V_c,), projs[c] (d_proj, d_c) or None;
 cluster_weight (C, d_0), cluster_bias (C,)). ``txl_fast.naive`` is the literal validator.
 
-Cost model for the wt103 output layer at N = 128 * bsz rows (bsz 1..32)
-------------------------------------------------------------------------
-A *prediction*, not a measurement: no GPU was available while this was written. H100 SXM roofline
-~3.0 TB/s HBM and ~800 TFLOP/s dense bf16; bf16 weights and activations. Vocabulary 267,735 =
-head 20,000 words + 3 cluster logits (d 1024), tails 20,000 (d 256), 160,000 (d 64), 67,735 (d 16);
-d_proj 1024; weights + projections + biases 38.6 M parameters = 77.2 MB bf16. Token share per
-cluster assumed 90 / 5 / 4 / 1 % (not measured). Full table: ``benchmarks/RESULTS.md``.
-
-* Loss forward: 44.4 MFLOP a row (head logits 41.0 M dominate); minimum bytes = weights once +
-  hidden: 77 MB at bsz 1, 86 MB at bsz 32. Predicted 26 us (bsz 1, memory bound) to 0.23 ms
-  (bsz 32, compute bound). HF (fp32, materialises the head logits and log-softmax, the tails'
-  rows' logits, and a torch.cat copy of the head weight per call): 0.36 GB at bsz 1, 1.7 GB at
-  bsz 32 -> 0.12 / 0.57 ms of traffic alone.
-* Loss backward as built: ~750 MFLOP a row (the head's logits are recomputed once per 128-wide
-  slice of d in each of the dh and dW kernels, 8x; ideal ~131 M) -> predicted ~3.9 ms at bsz 32.
-  The known weak spot of this design; see "Kernel design".
-* Log-probs (labels=None): ~150 MFLOP a row (logits computed twice), minimum bytes = the (N,
-  267,735) output (bf16: 2.2 GB at bsz 32) + weights: predicted 49 us (bsz 1) to 0.77 ms
-  (bsz 32). HF (fp32: 5 passes over the head's columns, 7 over each tail's): 1.3 GB at bsz 1,
-  30 GB at bsz 32 -> 0.42 / 10 ms.
-
-Kernel design
--------------
-* Grouping (loss path), on the device with no host sync (so the loss also traces into a
-  ``torch.compile`` graph through its ``triton_op``): cluster of each target by comparisons with
-  the C cluster edges, ignored rows (-100) in an extra last bucket, a stable sort by cluster and a
-  ``searchsorted`` -> ``starts`` (C+3 int32), cluster c's rows being order[starts[c]:starts[c+1]].
-  The rows are gathered once in cluster order (hidden[order], N x d_proj) and each tail's
-  projection is computed for all N sorted rows (N x d_proj x d_c; for wt103 ~2% of the head's
-  logits FLOPs); each tail kernel gets all N rows and reads its span ``starts[c:c+2]`` from the
-  device, its row tiles past the span streaming nothing. Per-row results go back to row order
-  with one ``index_add`` over (N,).
-* One streaming kernel, ``_lse_fwd_kernel``: grid (row tiles of BLOCK_M, vocabulary splits);
-  each program streams its split in BLOCK_N tiles, a logits tile is an fp32 K-loop of tl.dot over
-  d_c in BLOCK_K chunks plus the bias, and an online max / sum gives the split's log-sum-exp; the
-  target logit is picked in the same pass. The head's vocabulary is weights[0] followed by
-  cluster_weight, read through two masked pointers (no concatenation copy). Per-split lse go to a
-  (splits, n) buffer combined by ``logsumexp`` on the host (n * splits floats). The number of
-  splits aims at ~2 programs per SM. Nothing of size rows x V_c exists anywhere.
-* NLL = (lse_head - z_head[col]) + (lse_c - z_c[t - start_c]) for tail rows, col = the word in the
-  head or its cluster's column V_0 + c - 1; 0 for ignored rows. The lse of every cluster,
-  (C+1, N), is what the backward keeps; it recomputes the grouping and the projections.
-* Backward: dz = g * (softmax - onehot), recomputed tile by tile from the saved lse.
-  ``_bwd_dh_kernel`` (grid: row tiles x d_c chunks of BLOCK_DO x vocabulary splits) streams its
-  split of the cluster vocabulary and accumulates a partial dh_c = dz @ W_c into a (splits, n, d_c)
-  buffer (at most DH_PARTIAL_BYTES = 64 MB), summed by torch in a fixed order (deterministic). A
-  tail's rows are on the device (no host sync), so the split count assumes one working row tile:
-  the wt103 160,000-word tail at batch 32 (~4 % of 4096 rows, ~3 row tiles) gets 64 splits
-  (~190 programs) instead of 3 programs streaming the whole vocabulary. *Prediction* (no GPU):
-  that tail's dh goes from a handful of SMs busy to all of them, up to ~40x on that kernel; the
-  partials cost one 64 MB zero-fill and one read (~30 us at H200 bandwidth). ``_bwd_dw_kernel`` (grid: vocabulary tiles x d_c
-  chunks) streams the cluster's rows and accumulates dW_c = dz^T @ h_c and db_c = sum dz. Every
-  output element has exactly one writer: no atomics, deterministic. The logits are recomputed
-  once per d_c chunk: 1x for tails with d_c <= BLOCK_DO (128; 64 in fp32), 2x for d 256, 8x for
-  the wt103 head (d 1024) - the known cost of this design (the head backward is then ~18x the
-  head's forward FLOPs instead of ~3x; a chunked dz buffer + cuBLAS for the head alone would
-  avoid it). dproj_c = x_c^T @ dh_c
-  and dhidden (+)= dh_c @ proj_c^T are small torch matmuls; gradients of a tensor passed twice
-  (tied projections, div_val 1 slices of one matrix) add up in autograd.
-* Log-probs (labels=None): per cluster the lse kernel over all N rows, then ``_logprob_kernel``
-  (grid: row tiles x vocabulary tiles) recomputes each logits tile and writes logit + (shift - lse)
-  straight into the (N, V) output (or a strided view the caller passes), shift = the head's cluster
-  log-prob. Temporaries: (N, d_c) projections, (splits, N) lse partials, (N, C).
-* Layout: weights/biases/hidden/output through their strides (div_val 1 row slices are views);
-  row and vocabulary offsets are widened to int64 before they multiply a stride.
-* dtypes: fp32 (tl.dot with input_precision="ieee"), fp16, bf16 products with fp32 accumulation;
-  fp64 under the interpreter only (validation). Tiles are fixed per kernel and d_c (``configs``),
-  not autotuned; every configuration a GPU run can pick is in ``aot_specs()``.
-
-What is tested: ``tests/test_ops_adaptive_softmax.py`` under ``TRITON_INTERPRET=1`` on CPU
-tensors, fp64/fp32/fp16 against a float64 naive reference (bf16 is broken in the interpreter and
-only compiled ahead of time); ``tests/test_triton_op.py`` runs the same launchers through the
-``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
-traces them. Nothing here ran on a GPU: no timing, no GPU numerics.
+Rows are grouped by cluster on the device (no host sync) and each cluster's vocabulary is streamed
+in tiles: ``_lse_fwd_kernel`` (per vocabulary split, the log-sum-exp and the target logit),
+``_bwd_dh_kernel`` and ``_bwd_dw_kernel`` (dz = g * (softmax - onehot) recomputed tile by tile from
+the saved log-sum-exp; one writer per output element), ``_logprob_kernel`` (log-probs written
+straight into the (N, V) output). No rows x V_c tensor exists. The design, the cost model and what
+is verified: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -623,66 +555,3 @@ def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, ou
         write_logprob(h_c, weights[c], biases[c], (head_cluster[:, c - 1] - lse_c).contiguous(),
                       out[:, bounds[c]: bounds[c + 1]], launch)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# ahead-of-time specialisations
-# ---------------------------------------------------------------------------------------------
-
-# the wt103 output layer: vocabulary 267,735, cutoffs 20000 / 40000 / 200000, div_val 4, d 1024
-AOT_D_PROJ, AOT_CUTOFFS, AOT_VOCAB, AOT_DIV_VAL = 1024, (20000, 40000, 200000), 267735, 4
-# known spills (ptxas, triton 3.8 and 3.6): the lse kernel's 8-40 B (fp32 on sm_90, d 256 in 16
-# bit on sm_80); every other kernel: none
-LSE_SPILL_BUDGET = 64
-AOT_EVAL_ROWS = (128, 4096)            # tgt_len 128 at batch 1 and 32: loss forward and backward, log-probs
-AOT_DECODE_ROWS = (1, 32)              # a decode step at batch 1 and 32: log-probs
-
-
-def aot_parameters(dtype: torch.dtype):
-    """(weights, biases, projs, cluster_weight, cluster_bias) of the wt103 layer, on the meta device."""
-    meta = dict(dtype=dtype, device="meta")
-    edges = (0,) + AOT_CUTOFFS + (AOT_VOCAB,)
-    widths = [AOT_D_PROJ // AOT_DIV_VAL ** c for c in range(len(edges) - 1)]
-    weights = [torch.empty(edges[c + 1] - edges[c], d, **meta) for c, d in enumerate(widths)]
-    biases = [torch.empty(w.shape[0], **meta) for w in weights]
-    projs = [torch.empty(AOT_D_PROJ, d, **meta) for d in widths]
-    C = len(AOT_CUTOFFS)
-    return weights, biases, projs, torch.empty(C, AOT_D_PROJ, **meta), torch.empty(C, **meta)
-
-
-def aot_launches(dtype: torch.dtype, launch) -> None:
-    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): the
-    loss forward and backward (every gradient) at the eval row counts, the log-probs at every one."""
-    params = aot_parameters(dtype)
-    n_clusters = len(params[0])
-    needs = dict(hidden=True, weights=[True] * n_clusters, biases=[True] * n_clusters,
-                 projs=[True] * n_clusters, cluster=True)
-    for n in AOT_EVAL_ROWS + AOT_DECODE_ROWS:
-        hidden = torch.empty(n, AOT_D_PROJ, dtype=dtype, device="meta")
-        if n in AOT_EVAL_ROWS:
-            target = torch.empty(n, dtype=torch.long, device="meta")
-            nll, lse = nll_forward(hidden, target, *params, launch=launch)
-            nll_backward(torch.empty_like(nll), hidden, target, *params, lse, needs, launch=launch)
-        log_softmax(hidden, *params, launch=launch)
-
-
-def aot_specs() -> list:
-    """Every specialisation a GPU run picks at the wt103 shapes (``aot_launches``), with the
-    attributes the JIT derives (``aot.specs_from_launches``), for fp32, fp16 and bf16."""
-    from txl_fast.kernels import aot  # noqa: PLC0415
-
-    names = {"_lse_fwd_kernel": "adaptive_softmax.lse", "_bwd_dh_kernel": "adaptive_softmax.dh",
-             "_bwd_dw_kernel": "adaptive_softmax.dw", "_logprob_kernel": "adaptive_softmax.logprob"}
-    specs = []
-    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        rec = aot.LaunchRecorder()
-        aot_launches(dtype, rec)
-        for kernel, args, kwargs in rec.launches:
-            (n, d), flags = args[0].shape, {k: int(v) for k, v in kwargs.items() if k.startswith("HAS_")}
-            flag_txt = " ".join(f"{k}={v}" for k, v in flags.items())
-            new = aot.specs_from_launches(names, [(kernel, args, kwargs)], f"{dt} d{d} n{n} {flag_txt}".strip(),
-                                          uses_dot=lambda name: dt != "fp32")
-            for spec in new:
-                spec.spill_budget = LSE_SPILL_BUDGET if spec.name == "adaptive_softmax.lse" else 0
-            specs += new
-    return specs

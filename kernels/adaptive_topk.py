@@ -2,25 +2,13 @@
 
     cluster_topk(h (n, d), w (V, d), b (V,), k) -> lse (n,), ids (n, min(k, V)) best first
 
-The cluster's vocabulary is streamed in tiles exactly as the loss kernel does
-(``kernels/adaptive_softmax.py``: ``_logits_tile``, vocabulary splits): per row an online
-log-sum-exp and a running top-K of the logits, K = next power of two >= k. No (n, V) tensor exists;
-temporaries are (splits, n) log-sum-exp partials and (n, splits * K) candidates.
-
-A candidate is one int64 key: the high 32 bits an order-preserving integer image of the fp32 logit
-(the float's bits, with the magnitude bits flipped for negatives), the low 32 bits the column. Keys
-compare like their logits (ties: the higher column first), so ``tl.topk`` on keys selects logits and
-carries their columns; the running set merges with each tile's top-K by ``tl.join`` and one more
-``tl.topk``. The splits' candidates are merged on the host by ``torch.topk`` on the keys.
-The keys only *select*: the caller recomputes the winners' logits in the accumulation dtype
-(``txl_fast.ops.adaptive_topk``), so float64 validation keeps float64 values.
-
-Cost, wt103 head (20,000 x 1024) at batch 1..64 rows: the same reads as the loss kernel's forward
-(the weights once, 41 MB in bf16: ~14 us at 3 TB/s), plus 2 log2(K) compare-exchange passes per
-logit for the two top-K merges (bitonic, in registers). A prediction: no GPU was available.
-
-Tested under ``TRITON_INTERPRET=1`` against a full float64 log-softmax + ``torch.topk``
-(``tests/test_ops_adaptive_topk.py``); compiled ahead of time for sm_80 / sm_90 (``aot_specs``).
+The vocabulary is streamed as the loss kernel streams it (``kernels/adaptive_softmax.py``:
+``_logits_tile``, vocabulary splits): per row an online log-sum-exp and a running top-K of the
+logits, K = next power of two >= k. A candidate is one int64 key, the high 32 bits an
+order-preserving image of the fp32 logit, the low 32 bits the column (``_pack``), so ``tl.topk`` on
+keys selects logits and carries their columns; the splits' candidates are merged on the host. The
+keys only select: the caller recomputes the winners' logits in the accumulation dtype. The design,
+the cost and what is verified: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -128,31 +116,3 @@ def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int,
     lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
     keys = top.topk(min(k, V), dim=1).values                                   # (n, k), best first
     return lse, keys & LOW_BITS
-
-
-AOT_ROWS = (1, 32)                     # a generation step at batch 1 and 32
-AOT_KS = (1, 64)                       # greedy, and the largest K the kernel takes
-TOP64_SPILL_BUDGET = 32                # known: top-64 at d 1024 spills 24 B on sm_90 under triton 3.6 (none in 3.8)
-
-
-def aot_specs() -> list:
-    """Every specialisation a generation step picks on the wt103 output layer
-    (``adaptive_softmax.aot_parameters``): dtype (fp32, fp16, bf16) x cluster x rows x K, with
-    the attributes the JIT derives (``aot.specs_from_launches``)."""
-    from txl_fast.kernels import aot  # noqa: PLC0415
-    from txl_fast.kernels.adaptive_softmax import aot_parameters  # noqa: PLC0415
-
-    specs = []
-    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        weights, biases, *_ = aot_parameters(dtype)
-        for w, b in zip(weights, biases):
-            for n in AOT_ROWS:
-                for k in AOT_KS:
-                    rec = aot.LaunchRecorder()
-                    cluster_topk(torch.empty(n, w.shape[1], dtype=dtype, device="meta"), w, b, k, launch=rec)
-                    new = aot.specs_from_launches({"_topk_fwd_kernel": "adaptive_topk.fwd"}, rec.launches,
-                                                  f"{dt} d{w.shape[1]} n{n} top{k}", uses_dot=lambda _: dt != "fp32")
-                    for spec in new:
-                        spec.spill_budget = TOP64_SPILL_BUDGET if k == 64 else 0
-                    specs += new
-    return specs

@@ -6,13 +6,13 @@ machine, that each kernel compiles for both architectures, fits in shared memory
 spill, and maps its tl.dot onto tensor cores (``mma`` on sm_80, ``wgmma`` or ``mma`` on sm_90).
 It says nothing about speed or GPU numerics.
 
-Protocol: each kernel module in ``kernels/`` exposes ``aot_specs() -> list[AotSpec]``. This module
-imports the modules in ``MODULES`` (a module
-that does not exist yet is skipped, and the report says so) and compiles every spec for each
-architecture, in parallel over the machine's cores.
+Protocol: for each kernel module in ``MODULES`` this file holds a spec builder (``SPEC_BUILDERS``:
+``attention_specs``, ``softmax_specs``, ``topk_specs``; a module that does not exist yet is
+skipped, and the report says so) and compiles every spec for each architecture, in parallel over
+the machine's cores. The kernel files hold kernels and launchers only.
 
-Compile what will really run: a kernel module builds its specs by calling its own launchers on
-meta tensors of the real shapes with ``launch=LaunchRecorder()`` (nothing runs; each launch's
+Compile what will really run: a builder calls the module's launchers on meta tensors of the real
+shapes with ``launch=LaunchRecorder()`` (nothing runs; each launch's
 kernel, arguments and options are recorded, an autotuned kernel expands to every candidate
 config) and ``specs_from_launches`` derives each launch's signature, constexprs and attributes
 with triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``, the
@@ -23,7 +23,10 @@ plus the view's offset: a view's alignment is the one a GPU allocation, 256-byte
 Identical specialisations are compiled once (``dedupe``).
 
 Must run without ``TRITON_INTERPRET=1`` (an interpreted kernel cannot be compiled): run it in its
-own process, ``python -m txl_fast.kernels.aot``.
+own process, ``python -m txl_fast.kernels.aot``. ``python -m txl_fast.kernels.aot --loops PATTERN``
+prints instead the PTX instruction count of each kernel matching PATTERN and of its loop bodies
+(``ptx_loops``; ``--full-tiles``: with the attention's loops split, ``rel_attention.FULL_TILES``;
+docs/kernels.md has the before/after table).
 """
 from __future__ import annotations
 
@@ -175,9 +178,10 @@ def _ptxas(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
 
 @functools.lru_cache(maxsize=None)
 def module_specs(mod_name: str) -> list[AotSpec]:
-    """The module's ``aot_specs()``, deduplicated, computed once per process (the pool's forked
-    workers inherit it)."""
-    return dedupe(importlib.import_module(mod_name).aot_specs())
+    """The module's specs (``SPEC_BUILDERS``), deduplicated, computed once per process (the pool's
+    forked workers inherit it)."""
+    importlib.import_module(mod_name)
+    return dedupe(SPEC_BUILDERS[mod_name]())
 
 
 def load_specs(modules=MODULES) -> tuple[list[tuple[str, int, AotSpec]], list[str]]:
@@ -185,14 +189,14 @@ def load_specs(modules=MODULES) -> tuple[list[tuple[str, int, AotSpec]], list[st
     specs, notes = [], []
     for mod_name in modules:
         try:
-            mod = importlib.import_module(mod_name)
+            importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
             if e.name and mod_name.startswith(e.name):
                 notes.append(f"{mod_name}: module not present yet, skipped")
                 continue
             raise
-        if not hasattr(mod, "aot_specs"):
-            notes.append(f"{mod_name}: no aot_specs(), skipped")
+        if mod_name not in SPEC_BUILDERS:
+            notes.append(f"{mod_name}: no spec builder in SPEC_BUILDERS, skipped")
             continue
         specs += [(mod_name, i, s) for i, s in enumerate(module_specs(mod_name))]
     return specs, notes
@@ -285,10 +289,279 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# the specialisations: each kernel module's launchers called at the shapes a GPU run meets
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16"))
+
+# relative attention: the wt103 model (n_head 16, d_head 64, eval tgt_len 128 / mem_len 1600,
+# same_length: window = mem_len); the head size sweep keeps d_model = H * D = 1024
+ATTN_D_MODEL, ATTN_TGT, ATTN_MEM = 1024, 128, 1600
+ATTN_BATCHES = (1, 32)
+ATTN_DECODE_LQ = (1, 5)          # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
+# a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
+# mode with key lengths and zero empty rows, over all distances and with a limited context
+ATTN_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)))
+
+
+def attention_launches(dtype, D: int, launch) -> None:
+    """Call the attention launchers as a GPU run would, on meta tensors, with ``launch`` (a
+    recorder): eval forward + backward (memory full, window on) and decode steps, at every batch
+    size (the batch only changes strides divisible by 16: the batches share their binaries); at
+    D 64 also a Conformer layer's bidirectional forward + backward (``ATTN_CONFORMER``)."""
+    import torch  # noqa: PLC0415
+
+    from txl_fast.kernels import rel_attention as ra  # noqa: PLC0415
+
+    H = ATTN_D_MODEL // D
+    meta = dict(dtype=dtype, device="meta")
+    for B in ATTN_BATCHES:
+        for Lq, window in [(ATTN_TGT, ATTN_MEM)] + [(lq, ATTN_MEM) for lq in ATTN_DECODE_LQ if D == 64 or lq == 1]:
+            Lk = ATTN_MEM + Lq
+            q = torch.empty(B, Lq, H, D, **meta)
+            # keys/values as the cache hands them over: a time window of a head-major buffer
+            kv_buf = torch.empty(B, H, Lk + 7, D, **meta)
+            k = kv_buf[:, :, 3:3 + Lk].transpose(1, 2)
+            v = torch.empty_like(kv_buf)[:, :, 3:3 + Lk].transpose(1, 2)
+            r, cb, pb = torch.empty(Lk, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+            out, m, l = ra.forward(q, k, v, r, cb, pb, D ** -0.5, window, launch=launch)
+            if Lq > ra.DECODE_MAX_LQ:
+                ra.backward(torch.empty_like(out), q, k, v, r, cb, pb, out, m, l, D ** -0.5, window, launch=launch)
+    if D == ATTN_CONFORMER["D"]:
+        B, L, H = ATTN_CONFORMER["B"], ATTN_CONFORMER["L"], ATTN_CONFORMER["H"]
+        q, k, v = (torch.empty(B, L, H, D, **meta) for _ in range(3))
+        r, cb, pb = torch.empty(2 * L - 1, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
+        lengths = torch.empty(B, dtype=torch.int32, device="meta")
+        for context in ATTN_CONFORMER["contexts"]:
+            mode = dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+            out, m, l = ra.forward(q, k, v, r, cb, pb, D ** -0.5, None, launch=launch, **mode)
+            ra.backward(torch.empty_like(out), q, k, v, r, cb, pb, out, m, l, D ** -0.5, None, launch=launch, **mode)
+
+
+def attention_spill_budget(kernel: str, dt: str, D: int, bidirectional: bool = False) -> int:
+    """Spill bytes (ptxas -v, either arch) the report accepts for an attention kernel: the known
+    spills, declared with a bound so that growth still fails. Measured with the JIT's
+    specialisations under triton 3.8 and 3.6: none in fp16/bf16 at D <= 64 (the wt103 path) except
+    dkdv's 108-144 B on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB
+    at every D (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128
+    ~1 KB; 16-bit backward at D 128 36-1104 B. The bidirectional dkdv at D 64 in fp16/bf16 (triton
+    3.8, the Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90.
+    All with the 32 x 32 tiles, chosen before a GPU could time smaller ones: fp32 is the validation
+    dtype, not the fast path."""
+    if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
+        return 40960
+    if D == 128 and kernel in ("dq", "dkdv"):
+        return 2048
+    if kernel == "dkdv" and D == 64:
+        return 512 if bidirectional else 256
+    return 0
+
+
+def attention_specs() -> list[AotSpec]:
+    """Every attention specialisation a GPU run picks at the wt103 shapes and a Conformer layer's
+    (``attention_launches``): dtype (fp32, fp16, bf16) x d_head (16, 32, 64, 128) x each kernel's
+    candidate configurations."""
+    import torch  # noqa: PLC0415
+
+    from txl_fast.kernels import rel_attention as ra  # noqa: PLC0415
+
+    names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
+             "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
+    specs = []
+    for dt, dtype_name in DTYPES:
+        for D in (16, 32, 64, 128):
+            rec = LaunchRecorder()
+            attention_launches(getattr(torch, dtype_name), D, rec)
+            for kernel, args, kwargs in rec.launches:
+                fn = getattr(kernel, "fn", kernel)
+                name = names[fn.__name__]
+                if name == "fwd" and kwargs.get("SPLIT_K"):
+                    name = "decode" if kwargs["Lq"] <= ra.DECODE_MAX_LQ else "split"
+                bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
+                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
+                               if kwargs.get(flag))
+                if bidirectional:
+                    mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
+                new = specs_from_launches(
+                    {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
+                    f"{dt} D{D} Lq{kwargs['Lq']}{mode}",
+                    uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
+                for spec in new:
+                    spec.spill_budget = attention_spill_budget(name, dt, D, bidirectional)
+                specs += new
+    return specs
+
+
+# adaptive softmax: the wt103 output layer, vocabulary 267,735, cutoffs 20000 / 40000 / 200000,
+# div_val 4, d 1024
+SOFTMAX_D_PROJ, SOFTMAX_CUTOFFS, SOFTMAX_VOCAB, SOFTMAX_DIV_VAL = 1024, (20000, 40000, 200000), 267735, 4
+# known spills (ptxas, triton 3.8 and 3.6): the lse kernel's 8-40 B (fp32 on sm_90, d 256 in 16
+# bit on sm_80); every other kernel: none
+LSE_SPILL_BUDGET = 64
+SOFTMAX_EVAL_ROWS = (128, 4096)        # tgt_len 128 at batch 1 and 32: loss forward and backward, log-probs
+SOFTMAX_DECODE_ROWS = (1, 32)          # a decode step at batch 1 and 32: log-probs
+
+
+def softmax_parameters(dtype):
+    """(weights, biases, projs, cluster_weight, cluster_bias) of the wt103 layer, on the meta device."""
+    import torch  # noqa: PLC0415
+
+    meta = dict(dtype=dtype, device="meta")
+    edges = (0,) + SOFTMAX_CUTOFFS + (SOFTMAX_VOCAB,)
+    widths = [SOFTMAX_D_PROJ // SOFTMAX_DIV_VAL ** c for c in range(len(edges) - 1)]
+    weights = [torch.empty(edges[c + 1] - edges[c], d, **meta) for c, d in enumerate(widths)]
+    biases = [torch.empty(w.shape[0], **meta) for w in weights]
+    projs = [torch.empty(SOFTMAX_D_PROJ, d, **meta) for d in widths]
+    C = len(SOFTMAX_CUTOFFS)
+    return weights, biases, projs, torch.empty(C, SOFTMAX_D_PROJ, **meta), torch.empty(C, **meta)
+
+
+def softmax_launches(dtype, launch) -> None:
+    """Call the adaptive softmax launchers as a GPU run would, on meta tensors, with ``launch`` (a
+    recorder): the loss forward and backward (every gradient) at the eval row counts, the
+    log-probs at every one."""
+    import torch  # noqa: PLC0415
+
+    from txl_fast.kernels import adaptive_softmax as asm  # noqa: PLC0415
+
+    params = softmax_parameters(dtype)
+    n_clusters = len(params[0])
+    needs = dict(hidden=True, weights=[True] * n_clusters, biases=[True] * n_clusters,
+                 projs=[True] * n_clusters, cluster=True)
+    for n in SOFTMAX_EVAL_ROWS + SOFTMAX_DECODE_ROWS:
+        hidden = torch.empty(n, SOFTMAX_D_PROJ, dtype=dtype, device="meta")
+        if n in SOFTMAX_EVAL_ROWS:
+            target = torch.empty(n, dtype=torch.long, device="meta")
+            nll, lse = asm.nll_forward(hidden, target, *params, launch=launch)
+            asm.nll_backward(torch.empty_like(nll), hidden, target, *params, lse, needs, launch=launch)
+        asm.log_softmax(hidden, *params, launch=launch)
+
+
+def softmax_specs() -> list[AotSpec]:
+    """Every adaptive softmax specialisation a GPU run picks at the wt103 shapes
+    (``softmax_launches``), for fp32, fp16 and bf16."""
+    import torch  # noqa: PLC0415
+
+    names = {"_lse_fwd_kernel": "adaptive_softmax.lse", "_bwd_dh_kernel": "adaptive_softmax.dh",
+             "_bwd_dw_kernel": "adaptive_softmax.dw", "_logprob_kernel": "adaptive_softmax.logprob"}
+    specs = []
+    for dt, dtype_name in DTYPES:
+        rec = LaunchRecorder()
+        softmax_launches(getattr(torch, dtype_name), rec)
+        for kernel, args, kwargs in rec.launches:
+            (n, d), flags = args[0].shape, {k: int(v) for k, v in kwargs.items() if k.startswith("HAS_")}
+            flag_txt = " ".join(f"{k}={v}" for k, v in flags.items())
+            new = specs_from_launches(names, [(kernel, args, kwargs)], f"{dt} d{d} n{n} {flag_txt}".strip(),
+                                      uses_dot=lambda name: dt != "fp32")
+            for spec in new:
+                spec.spill_budget = LSE_SPILL_BUDGET if spec.name == "adaptive_softmax.lse" else 0
+            specs += new
+    return specs
+
+
+# top-k: a generation step on the wt103 output layer
+TOPK_ROWS = (1, 32)                    # a generation step at batch 1 and 32
+TOPK_KS = (1, 64)                      # greedy, and the largest K the kernel takes
+TOP64_SPILL_BUDGET = 32                # known: top-64 at d 1024 spills 24 B on sm_90 under triton 3.6 (none in 3.8)
+
+
+def topk_specs() -> list[AotSpec]:
+    """Every top-k specialisation a generation step picks on the wt103 output layer
+    (``softmax_parameters``): dtype (fp32, fp16, bf16) x cluster x rows x K."""
+    import torch  # noqa: PLC0415
+
+    from txl_fast.kernels import adaptive_topk  # noqa: PLC0415
+
+    specs = []
+    for dt, dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        weights, biases, *_ = softmax_parameters(dtype)
+        for w, b in zip(weights, biases):
+            for n in TOPK_ROWS:
+                for k in TOPK_KS:
+                    rec = LaunchRecorder()
+                    adaptive_topk.cluster_topk(torch.empty(n, w.shape[1], dtype=dtype, device="meta"), w, b, k,
+                                               launch=rec)
+                    new = specs_from_launches({"_topk_fwd_kernel": "adaptive_topk.fwd"}, rec.launches,
+                                              f"{dt} d{w.shape[1]} n{n} top{k}", uses_dot=lambda _: dt != "fp32")
+                    for spec in new:
+                        spec.spill_budget = TOP64_SPILL_BUDGET if k == 64 else 0
+                    specs += new
+    return specs
+
+
+# the spec builder of each kernel module, by module name (``MODULES``)
+SPEC_BUILDERS = {"txl_fast.kernels.rel_attention": attention_specs,
+                 "txl_fast.kernels.adaptive_softmax": softmax_specs,
+                 "txl_fast.kernels.adaptive_topk": topk_specs}
+
+
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def _is_instruction(line: str) -> bool:
+    """A PTX instruction line: ends with ';' and is not a directive, a declaration or a comment."""
+    line = line.strip()
+    return line.endswith(";") and not line.startswith((".", "//", "{", "}"))
+
+
+def ptx_loops(ptx: str) -> tuple[int, list[int]]:
+    """(instructions of the whole PTX, [instructions of each loop body]): a loop body is the text
+    from a label to the last branch back to it (a backward ``bra``), as ``ptxas`` sees the loop
+    after triton's software pipelining (prologue and epilogue outside); bodies in PTX order."""
+    lines = ptx.splitlines()
+    where, last_back = {}, {}
+    for n, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            where[m.group(1)] = n
+        b = _BRANCH.search(line)
+        if b and b.group(1) in where and where[b.group(1)] < n:
+            last_back[b.group(1)] = n
+    loops = [sum(_is_instruction(x) for x in lines[where[lab]:end + 1])
+             for lab, end in sorted(last_back.items(), key=lambda kv: where[kv[0]])]
+    return sum(_is_instruction(x) for x in lines), loops
+
+
+def loop_report(pattern: str, modules=MODULES) -> list[dict]:
+    """PTX instruction counts (``ptx_loops``) of every spec whose "kernel specialisation" matches
+    the regex ``pattern``, for each arch: what ``python -m txl_fast.kernels.aot --loops PATTERN``
+    prints. Compiled in this process, one at a time (triton's cache makes reruns fast)."""
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    rows = []
+    for _, _, spec in load_specs(modules)[0]:
+        if not re.search(pattern, f"{spec.name} {spec.describe()}"):
+            continue
+        for arch in ARCHS:
+            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            total, loops = ptx_loops(k.asm["ptx"])
+            rows.append(dict(kernel=spec.name, specialisation=spec.describe(), arch=f"sm_{arch}",
+                             ptx_instructions=total, loop_bodies=loops))
+    return rows
+
+
 def main(argv=None) -> None:
     import sys  # noqa: PLC0415
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--loops"]:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise SystemExit("--loops cannot run with TRITON_INTERPRET=1")
+        if "--full-tiles" in argv:           # the attention's loops split into full and edge tiles
+            argv = [a for a in argv if a != "--full-tiles"]
+            importlib.import_module("txl_fast.kernels.rel_attention").FULL_TILES = True
+        pattern = argv[1] if len(argv) > 1 else ""
+        for r in loop_report(pattern, modules=tuple(argv[2:]) or MODULES):
+            print(f"{r['kernel']:24s} {r['arch']}  total {r['ptx_instructions']:6d}  loop bodies "
+                  f"{' '.join(str(n) for n in r['loop_bodies']) or '-'}  {r['specialisation']}", flush=True)
+        return
     t0 = time.perf_counter()
     rows = report(modules=tuple(argv) or MODULES)
     print(format_table(rows))

@@ -1,122 +1,18 @@
 """Fused relative-position attention (Transformer-XL), forward and backward, in Triton.
 
 Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), k/v (B, Lk, H, D),
-r (Lr, H, D), u = r_w_bias and w = r_r_bias (H, D); score(i, j) = scale * ((q_i + u).k_j +
-(q_i + w).r[j + Lq - 1 - i]), row p of r the distance Lk - 1 - p). Key j is visible to query i
-when the distance d = i + mlen - j lies in [dmin, dmax] and j < key_lengths[b] (``visibility``):
-causal, [0, window - 1] and Lr = Lk (the op's clamped position keys written out to Lk rows,
-``full_positions``); bidirectional (Conformer encoders), [-right, left] for a context
-(left, right) or every distance, and Lr = Lk + Lq - 1 (distances down to -(Lq - 1)).
-``txl_fast.naive`` is the literal validator.
+r (Lr, H, D), content_bias = r_w_bias and position_bias = r_r_bias (H, D)):
+score(i, j) = scale * ((q_i + content_bias).k_j + (q_i + position_bias).r[j + Lq - 1 - i]), row p of
+r the distance Lk - 1 - p. Key j is visible to query i when d = i + mlen - j lies in [dmin, dmax]
+and j < key_lengths[b] (``visibility``). ``txl_fast.naive`` is the literal validator.
 
-Cost model for the wt103 eval shape (H 16, D 64, Lq 128, Lk 1728 = mem 1600 + 128)
-------------------------------------------------------------------------------------
-A *prediction* from arithmetic, not a measurement: no GPU was available while this was written.
-H100 SXM roofline taken as ~3.0 TB/s HBM and ~800 TFLOP/s dense bf16. Full numbers and the
-derivation: benchmarks/RESULTS.md.
-
-* FLOPs (forward, dense count; ~96% of the pairs are visible at mem 1600): three Lq x Lk x D
-  products per head (content q.k, position q.r, probs.v), 2 FLOPs per MAC:
-  3 * 2 * 128 * 1728 * 64 * 16 = 1.36 GFLOP per batch row; the kernel issues the position product
-  on a band of BM + BN rows of r per tile (2x), so 1.81 GFLOP issued. bsz 32: 43.5 (58) GFLOP.
-* Minimum bytes of the fused op (bf16: read q, k, v, write out, per batch row; read r once):
-  0.26 + 3.54 + 3.54 + 0.26 = 7.60 MB per row, + 3.54 MB r: bsz 1 11.1 MB, bsz 32 247 MB.
-* HF's unfused path (fp32) materialises AC, BD, the padded BD, the shifted BD, the scores and
-  the probs, each bsz * H * Lq * Lk fp32 (14.2 MB per batch row), each written and read once:
-  170 MB per row, + 15.2 MB of q/k/v/out in fp32 + 7.1 MB r: bsz 1 192 MB, bsz 32 5.93 GB
-  (17x / 24x the fused minimum).
-* Predicted H100 time: bsz 32 fused: memory 247 MB / 3.0 TB/s = 82 us, compute 58 GFLOP issued /
-  800 TFLOP/s = 72 us -> ~0.1 ms as a roofline bound (expect 2-3x at realistic efficiency with
-  the gather and 32 x 32 tiles). HF: 5.93 GB / 3.0 TB/s = ~2.0 ms of memory traffic alone.
-  bsz 1: fused 3.7 us of memory (launch-latency bound in practice), HF 64 us.
-
-Kernel design
--------------
-* Layout: every tensor is read through its strides (HF's time-major ``x.transpose(0, 1)`` views
-  work without a copy). Program ids are cast to int64 before they multiply a stride; intra-tile
-  row offsets are int32 and the launcher checks that they fit.
-* Forward (``_fwd_kernel``): one program per (query tile of BLOCK_M rows, batch * head), online
-  softmax over key tiles of BLOCK_N in fp32 (fp64 for fp64 inputs) with exp2 and a folded
-  scale * log2(e). Only the key tiles that hold a visible key are visited (causal/window band).
-  It saves the row max ``m`` (log2 domain) and the row sum ``l`` for the backward.
-* Relative shift: for query tile [m0, m0+BM) and key tile [n0, n0+BN) the needed r rows
-  p = j + Lq - 1 - i form one band of BM + BN - 1 consecutive rows starting at
-  n0 - m0 + Lq - BM. The kernel loads that band (masked at 0 and Lk), computes
-  band = (q + w) @ band^T with tl.dot (BM x BLOCK_P, BLOCK_P = next pow2 of BM + BN - 1), and skews
-  it in registers with ``tl.gather(band, j_local - i_local + BM - 1, axis=1)``. The backward un-skews
-  dscore the same way (gather with the inverse index, zero outside the band). Nothing of size
-  Lq x Lk is ever written to memory.
-* Masking: invisible scores get a finite fill (-1e30 in the log2 domain), keys past Lk get -inf.
-  The bounds a score is checked against are constexpr (LOWER, UPPER, HAS_LENGTHS): the causal
-  mode without a window checks d >= 0 only, as before the bidirectional mode existed, and the
-  bidirectional mode without context or padding checks nothing. The key tiles a query tile
-  visits are those of its rows' band, [m0 + mlen - dmax, m0 + BM - 1 + mlen - dmin], cut at its
-  batch row's key length (``_key_range``; ``_bwd_dkdv_kernel`` bounds its query tiles the same
-  way), so tiles of padding are never read.
-* Empty rows (no visible key: a window of 0, a key length of 0, or a window that falls into the
-  padding). Since dmin <= 0 they are the rows [end, Lq) (``_rows_with_keys``, one formula per
-  program). HF's uniform rows (empty_rows="uniform"): every program whose tile holds an empty row
-  visits all Lk keys, whose scores are all the fill, so the row comes out exactly uniform over
-  the Lk keys, as HF's masked_fill(finfo.min) gives, and the dk/dv programs visit every query
-  tile of a batch row that has one. empty_rows="zero" (ZERO_EMPTY): the forward writes l = 0 and
-  out = 0 for those rows (no test in the key loop), and the backward takes their probabilities
-  as 0 (m = 0, 1/l = 0: never a division by 0). The backward zeroes dscore at invisible
-  positions (those scores are constants), and recomputes p = exp2(s - m) / l from the saved m and
-  l (storing m and l apart, not m + log l, keeps 1/Lk exact for uniform rows).
-* Backward: ``_bwd_delta_kernel`` computes delta = rowsum(o * do). ``_bwd_dq_kernel`` (one program
-  per query tile, loop over key tiles) writes dq = dq_content + dq_position and per-tile partial
-  sums of dq_content (-> d r_w_bias) and dq_position (-> d r_r_bias), reduced on the host over
-  (batch, tile) in a fixed order. ``_bwd_dkdv_kernel`` (one program per key tile, loop over the
-  query tiles that see it) accumulates dk and dv in registers and the position gradient
-  dr_band = dS_band^T @ (q + w) for each tile pair; r rows are shared by every batch, head-tile
-  and diagonal, so dr_band is added with ``tl.atomic_add(sem="relaxed")`` into an fp32 (Lk, H, D)
-  buffer (fp64 for fp64): race-free, no fence per add (the default acq_rel orders every one of
-  the ~4.5e8 adds at the wt103 eval shape, batch 32, for nothing: only the sum is read, after the
-  kernel); bidirectional, DR has the Lk + Lq - 1 rows of r. The summation order, hence the last
-  bits of dr, is not deterministic on a GPU: two runs differ by fp32 rounding of a sum of
-  ~B * Lq / BM terms per element (expected relative difference ~1e-7, within the GPU check's
-  1e-6; a prediction, not measured). A deterministic variant (per-(batch, key tile) partial bands reduced in a fixed order) costs an (B, key tiles,
-  Lq + BP, H, D) buffer (1.4 GB at batch 32) and was not built.
-* Split over keys (flash-decoding): ``_fwd_kernel`` with SPLIT_K=True runs one query tile per
-  (key chunk, batch * head, query tile) program, writing the unnormalised partial (m, l, acc)
-  per chunk; ``_fwd_combine_kernel`` merges the chunks in chunk order and writes out, m and l,
-  so the backward is the same as for the tiled path. ``split_plan`` takes it for decode (Lq <=
-  DECODE_MAX_LQ, 16-row tiles) and whenever the tiled grid would underfill the GPU
-  (cdiv(Lq, BM) * B * H < UNDERFILL_PROGRAMS = 132, a nominal H100/H200 SM count; wt103 eval at
-  batch 1 is 64 programs), aiming at ~TARGET_PROGRAMS = 264 programs. The r band a split program
-  loads serves SPLIT_ROWS = min(BM, next pow2 of Lq) query rows: at Lq 1, BN = 32 rows of r per
-  key tile instead of BM + BN - 1 padded to 64 (the band product and the r traffic halve).
-  *Predictions* (no GPU was available): wt103 eval at batch 1 goes from 64 programs on 132 SMs
-  to ~320 (5 key chunks per tile), so up to ~2x on that forward (the partials, 2.6 MB, cost
-  ~1 us to write and merge); decode reads half the r bytes of the old band.
-* Growing arguments: Lk, mlen, window, keys_per_split and n_splits change while generation fills
-  the memory; they are ``do_not_specialize`` (the JIT would otherwise compile a new binary each
-  time one of them becomes divisible by 16, or 1: three binaries over Lk 1601 ... 1640). They
-  bound loops and masks only (every load is contiguous along D), so no vectorisation is lost.
-* Head size: any D in 1..128; the tile is padded to BLOCK_D = max(16, next pow2 of D) with masks
-  (so D = 48 works, as BLOCK_D 64). Ahead-of-time compiled specialisations: D in {16, 32, 64, 128}.
-* dtypes: fp32 (tl.dot with input_precision "tf32x3" on a GPU: three TF32 tensor-core products,
-  ~fp32 accuracy; "ieee" lowers to FMA loops that spilled over 100 KB and overflowed sm_80
-  shared memory; exact "ieee" under the interpreter), fp16, bf16 (products in the input dtype,
-  accumulation in fp32); fp64 under the interpreter only (validation; the launcher refuses fp64
-  on CUDA because the scalar scale is passed as fp32 there).
-
-What is tested, and on what
----------------------------
-``tests/test_ops_rel_attention.py`` runs every kernel under ``TRITON_INTERPRET=1`` on CPU tensors
-(fp64, fp32, fp16 against a float64 ``txl_fast.naive`` reference, full gradcheck in fp64, odd
-sizes, every mask mode, the decode path, the split path forced over several query tiles, strided
-time-major inputs, NaN canaries, input validation, an allocation bound; the bidirectional mode and
-key lengths with both kinds of empty rows on the three paths, tiles past a key length never
-read); ``tests/test_triton_op.py`` runs the same launchers through the
-``triton_op``s of ``txl_fast.ops.library`` (``launch=wrap_triton``) and checks how torch.compile
-traces them. bf16 cannot run in the interpreter (triton issue 11584): it
-is covered only by the ahead-of-time compile. ``tests/test_aot.py`` compiles every
-specialisation for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core
-instructions for the JIT's own specialisations at the wt103 shapes and a Conformer layer's, and
-counts the JIT's specialisation keys of a decode step over a filling memory. Nothing here was run on a GPU: no timing, no autotuning result, no check of the
-GPU numerics (the fp32 bound under tf32x3 is a claim from its construction, untested on
-hardware). Tile sizes were chosen from ptxas register/spill counts, not from timings.
+``_fwd_kernel`` runs an online softmax over key tiles (SPLIT_K: over one chunk of the keys, merged
+by ``_fwd_combine_kernel``); the backward is ``_bwd_delta_kernel``, ``_bwd_dq_kernel`` (loop over
+key tiles) and ``_bwd_dkdv_kernel`` (loop over query tiles, dr by relaxed atomics). A tile's
+position term is one band of r rows, multiplied once and skewed in registers (``_scores``,
+``_unskew``). With ``FULL_TILES`` (off until a GPU times it) each loop is split into tiles no mask
+touches and edge tiles (``_full_tiles``). The design, the cost model and what is verified:
+docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -134,31 +30,50 @@ MAX_SPLITS = 16                       # split path: at most this many key chunks
 TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
 UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
 INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
-SMEM_LIMIT = {80: 166912, 90: 232448}
+# The key loops split into full tiles (no mask) and edge tiles (``_full_tiles``), as Triton's
+# tutorial 06; off: three copies of the loop raise the register pressure, and ptxas spills past the
+# AOT allowances (dkdv on sm_80 fp16 D 64: 692 B, fp32 up to 118 KB; the fp32 forward on sm_90,
+# docs/kernels.md). On, the result is the same bit for bit; a GPU has to time it before it ships.
+FULL_TILES = False
 
 
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
+#
+# With FULL_TILES every key loop is split as in Triton's tutorial 06 (``_attn_fwd_inner`` with
+# STAGE; without, each kernel runs one masked loop, the leading-edge call over all tiles): the full
+# tiles, whose every (query row, key) pair is visible (no mask: ``MASKED=False``), and the edge
+# tiles around them (the band's ends, the key length, Lk, a split's end, a ragged last query
+# tile), which apply the visibility masks. The three loops (leading edge, full, trailing edge)
+# walk the same tiles in the same order as one masked loop would, so the sums are the same bit for
+# bit (``_full_tiles``).
 
 @triton.jit
-def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
-            LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
-    """Masked scores of one tile in the log2 domain, and the visibility mask.
+def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
+    """Scores of one tile in the log2 domain, unmasked.
 
-    qu, qv: (BM, BD) = q + u, q + w in the dot dtype; kt: (BD, BN) keys; rt: (BD, BP) the band of
-    r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query rows the band serves (BM, or on
-    the decode path the real query count rounded up). Position term: band[a, c - a + QROWS - 1]
-    for local (a, c); rows a >= QROWS are padding (clamped index, masked by the caller).
-    Visible: dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS).
+    q_content, q_pos: (BM, BD) = q + content bias, q + position bias in the dot dtype; keys_t:
+    (BD, BN); band_t: (BD, BP) the r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query
+    rows the band serves (BM, or on the decode path the real query count rounded up). Position
+    term: band[a, c - a + QROWS - 1] for local (a, c); rows a >= QROWS are padding (clamped index).
     """
-    s = tl.dot(qu, kt, input_precision=PREC, out_dtype=ACC)                  # (BM, BN)
-    band = tl.dot(qv, rt, input_precision=PREC, out_dtype=ACC)               # (BM, BP)
+    tl.static_assert(QROWS <= BLOCK_M)
+    tl.static_assert(band_t.shape[1] >= QROWS + BLOCK_N - 1)    # the band covers every skew
+    s = tl.dot(q_content, keys_t, input_precision=PREC, out_dtype=ACC)         # (BM, BN)
+    band = tl.dot(q_pos, band_t, input_precision=PREC, out_dtype=ACC)          # (BM, BP)
     skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (QROWS - 1)
     if QROWS < BLOCK_M:
         skew = tl.maximum(skew, 0)
-    s = (s + tl.gather(band, skew, axis=1)) * qk_scale                          # (BM, BN)
+    return (s + tl.gather(band, skew, axis=1)) * qk_scale
+
+
+@triton.jit
+def _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER: tl.constexpr, UPPER: tl.constexpr,
+             HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BM, BN): dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS), for the
+    distance d = i + mlen - j."""
     dist = offs_m[:, None] + mlen - offs_n[None, :]
     visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
     if LOWER:
@@ -167,14 +82,25 @@ def _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_sca
         visible = visible & (dist <= dmax)
     if HAS_LENGTHS:
         visible = visible & (offs_n < length)[None, :]
-    s = tl.where(visible, s, FILL)
-    s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-    return s, visible
+    return visible
+
+
+@triton.jit
+def _full_tiles(start, stop, first, last, BLOCK: tl.constexpr):
+    """The loop's tiles are start + k * BLOCK below stop; [a, b) those of them inside [first, last)
+    (``a``, ``b`` on the same grid, start <= a <= b <= the grid's end), so that the loops over
+    [start, a), [a, b), [b, stop) visit every tile once, in order. Divisions on non-negatives only."""
+    grid_end = start + (tl.maximum(stop - start, 0) + BLOCK - 1) // BLOCK * BLOCK
+    a = start + (tl.maximum(first - start, 0) + BLOCK - 1) // BLOCK * BLOCK
+    b = start + tl.maximum(tl.minimum(last, stop) - start, 0) // BLOCK * BLOCK
+    a = tl.minimum(a, grid_end)
+    return a, tl.maximum(tl.minimum(b, grid_end), a)
 
 
 @triton.jit
 def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """(BM, BN) tile gradient -> (BM, BP) band gradient: band[a, pl] = ds[a, pl + a - BM + 1] or 0."""
+    tl.static_assert(BLOCK_P >= BLOCK_M + BLOCK_N - 1)
     c = tl.arange(0, BLOCK_P)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
     inside = (c >= 0) & (c < BLOCK_N)
     return tl.where(inside, tl.gather(ds, tl.where(inside, c, 0), axis=1), 0.0)
@@ -211,6 +137,59 @@ def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.const
     return lo, hi
 
 
+@triton.jit
+def _full_key_tiles(lo, hi, m0, i_last, Lk, mlen, dmin, dmax, length, LOWER: tl.constexpr,
+                    UPPER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles [a, b) of the loop over [lo, hi) that query rows [m0, i_last] see whole:
+    j >= i_last + mlen - dmax (UPPER), j <= m0 + mlen - dmin (LOWER), j < min(length, Lk). A row
+    that sees every key of a tile is not empty, so no full tile holds an empty row."""
+    first = lo
+    last = tl.minimum(hi, tl.minimum(length, Lk))
+    if UPPER:
+        first = tl.maximum(first, i_last + mlen - dmax)
+    if LOWER:
+        last = tl.minimum(last, m0 + mlen - dmin + 1)
+    return _full_tiles(lo, hi, first, last, BLOCK_N)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d,
+               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length, chunk_end, qk_scale,
+               MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+               SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, QROWS: tl.constexpr):
+    """Online softmax over the key tiles [start, stop) of one query tile; MASKED: the edge tiles
+    (visibility, keys past Lk, the split's end), else tiles every row sees whole."""
+    dtype = q_content.dtype
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kmask = dmask[:, None]          # full tiles: every key below Lk
+        vmask = dmask[None, :]
+        if MASKED:
+            kmask = kmask & (offs_n < Lk)[None, :]
+            vmask = vmask & (offs_n < Lk)[:, None]
+        keys_t = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)  # (BD, BN)
+        rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
+        band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                         mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
+        if MASKED:
+            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
+                               BLOCK_M, BLOCK_N)
+            s = tl.where(visible, s, FILL)
+            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+            if SPLIT_K:
+                s = tl.where((offs_n < chunk_end)[None, :], s, float("-inf"))  # next chunk's keys
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vals = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=vmask, other=0.0)  # (BN, BD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vals, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 # Arguments that change while generation fills the memory (one more key a step; the window, so
 # dmax, is mlen + 1 until the memory is full; the decode split count follows Lk), or with every
 # utterance of a Conformer (Lr, dmin = -(Lq - 1)): not specialised, or every new value divisible
@@ -218,12 +197,12 @@ def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.const
 # is contiguous along D), so no vectorisation depends on them.
 @triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "keys_per_split", "n_splits"])
 def _fwd_kernel(
-    Q, K, V, R, U, W, LENS, O, M, L, MP, LP, AP,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    srp, srh, srd, suh, sud, swh, swd, sob, som, soh, sod,
+    srp, srh, srd, scbh, scbd, spbh, spbd, sob, som, soh, sod,
     H, Lq, Lk, Lr, mlen, dmin, dmax, keys_per_split, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
@@ -231,14 +210,15 @@ def _fwd_kernel(
     query tile program_id(2), keys [split * keys_per_split, +keys_per_split), writes partials MP,
     LP, AP; SPLIT_ROWS (a power of 2, min(BM, next pow2 of Lq)) is the rows the r band serves, so
     that BLOCK_P = next pow2 of SPLIT_ROWS + BN - 1 (Lq 1: BN rows of r per key tile, not BM + BN - 1)."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     if SPLIT_K:
-        m0 = tl.program_id(2) * BLOCK_M
+        m0 = tl.multiple_of(tl.program_id(2) * BLOCK_M, BLOCK_M)
         QROWS: tl.constexpr = SPLIT_ROWS
     else:
-        m0 = tl.program_id(0) * BLOCK_M
+        m0 = tl.multiple_of(tl.program_id(0) * BLOCK_M, BLOCK_M)
         QROWS: tl.constexpr = BLOCK_M
     dtype = Q.dtype.element_ty
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -247,10 +227,10 @@ def _fwd_kernel(
     mmask = offs_m < Lq
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=mmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
-    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
-    qu = (q + u[None, :]).to(dtype)
-    qv = (q + w[None, :]).to(dtype)
+    content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
+    position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
+    q_content = (q + content_bias[None, :]).to(dtype)
+    q_pos = (q + position_bias[None, :]).to(dtype)
 
     length = _key_length(LENS, b, Lk, HAS_LENGTHS)
     end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
@@ -259,6 +239,11 @@ def _fwd_kernel(
         split = tl.program_id(0)
         lo = tl.maximum(lo, split * keys_per_split)
         hi = tl.minimum(hi, (split + 1) * keys_per_split)
+    # rows past Lq are never stored: the full tiles need only the real rows to see them whole
+    full_lo, full_hi = hi, hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_key_tiles(lo, hi, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, Lk, mlen, dmin, dmax,
+                                           length, LOWER, UPPER, BLOCK_N)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -266,26 +251,13 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < Lk
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
-        rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
-        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
-                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
-        if SPLIT_K:
-            s = tl.where((offs_n < hi)[None, :], s, float("-inf"))             # next chunk's keys
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                     mask=nmask[:, None] & dmask[None, :], other=0.0)            # (BN, BD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt, input_precision=PREC, out_dtype=ACC)
-        m_i = m_new
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
+        start = lo if stage == 0 else (full_lo if stage == 1 else full_hi)
+        stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d, dmask,
+            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length, hi, qk_scale,
+            stage != 1, LOWER, UPPER, HAS_LENGTHS, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
 
     if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
         l_i = tl.where(offs_m < end, l_i, 0.0)
@@ -373,23 +345,62 @@ def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
     return m_i, inv_l, tl.load(DELTA + stat, mask=mmask, other=0.0)
 
 
+@triton.jit
+def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
+              offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length,
+              scale, qk_scale, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+              HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dq_content and dq_position over the key tiles [start, stop) of one query tile; MASKED: the
+    edge tiles (visibility, keys past Lk, rows past Lq), else tiles every row sees whole."""
+    dtype = q_content.dtype
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kmask = dmask[:, None]          # full tiles: every key below Lk
+        if MASKED:
+            kmask = kmask & (offs_n < Lk)[None, :]
+        keys_t = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)  # (BD, BN)
+        vals_t = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)  # (BD, BN)
+        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                         mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        if MASKED:
+            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
+                               BLOCK_M, BLOCK_N)
+            s = tl.where(visible, s, FILL)
+            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+        dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(visible & mmask[:, None], ds, 0.0)
+        ds = ds * scale
+        dq_c += tl.dot(ds.to(dtype), tl.trans(keys_t), input_precision=PREC, out_dtype=ACC)
+        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
+        dq_p += tl.dot(ds_band.to(dtype), tl.trans(band_t), input_precision=PREC, out_dtype=ACC)
+    return dq_c, dq_p
+
+
 @triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dq_kernel(
-    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DQ, DUP, DWP,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, DO, M, L, DELTA, DQ, DCB_PART, DPB_PART,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
+    srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
     H, Lq, Lk, Lr, mlen, dmin, dmax, n_tiles, scale, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content and
-    dq_position over the tile's rows into DUP / DWP, layout (B, n_tiles, H, BD)."""
+    """dq for one query tile: grid (cdiv(Lq, BM), B*H). Also the partial sums of dq_content (the
+    content bias's gradient) and dq_position (the position bias's) over the tile's rows into
+    DCB_PART / DPB_PART, layout (B, n_tiles, H, BD)."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    m0 = pid_m * BLOCK_M
+    m0 = tl.multiple_of(pid_m * BLOCK_M, BLOCK_M)
     dtype = Q.dtype.element_ty
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -397,75 +408,121 @@ def _bwd_dq_kernel(
     mmask = offs_m < Lq
     tile_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=tile_mask, other=0.0).to(ACC)
-    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
-    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
-    qu = (q + u[None, :]).to(dtype)
-    qv = (q + w[None, :]).to(dtype)
+    content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
+    position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
+    q_content = (q + content_bias[None, :]).to(dtype)
+    q_pos = (q + position_bias[None, :]).to(dtype)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
     m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
 
-    # empty rows have zero score gradients: only the keys some row sees are visited
+    # empty rows have zero score gradients: only the keys some row sees are visited; rows past Lq
+    # feed the bias sums, so a ragged last query tile has edge tiles only
     length = _key_length(LENS, b, Lk, HAS_LENGTHS)
     lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, Lq, False, BLOCK_M)
+    full_lo, full_hi = hi, hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_key_tiles(lo, tl.where(m0 + BLOCK_M <= Lq, hi, lo), m0, m0 + BLOCK_M - 1, Lk,
+                                           mlen, dmin, dmax, length, LOWER, UPPER, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
     dq_c = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dq_p = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < Lk
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
-        vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
-        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
-        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
-                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
-        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
-        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
-        ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
-        dq_c += tl.dot(ds.to(dtype), tl.trans(kt), input_precision=PREC, out_dtype=ACC)
-        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
-        dq_p += tl.dot(ds_band.to(dtype), tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
+        start = lo if stage == 0 else (full_lo if stage == 1 else full_hi)
+        stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
+        dq_c, dq_p = _dq_tiles(
+            dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
+            offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length,
+            scale, qk_scale, stage != 1, LOWER, UPPER, HAS_LENGTHS, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgm + offs_d[None, :] * sqgd,
              (dq_c + dq_p).to(DQ.dtype.element_ty), mask=tile_mask)
     part = ((b * n_tiles + pid_m) * H + h) * BLOCK_D + offs_d
-    tl.store(DUP + part, tl.sum(dq_c, 0))
-    tl.store(DWP + part, tl.sum(dq_p, 0))
+    tl.store(DCB_PART + part, tl.sum(dq_c, 0))
+    tl.store(DPB_PART + part, tl.sum(dq_p, 0))
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start,
+                stop, n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax,
+                length, stat_base, M, L, DELTA, scale, qk_scale, MASKED: tl.constexpr, LOWER: tl.constexpr,
+                UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dk, dv and the r band's gradient over the query tiles [start, stop) of one key tile; MASKED:
+    the edge tiles (visibility, rows past Lq), else tiles whose rows all see every key."""
+    dtype = keys_t.dtype
+    for m0 in range(start, stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < Lq
+        qmask = dmask[None, :]          # full tiles: every row below Lq
+        if MASKED:
+            qmask = qmask & mmask[:, None]
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0).to(ACC)
+        q_content = q + content_bias[None, :]
+        q_pos = q + position_bias[None, :]
+        if MASKED:
+            q_content = tl.where(mmask[:, None], q_content, 0.0)
+            q_pos = tl.where(mmask[:, None], q_pos, 0.0)
+        q_content = q_content.to(dtype)
+        q_pos = q_pos.to(dtype)
+        do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask, other=0.0).to(dtype)
+        m_i, inv_l, delta = _row_stats(M, L, DELTA, stat_base + offs_m, mmask, ZERO_EMPTY)
+        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
+        rmask = (rows >= 0) & (rows < Lr)
+        band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
+                         mask=rmask[None, :] & dmask[:, None], other=0.0)           # (BD, BP)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        if MASKED:
+            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
+                               BLOCK_M, BLOCK_N)
+            s = tl.where(visible, s, FILL)
+            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+        if MASKED:
+            p = tl.where(mmask[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(visible & mmask[:, None], ds, 0.0)
+        ds = ds * scale
+        dk += tl.dot(tl.trans(ds.to(dtype)), q_content, input_precision=PREC, out_dtype=ACC)
+        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
+        dr_band = tl.dot(tl.trans(ds_band.to(dtype)), q_pos, input_precision=PREC, out_dtype=ACC)  # (BP, BD)
+        tl.atomic_add(dr_base + rows[:, None] * sdrp + offs_d[None, :], dr_band,
+                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
 def _bwd_dkdv_kernel(
-    Q, K, V, R, U, W, LENS, DO, M, L, DELTA, DK, DV, DR,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    srp, srh, srd, suh, sud, swh, swd, sdb, sdm, sdh, sdd,
+    srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
     H, Lq, Lk, Lr, mlen, dmin, dmax, scale, qk_scale,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one key tile (grid (cdiv(Lk, BN), B*H)), and dr by atomic adds into DR (Lr, H, BD)."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    n0 = pid_n * BLOCK_N
-    dtype = Q.dtype.element_ty
+    n0 = tl.multiple_of(pid_n * BLOCK_N, BLOCK_N)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     nmask = offs_n < Lk
-    kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                 mask=nmask[None, :] & dmask[:, None], other=0.0)                # (BD, BN)
-    vt = tl.load(V + b * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                 mask=nmask[None, :] & dmask[:, None], other=0.0)                # (BD, BN)
-    u = tl.load(U + h * suh + offs_d * sud, mask=dmask, other=0.0).to(ACC)
-    w = tl.load(W + h * swh + offs_d * swd, mask=dmask, other=0.0).to(ACC)
+    keys_t = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
+    vals_t = tl.load(V + b * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)            # (BD, BN)
+    content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
+    position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
 
     # query rows that see a key j of this tile, j < length: n0 - mlen + dmin <= i <= j - mlen + dmax,
     # and i < end (rows past it see nothing); HF's uniform rows see every key: all rows if any
@@ -477,36 +534,32 @@ def _bwd_dkdv_kernel(
     if not ZERO_EMPTY:
         q_lo = tl.where(end < Lq, 0, q_lo)
         q_hi = tl.where(end < Lq, Lq, q_hi)
+    # the query tiles whose rows (all below Lq) see every key of this tile (all below the length):
+    # i >= n0 + BN - 1 - mlen + dmin (LOWER), i <= n0 - mlen + dmax (UPPER)
+    first = q_lo
+    last = tl.where(n0 + BLOCK_N <= tl.minimum(length, Lk), tl.minimum(q_hi, Lq), q_lo)
+    if LOWER:
+        first = tl.maximum(first, n0 + BLOCK_N - 1 - mlen + dmin)
+    if UPPER:
+        last = tl.minimum(last, n0 - mlen + dmax + 1)
+    full_lo, full_hi = q_hi, q_hi
+    if FULL_TILES:
+        full_lo, full_hi = _full_tiles(q_lo, q_hi, first, last, BLOCK_M)
+
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     r_base = R + h * srh
     dr_base = DR + h * sdrh
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    for m0 in range(q_lo, q_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mmask = offs_m < Lq
-        tile_mask = mmask[:, None] & dmask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=tile_mask, other=0.0).to(ACC)
-        qu = tl.where(mmask[:, None], q + u[None, :], 0.0).to(dtype)
-        qv = tl.where(mmask[:, None], q + w[None, :], 0.0).to(dtype)
-        do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile_mask, other=0.0).to(dtype)
-        m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
-        rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
-        rmask = (rows >= 0) & (rows < Lr)
-        rt = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
-                     mask=rmask[None, :] & dmask[:, None], other=0.0)            # (BD, BP)
-        s, visible = _scores(qu, qv, kt, rt, offs_m, offs_n, mlen, Lk, dmin, dmax, length, qk_scale,
-                             LOWER, UPPER, HAS_LENGTHS, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
-        p = tl.where(mmask[:, None], tl.exp2(s - m_i[:, None]) * inv_l[:, None], 0.0)
-        dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
-        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
-        ds = tl.where(visible & mmask[:, None], p * (dp - delta[:, None]), 0.0) * scale
-        dk += tl.dot(tl.trans(ds.to(dtype)), qu, input_precision=PREC, out_dtype=ACC)
-        ds_band = _unskew(ds, BLOCK_M, BLOCK_N, BLOCK_P)                         # (BM, BP)
-        dr_band = tl.dot(tl.trans(ds_band.to(dtype)), qv, input_precision=PREC, out_dtype=ACC)  # (BP, BD)
-        tl.atomic_add(dr_base + rows[:, None] * sdrp + offs_d[None, :], dr_band,
-                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
+    for stage in tl.static_range(3 if FULL_TILES else 1):     # leading edge, full, trailing edge tiles
+        start = q_lo if stage == 0 else (full_lo if stage == 1 else full_hi)
+        stop = full_lo if stage == 0 else (full_hi if stage == 1 else q_hi)
+        dk, dv = _dkdv_tiles(
+            dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start, stop,
+            n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, length,
+            pid_bh * Lq, M, L, DELTA, scale, qk_scale, stage != 1, LOWER, UPPER, HAS_LENGTHS, ZERO_EMPTY, ACC,
+            PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -530,7 +583,7 @@ def block_d(head_dim: int) -> int:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; keep() drops invalid ones.
 # Measured in the AOT report (ptxas, sm_80/sm_90): 64 x 64 tiles spill 0.4-90 KB in every kernel
 # (the (BM, BP) position band and the gather's shuffles), 32 x 64 still spills KBs in dq/dkdv,
-# 32 x 32 spills at most ~2 KB; and each candidate costs 2-50 s of compile per arch. So one
+# 32 x 32 spills at most ~2 KB; and each candidate multiplies the AOT compile. So one
 # candidate per kernel is kept until a GPU can time the others (listed in UNTESTED_CANDIDATES).
 FWD_CANDIDATES = [(32, 32, 4, 2)]
 DQ_CANDIDATES = [(32, 32, 4, 2)]
@@ -691,7 +744,7 @@ def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy)
                 ZERO_EMPTY=empty_rows == "zero")
 
 
-def forward(q, k, v, r, u, w, scale: float, window, launch=direct, *, causal: bool = True, context=None,
+def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launch=direct, *, causal: bool = True, context=None,
             key_lengths=None, empty_rows: str = "uniform"):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
@@ -715,14 +768,16 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct, *, causal: bo
     l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, O=out, M=m, L=l, **mode,
+        Q=q, K=k, V=v, R=r, CONTENT_BIAS=content_bias, POSITION_BIAS=position_bias, O=out, M=m, L=l, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
-        suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
+        scbh=content_bias.stride(0), scbd=content_bias.stride(1),
+        spbh=position_bias.stride(0), spbd=position_bias.stride(1),
         **dict(zip(("sob", "som", "soh", "sod"), out.stride())),
         H=H, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=_acc_dtype(q.dtype), PREC=_precision(), BLOCK_D=bd,
+        FULL_TILES=FULL_TILES,
     )
     plan = split_plan(B, H, Lq, Lk, bd, q.dtype)
     if plan is not None:
@@ -747,9 +802,9 @@ def forward(q, k, v, r, u, w, scale: float, window, launch=direct, *, causal: bo
     return out, m, l
 
 
-def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
+def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
              context=None, key_lengths=None, empty_rows: str = "uniform"):
-    """Gradients (dq, dk, dv, dr, du, dw), contiguous, in the inputs' dtypes, from the forward's
+    """Gradients (dq, dk, dv, dr, d content_bias, d position_bias), contiguous, in the inputs' dtypes, from the forward's
     out, m and l; ``launch`` and the mode as for ``forward``. Every buffer a kernel writes is
     allocated here."""
     B, Lq, H, D = q.shape
@@ -766,8 +821,8 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
     dr_acc = torch.zeros((mode["Lr"], H, bd), dtype=acc_t, device=q.device)     # atomics target
     min_bm = 16
     n_tiles = triton.cdiv(Lq, min_bm)                                       # enough for any BLOCK_M
-    du_part = torch.zeros((B, n_tiles, H, bd), dtype=acc_t, device=q.device)
-    dw_part = torch.zeros_like(du_part)
+    dcb_part = torch.zeros((B, n_tiles, H, bd), dtype=acc_t, device=q.device)      # per-tile bias sums
+    dpb_part = torch.zeros_like(dcb_part)
 
     dm = 32
     launch(_bwd_delta_kernel)[(triton.cdiv(Lq, dm), B * H)](
@@ -776,17 +831,19 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         HEAD_DIM=D, ACC=acc, BLOCK_M=dm, BLOCK_D=bd, num_warps=4)
 
     common = dict(
-        Q=q, K=k, V=v, R=r, U=u, W=w, DO=do, M=m, L=l, DELTA=delta, **mode,
+        Q=q, K=k, V=v, R=r, CONTENT_BIAS=content_bias, POSITION_BIAS=position_bias, DO=do, M=m, L=l, DELTA=delta, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
         **dict(zip(("skb", "skn", "skh", "skd"), k.stride())),
         **dict(zip(("svb", "svn", "svh", "svd"), v.stride())),
         **dict(zip(("srp", "srh", "srd"), r.stride())),
-        suh=u.stride(0), sud=u.stride(1), swh=w.stride(0), swd=w.stride(1),
+        scbh=content_bias.stride(0), scbd=content_bias.stride(1),
+        spbh=position_bias.stride(0), spbd=position_bias.stride(1),
         **dict(zip(("sdb", "sdm", "sdh", "sdd"), do.stride())),
         H=H, Lq=Lq, Lk=Lk, scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=D, ACC=acc, PREC=_precision(), BLOCK_D=bd,
+        FULL_TILES=FULL_TILES,
     )
     _run(launch, _bwd_dq_kernel, "dq", bd, lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H), dict(
-        common, DQ=dq, DUP=du_part, DWP=dw_part, n_tiles=n_tiles,
+        common, DQ=dq, DCB_PART=dcb_part, DPB_PART=dpb_part, n_tiles=n_tiles,
         **dict(zip(("sqgb", "sqgm", "sqgh", "sqgd"), dq.stride()))))
     _run(launch, _bwd_dkdv_kernel, "dkdv", bd, lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H), dict(
         common, DK=dk, DV=dv, DR=dr_acc,
@@ -794,102 +851,6 @@ def backward(do, q, k, v, r, u, w, out, m, l, scale: float, window, launch=direc
         **dict(zip(("svgb", "svgn", "svgh", "svgd"), dv.stride())),
         sdrp=dr_acc.stride(0), sdrh=dr_acc.stride(1)), reset=["DR"])
     dr = dr_acc[..., :D].to(r.dtype).contiguous()                           # (Lr, H, D)
-    du = du_part.sum((0, 1))[:, :D].to(u.dtype).contiguous()                # (H, D)
-    dw = dw_part.sum((0, 1))[:, :D].to(w.dtype).contiguous()
-    return dq, dk, dv, dr, du, dw
-
-
-# ---------------------------------------------------------------------------------------------
-# ahead-of-time specialisations
-# ---------------------------------------------------------------------------------------------
-
-# the wt103 model (n_head 16, d_head 64, eval tgt_len 128 / mem_len 1600, same_length: window =
-# mem_len); the head size sweep keeps d_model = H * D = 1024
-AOT_D_MODEL, AOT_TGT, AOT_MEM = 1024, 128, 1600
-AOT_BATCHES = (1, 32)
-AOT_DECODE_LQ = (1, 5)           # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
-# a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
-# mode with key lengths and zero empty rows, over all distances and with a limited context
-AOT_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)))
-
-
-def aot_launches(dtype: torch.dtype, D: int, launch) -> None:
-    """Call the launchers as a GPU run would, on meta tensors, with ``launch`` (a recorder): eval
-    forward + backward (memory full, window on) and decode steps, at every AOT batch size (the
-    batch only changes strides divisible by 16: the batches share their binaries); at D 64 also a
-    Conformer layer's bidirectional forward + backward (``AOT_CONFORMER``)."""
-    H = AOT_D_MODEL // D
-    meta = dict(dtype=dtype, device="meta")
-    for B in AOT_BATCHES:
-        for Lq, window in [(AOT_TGT, AOT_MEM)] + [(lq, AOT_MEM) for lq in AOT_DECODE_LQ if D == 64 or lq == 1]:
-            Lk = AOT_MEM + Lq
-            q = torch.empty(B, Lq, H, D, **meta)
-            # keys/values as the cache hands them over: a time window of a head-major buffer
-            kv_buf = torch.empty(B, H, Lk + 7, D, **meta)
-            k = kv_buf[:, :, 3:3 + Lk].transpose(1, 2)
-            v = torch.empty_like(kv_buf)[:, :, 3:3 + Lk].transpose(1, 2)
-            r, u, w = torch.empty(Lk, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
-            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, window, launch=launch)
-            if Lq > DECODE_MAX_LQ:
-                backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, window, launch=launch)
-    if D == AOT_CONFORMER["D"]:
-        B, L, H = AOT_CONFORMER["B"], AOT_CONFORMER["L"], AOT_CONFORMER["H"]
-        q, k, v = (torch.empty(B, L, H, D, **meta) for _ in range(3))
-        r, u, w = torch.empty(2 * L - 1, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
-        lengths = torch.empty(B, dtype=torch.int32, device="meta")
-        for context in AOT_CONFORMER["contexts"]:
-            mode = dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
-            out, m, l = forward(q, k, v, r, u, w, D ** -0.5, None, launch=launch, **mode)
-            backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, None, launch=launch, **mode)
-
-
-def spill_budget(kernel: str, dt: str, D: int, bidirectional: bool = False) -> int:
-    """Spill bytes (ptxas -v, either arch) the AOT report accepts: the known spills, declared with
-    a bound so that growth still fails. Measured with the JIT's specialisations under triton 3.8
-    and 3.6: none in any kernel in fp16/bf16 at D <= 64 (the wt103 path) except dkdv's 108-144 B
-    on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB at every D
-    (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128 ~1 KB; 16-bit
-    backward at D 128 36-1104 B. The bidirectional dkdv at D 64 in fp16/bf16 (triton 3.8, the
-    Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90. All with
-    the 32 x 32 tiles, chosen before a GPU could time smaller ones: fp32 is the validation dtype,
-    not the fast path."""
-    if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
-        return 40960
-    if D == 128 and kernel in ("dq", "dkdv"):
-        return 2048
-    if kernel == "dkdv" and D == 64:
-        return 512 if bidirectional else 256
-    return 0
-
-
-def aot_specs() -> list:
-    """Every specialisation a GPU run picks at the wt103 shapes and a Conformer layer's
-    (``aot_launches``), with the attributes the JIT derives (``aot.specs_from_launches``): dtype
-    (fp32, fp16, bf16) x d_head (16, 32, 64, 128) x each kernel's candidate configurations."""
-    from txl_fast.kernels import aot  # noqa: PLC0415
-
-    names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
-             "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
-    specs = []
-    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        for D in (16, 32, 64, 128):
-            rec = aot.LaunchRecorder()
-            aot_launches(dtype, D, rec)
-            for kernel, args, kwargs in rec.launches:
-                fn = getattr(kernel, "fn", kernel)
-                name = names[fn.__name__]
-                if name == "fwd" and kwargs.get("SPLIT_K"):
-                    name = "decode" if kwargs["Lq"] <= DECODE_MAX_LQ else "split"
-                bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
-                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
-                               if kwargs.get(flag))
-                if bidirectional:
-                    mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
-                new = aot.specs_from_launches(
-                    {fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
-                    f"{dt} D{D} Lq{kwargs['Lq']}{mode}",
-                    uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
-                for spec in new:
-                    spec.spill_budget = spill_budget(name, dt, D, bidirectional)
-                specs += new
-    return specs
+    d_content_bias = dcb_part.sum((0, 1))[:, :D].to(content_bias.dtype).contiguous()     # (H, D)
+    d_position_bias = dpb_part.sum((0, 1))[:, :D].to(position_bias.dtype).contiguous()
+    return dq, dk, dv, dr, d_content_bias, d_position_bias

@@ -10,7 +10,9 @@ buffer; input validation before launch; an allocation bound (no Lq x Lk tensor).
 bidirectional mode and key padding (per-row lengths, a prefix key mask; windows on either or both
 sides, memory, rows and batch rows with no visible key, both kinds of empty rows) on the tiled,
 decode and split paths, in fp64 (plus fp32, fp16 and a full gradcheck), NaN-poisoned, and
-key tiles past a row's length never read.
+key tiles past a row's length never read. The loops split into full and edge tiles (``FULL_TILES``,
+off by default): the full (unmasked) loop taken by every kernel, its result bit for bit that of
+every tile masked.
 What it does not cover: bf16 (broken in the interpreter; compiled ahead of time in test_aot.py),
 GPU numerics (tf32x3 fp32 dots, atomics ordering), the autotuned tile sizes, and speed.
 """
@@ -446,3 +448,72 @@ def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
     ref = naive.rel_attention(*inputs, 0.5, key_mask=holes, **mode)[0]
     assert_rel_close(out, ref, torch.float64, "out")
     assert len(launches) == 2
+
+
+# ---- the key loops split into full tiles (no mask) and edge tiles -------------------------------
+
+# (B, Lq, mlen, H, D, causal, window or context, key lengths or None, empty rows), each with tiles
+# that every query row of a tile sees whole, in the forward and (Lq >= 16) in dq and dkdv: a window
+# and a context wider than a 16 x 16 tile needs (31), memory, lengths that cut a key tile
+FULL_TILE_MODES = {
+    "causal_memory": (1, 40, 30, 1, 8, True, None, None, "uniform"),
+    "causal_window_lengths": (2, 40, 32, 1, 8, True, 36, [72, 61], "uniform"),
+    "bidi_context_lengths": (2, 48, 0, 1, 8, False, (20, 20), [48, 37], "zero"),
+    "decode_window": (1, 5, 60, 1, 8, True, 50, None, "uniform"),
+}
+
+
+def run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, full_tiles):
+    """Output and the six gradients (fp64, triton backend) with ``full_tiles`` in place of the
+    kernels' ``_full_tiles``, and the full tiles each program took: {"fwd": [...], "bwd": [...]}
+    (the backward's dq programs first, then dkdv's)."""
+    taken = {"fwd": [], "bwd": []}
+    phase = ["fwd"]
+
+    def counting(start, stop, first, last, BLOCK):
+        a, b = full_tiles(start, stop, first, last, BLOCK)
+        taken[phase[0]].append((b.handle.data.item() - a.handle.data.item()) // BLOCK)
+        return a, b
+
+    monkeypatch.setattr(K, "_full_tiles", counting)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    with backend.use_backend("triton"):
+        out = rel_attention(*leaves, scale=inputs[0].shape[-1] ** -0.5, empty_rows=empty_rows, **mode)
+    phase[0] = "bwd"
+    out.backward(dout)
+    return [out.detach()] + [x.grad for x in leaves], taken
+
+
+@pytest.mark.parametrize("case, path", [("causal_memory", "tiled"), ("causal_window_lengths", "tiled"),
+                                        ("causal_window_lengths", "split"), ("bidi_context_lengths", "tiled"),
+                                        ("bidi_context_lengths", "split"), ("decode_window", "decode")],
+                         indirect=["path"])
+def test_full_tiles_are_taken_and_change_no_bit(monkeypatch, case, path):
+    """The unmasked loop runs (the forward on every path, dq and dkdv when a query tile is whole),
+    the result matches naive, and it is bit for bit the result with every tile masked (each tile
+    an edge tile): a mask on a visible score is the identity, and the tiles keep their order."""
+    B, Lq, mlen, H, D, causal, extent, lengths, empty_rows = FULL_TILE_MODES[case]
+    inputs, dout = make_inputs(B, Lq, mlen, H, D, seed=len(case), rows_r=Lq + mlen if causal else 2 * Lq + mlen - 1)
+    mode = dict(causal=causal, **{"window" if causal else "context": extent})
+    if lengths is not None:
+        mode["key_lengths"] = torch.tensor(lengths)
+    monkeypatch.setattr(K, "FULL_TILES", True)           # the split is off by default (ptxas spills)
+    original = K._full_tiles
+    split, taken = run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, original.fn)
+    dq_programs = -(-Lq // K.INTERPRET_BLOCK) * B * H
+    assert sum(taken["fwd"]) > 0, taken
+    if Lq >= K.INTERPRET_BLOCK:
+        assert sum(taken["bwd"][:dq_programs]) > 0 and sum(taken["bwd"][dq_programs:]) > 0, taken
+    masked, none = run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows,
+                                           lambda start, stop, first, last, BLOCK: (start, start))
+    assert not any(none["fwd"] + none["bwd"])
+    for name, a, b in zip(("out",) + NAMES, split, masked):
+        assert torch.equal(a, b), f"{name} differs with every tile masked"
+    refs = [x.detach().clone().requires_grad_() for x in inputs]
+    naive_mode = {n: x for n, x in mode.items() if n != "key_lengths"}
+    if lengths is not None:
+        naive_mode["key_mask"] = torch.arange(Lq + mlen)[None, :] < mode["key_lengths"][:, None]
+    ref = naive.rel_attention(*refs, D ** -0.5, empty_rows=empty_rows, **naive_mode)[0]
+    ref.backward(dout)
+    for name, a, b in zip(("out",) + NAMES, split, [ref] + [x.grad for x in refs]):
+        assert_rel_close(a, b, torch.float64, name)

@@ -252,13 +252,13 @@ DECOMPOSE = textwrap.dedent(
 # operator of ours left whole (the log-prob backward, a custom op: its kernels have no backward)
 EXPECTED = {
     "rel_attention Lq 37": {"fw": [["_fwd_kernel", ["L", "M", "O"]]],
-                            "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
+                            "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DCB_PART", "DPB_PART", "DQ"]],
                                    ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
     "rel_attention Lq 37 split": {"fw": [["_fwd_kernel", ["AP", "LP", "MP"]], ["_fwd_combine_kernel", ["L", "M", "O"]]],
-                                  "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
+                                  "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DCB_PART", "DPB_PART", "DQ"]],
                                          ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
     "rel_attention Lq 3": {"fw": [["_fwd_kernel", ["AP", "LP", "MP"]], ["_fwd_combine_kernel", ["L", "M", "O"]]],
-                           "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DQ", "DUP", "DWP"]],
+                           "bw": [["_bwd_delta_kernel", ["DELTA"]], ["_bwd_dq_kernel", ["DCB_PART", "DPB_PART", "DQ"]],
                                   ["_bwd_dkdv_kernel", ["DK", "DR", "DV"]]]},
     "adaptive_nll": {"fw": [["_lse_fwd_kernel", ["LSE_PART", "PICK"]]] * 2,
                      "bw": [["_bwd_dw_kernel", ["DB", "DB2", "DW", "DW2"]], ["_bwd_dh_kernel", ["DH"]],
