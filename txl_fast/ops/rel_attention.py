@@ -165,6 +165,9 @@ def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device
     if keys is None:
         return None
     if keys.dim() == 3:                                              # per query: (B, Lq, Lk), causal
+        queries = torch.arange(Lq, device=device)
+        if device.type == "cpu" and bool(keys[:, queries, queries + Lk - Lq].all()):
+            return None                                              # each query sees itself (distance 0)
         return ~(keys & visibility_mask(Lq, Lk, window, device)).any(-1)
     if causal:
         dmin, dmax = 0, Lk if window is None else window - 1          # visible distances dmin <= d <= dmax
@@ -231,13 +234,14 @@ def _position_mask(q, r, r_r_bias, scale, Lk, window, uniform_keys=0, causal=Tru
 
 
 def _hide(mask_or_scores, keys, empty, empty_rows):
-    """Hide the padded keys (keys (B, Lk) bool, False: padding) with finfo.min, out of place; HF's
-    empty rows (empty (B or 1, Lq) bool) take equal scores, 0, so they are exactly uniform."""
+    """Hide the padded keys (keys (B, Lk) or (B, Lq, Lk) bool, False: hidden) with finfo.min, in
+    place (the callers' masks and scores are their own fresh tensors, or views of them); HF's empty
+    rows (empty (B or 1, Lq) bool) take equal scores, 0, so they are exactly uniform."""
     x = mask_or_scores
     if keys is not None:
-        x = x.masked_fill(~per_score(keys), torch.finfo(x.dtype).min)
+        x.masked_fill_(~per_score(keys), torch.finfo(x.dtype).min)
     if empty is not None and empty_rows == "uniform":
-        x = x.masked_fill(empty[:, None, :, None], 0.0)
+        x.masked_fill_(empty[:, None, :, None], 0.0)
     return x
 
 
