@@ -144,15 +144,45 @@ def score(
 
 
 def _lay_out(docs: list, order: list, rows: int, align: int) -> list[list[tuple[int, int]]]:
-    """Per batch row, its (document, start) pairs: each document of ``order`` (longest first) goes
-    to the row that ends first, at a multiple of ``align`` (the context token at ``start``, the
-    document after it)."""
-    ends, placed = [0] * rows, [[] for _ in range(rows)]
+    """Per batch row, its (document, start) pairs, starts in increasing order: each document of
+    ``order`` (longest first) goes to the row that ends first, then documents are swapped between
+    the row that ends last and the others while that ends it sooner (the batch runs until its last
+    row ends). A document takes its context token and ids, rounded up to a multiple of ``align``."""
+    size = {d: -(-(len(docs[d]) + 1) // align) * align for d in order}
+    members: list[list[int]] = [[] for _ in range(rows)]
+    ends = [0] * rows
     for d in order:
         row = min(range(rows), key=ends.__getitem__)
-        start = -(-ends[row] // align) * align
-        placed[row].append((d, start))
-        ends[row] = start + len(docs[d]) + 1
+        members[row].append(d)
+        ends[row] += size[d]
+    # few documents a row (many make LPT's rows end within a small document of each other): each
+    # swap lowers the sum of the ends' squares, so this ends; bounded all the same
+    improved, swaps = len(order) <= 64 * rows, 0
+    while improved and swaps < 4 * len(order):
+        improved, swaps = False, swaps + 1
+        last = max(range(rows), key=ends.__getitem__)
+        for row in range(rows):
+            gap = ends[last] - ends[row]
+            swap = next(((i, j) for i, a in enumerate(members[last]) for j, b in enumerate(members[row] + [None])
+                         if 0 < size[a] - (size[b] if b is not None else 0) < gap), None)
+            if swap is not None:
+                i, j = swap
+                a = members[last].pop(i)
+                b = members[row].pop(j) if j < len(members[row]) else None
+                members[row].append(a)
+                if b is not None:
+                    members[last].append(b)
+                moved = size[a] - (size[b] if b is not None else 0)
+                ends[last], ends[row] = ends[last] - moved, ends[row] + moved
+                improved = True
+                break
+    placed = []
+    for row in members:
+        start, pairs = 0, []
+        for d in row:
+            pairs.append((d, start))
+            start += size[d]
+        placed.append(pairs)
     return placed
 
 
