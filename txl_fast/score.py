@@ -15,8 +15,9 @@ the one the document alone gives. With same_length on an empty memory (the paper
 token sees exactly the last mem_len positions of its document however the document is cut into
 segments, so the documents of a row follow each other without a gap; otherwise what a token sees
 depends on where the segments start, and each document starts at a segment boundary of its row,
-the rest of the segment before it padding. Documents go longest first to the row that ends first,
-so rows end together; the batch shrinks as rows end.
+the rest of the segment before it padding. Documents go longest first to the row that ends first
+(then swapped while that ends the last row sooner), so rows end together; the batch shrinks as
+rows end.
 
 Under ``torchrun`` (an initialised process group, gloo or nccl) the documents are dealt to the
 ranks (longest first, round robin: even loads), each rank scores its own, and every rank gets
