@@ -392,14 +392,17 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     B, Lq, H, D = q.shape
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
+    # on the CPU, batch rows that see every key take the unmasked path (one look at the mask)
+    masked = [True] * B if keys is None or q.device.type != "cpu" else (~keys).flatten(1).any(1).tolist()
     if B == 1 and heads >= H:
-        return attend(*inputs, keys=keys)
+        return attend(*inputs, keys=keys if masked[0] else None)
     out = q.new_empty(q.shape)
     for b in range(B):
         for h in range(0, H, heads):
             rows, cols = slice(b, b + 1), slice(h, h + heads)
             out[rows, :, cols] = attend(q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols],
-                                        r_w_bias[cols], r_r_bias[cols], keys=None if keys is None else keys[rows])
+                                        r_w_bias[cols], r_r_bias[cols],
+                                        keys=keys[rows] if keys is not None and masked[b] else None)
     return out
 
 
