@@ -26,7 +26,8 @@ Must run without ``TRITON_INTERPRET=1`` (an interpreted kernel cannot be compile
 own process, ``python -m txl_fast.kernels.aot``. ``python -m txl_fast.kernels.aot --loops PATTERN``
 prints instead the PTX instruction count of each kernel matching PATTERN and of its loop bodies
 (``ptx_loops``; ``--full-tiles``: with the attention's loops split, ``rel_attention.FULL_TILES``;
-docs/kernels.md has the before/after table).
+docs/kernels.md has the before/after table); ``--only PATTERN`` compiles only the matching specs
+(``--only parakeet``: Parakeet's, ``PARAKEET``).
 """
 from __future__ import annotations
 
@@ -233,12 +234,14 @@ def _worker(job: tuple[str, int, int]) -> dict:
     return compile_one(spec, arch)
 
 
-def report(workers: Optional[int] = None, modules=MODULES) -> list[dict]:
-    """Compile every spec of every present module for every arch; one row each (see compile_one).
-    Every row's ``notes`` key lists the skipped modules."""
+def report(workers: Optional[int] = None, modules=MODULES, only: str = "") -> list[dict]:
+    """Compile every spec of every present module (those whose "kernel specialisation" matches the
+    regex ``only``) for every arch; one row each (see compile_one). Every row's ``notes`` key lists
+    the skipped modules."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the AOT report cannot run with TRITON_INTERPRET=1; run it in a separate process")
     specs, notes = load_specs(modules)
+    specs = [(mod, i, s) for mod, i, s in specs if re.search(only, f"{s.name} {s.describe()}")]
     jobs = [(mod, i, arch) for mod, i, _ in specs for arch in ARCHS]
     workers = workers or os.cpu_count() or 1
     if workers > 1:
@@ -497,6 +500,65 @@ SPEC_BUILDERS = {"txl_fast.kernels.rel_attention": attention_specs,
                  "txl_fast.kernels.adaptive_topk": topk_specs}
 
 
+# ---- Parakeet / NeMo FastConformer (issue 23): d_model 1024, 8 heads of 128, bidirectional ----
+# transformers 5's ParakeetEncoderAttention as ``patch_speech`` runs it: every distance, key lengths,
+# zero empty rows; 80 ms frames: 375 = 30 s (batch 1 takes the split forward: 12 query tiles x 8
+# heads underfill the GPU), 45,000 = an hour (the tiled forward; the backward has no split path)
+PARAKEET = dict(H=8, D=128, frames=(375, 45000), batches=(1, 8))
+
+
+def parakeet_launches(dtype, launch) -> None:
+    """The attention launchers at Parakeet's shapes (``PARAKEET``) on meta tensors, forward and
+    backward, recorded by ``launch``."""
+    import torch  # noqa: PLC0415
+
+    from txl_fast.kernels import rel_attention as ra  # noqa: PLC0415
+
+    H, D = PARAKEET["H"], PARAKEET["D"]
+    mode = dict(causal=False, context=None, empty_rows="zero")
+    for B in PARAKEET["batches"]:
+        for T in PARAKEET["frames"]:
+            q, k, v = (torch.empty(B, T, H, D, dtype=dtype, device="meta") for _ in range(3))
+            r = torch.empty(2 * T - 1, H, D, dtype=dtype, device="meta")               # distances T-1 … -(T-1)
+            u, w = torch.empty(H, D, dtype=dtype, device="meta"), torch.empty(H, D, dtype=dtype, device="meta")
+            lengths = torch.empty(B, dtype=torch.int32, device="meta")
+            out, m, l = ra.forward(q, k, v, r, u, w, D ** -0.5, None, launch=launch, key_lengths=lengths, **mode)
+            ra.backward(torch.empty_like(out), q, k, v, r, u, w, out, m, l, D ** -0.5, None, launch=launch,
+                        key_lengths=lengths, **mode)
+
+
+def parakeet_specs() -> list[AotSpec]:
+    """The attention specialisations of ``parakeet_launches`` for fp32, fp16 and bf16, labelled
+    "parakeet" (``python -m txl_fast.kernels.aot --only parakeet``), with the attention's spill
+    allowances (``attention_spill_budget``, bidirectional)."""
+    import torch  # noqa: PLC0415
+
+    names = {"_fwd_kernel": "fwd", "_fwd_combine_kernel": "combine", "_bwd_delta_kernel": "delta",
+             "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
+    specs = []
+    for dt, dtype_name in DTYPES:
+        rec = LaunchRecorder()
+        parakeet_launches(getattr(torch, dtype_name), rec)
+        for kernel, args, kwargs in rec.launches:
+            fn = getattr(kernel, "fn", kernel)
+            name = "split" if kwargs.get("SPLIT_K") else names[fn.__name__]
+            new = specs_from_launches({fn.__name__: f"rel_attention.{name}"}, [(kernel, args, kwargs)],
+                                      f"{dt} D{PARAKEET['D']} Lq{kwargs['Lq']} parakeet bidi lengths zero",
+                                      uses_dot=lambda n: n not in ("rel_attention.delta", "rel_attention.combine"))
+            for spec in new:
+                spec.spill_budget = attention_spill_budget(name, dt, PARAKEET["D"], bidirectional=True)
+            specs += new
+    return specs
+
+
+def rel_attention_specs() -> list[AotSpec]:
+    """The attention module's specs: the wt103 and Conformer shapes, then Parakeet's."""
+    return attention_specs() + parakeet_specs()
+
+
+SPEC_BUILDERS["txl_fast.kernels.rel_attention"] = rel_attention_specs
+
+
 _LABEL = re.compile(r"^(\$L__\w+):")
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
 
@@ -562,8 +624,11 @@ def main(argv=None) -> None:
             print(f"{r['kernel']:24s} {r['arch']}  total {r['ptx_instructions']:6d}  loop bodies "
                   f"{' '.join(str(n) for n in r['loop_bodies']) or '-'}  {r['specialisation']}", flush=True)
         return
+    only = ""
+    if argv[:1] == ["--only"]:           # --only PATTERN: the specs whose "kernel specialisation" matches
+        only, argv = argv[1], argv[2:]
     t0 = time.perf_counter()
-    rows = report(modules=tuple(argv) or MODULES)
+    rows = report(modules=tuple(argv) or MODULES, only=only)
     print(format_table(rows))
     print(f"total {time.perf_counter() - t0:.1f} s")
     if any(problems(r) for r in rows):

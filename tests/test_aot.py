@@ -140,6 +140,35 @@ def test_specs_are_the_jit_specialisations():
     assert len(labels) == len(set(labels)), "duplicate specialisations were not merged"
 
 
+_PARAKEET_SCRIPT = r"""
+import json
+from txl_fast.kernels import aot
+specs = aot.dedupe(aot.parakeet_specs())
+fwd = next(s for s in specs if s.name == "rel_attention.fwd" and s.describe().startswith("bf16 "))
+print(json.dumps(dict(kernels=sorted({(s.name, s.describe().split()[0]) for s in specs}),
+                      registered=aot.SPEC_BUILDERS["txl_fast.kernels.rel_attention"] is aot.rel_attention_specs,
+                      row=aot.compile_one(fwd, 90))))
+"""
+
+
+def test_parakeet_forward_compiles():
+    """Parakeet's specialisations (``aot.PARAKEET``: 8 heads of 128, bidirectional, key lengths, zero
+    empty rows) are part of the attention module's report, every kernel in every dtype, and the bf16
+    forward (the hour-long path) compiles for sm_90 within limits: no spill, tensor cores, shared
+    memory under the limit. One compile (~3 s); all 36 (both archs, ~2.5 min on 2 cores): the slow
+    tests above, or ``python -m txl_fast.kernels.aot --only parakeet``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _PARAKEET_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["registered"]
+    kernels = {(name, dt) for name, dt in got["kernels"]}
+    assert kernels == {(f"rel_attention.{k}", dt) for k in ("split", "combine", "fwd", "delta", "dq", "dkdv")
+                       for dt in ("fp32", "fp16", "bf16")}
+    row = got["row"]
+    assert row["ok"] and row["spill_bytes"] == 0 and row["tensor_cores"] and row["shared"] <= row["smem_limit"], row
+
+
 TRITON36_VENV = os.environ.get("TXL_TRITON36_VENV", "/work/venv36")
 
 
