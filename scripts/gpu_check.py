@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The prepared H200 check (issue 15, section 5): one command says what works on a GPU and how fast.
 
-THE COMMAND for the device tool (from the repository root; ~8 minutes with cold compiles):
+THE COMMAND for the device tool (from the repository root; ≤ 9 minutes with cold compiles):
 
-    run(command="PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out $OUT", timeout_s=560)
+    run(command="PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out $OUT", timeout_s=540)
 
 It needs no installs on the machine's image (python 3.12, torch 2.11 CUDA, triton 3.6; no
 sacremoses, no transformers peer): it puts the repository root on sys.path itself. It writes
@@ -29,6 +29,11 @@ the run:
    ``TRITON_INTERPRET=0 python -m pytest -q tests/test_gpu_correctness.py``.
 4. timings (``timings.py``): do_bench medians, each against its roofline floor (``floor_ms``,
    ``of_floor``) from ``txl_fast.bench.analytic`` on the ceilings of stage 1.
+5. parakeet (``parakeet.py``): Parakeet's attention (8 heads of 128, bidirectional, key lengths):
+   the kernels against float64 at T 1,000, then T 375 … 45,000 frames: the fused op vs HF's route
+   (a T x 2T position tensor, SDPA with a float mask; skipped where its predicted peak exceeds the
+   free memory) vs FlexAttention, times, floors and peak memory. Last: its longest HF route is the
+   run's largest allocation.
 
 --cpu-smoke: TRITON_INTERPRET=1 (set before triton is imported), tiny shapes, fp16 as the low
 precision (bf16 is broken in the interpreter), CPU timers instead of do_bench, Flex attention
@@ -63,6 +68,7 @@ def main(argv=None) -> int:
     from txl_fast.bench.gpu import compile as compile_stage
     from txl_fast.bench.gpu.correctness import checks
     from txl_fast.bench.gpu.environment import ceilings, environment
+    from txl_fast.bench.gpu.parakeet import parakeet
     from txl_fast.bench.gpu.plan import BUDGET_S, SHAPES, TOTAL_S
     from txl_fast.bench.gpu.record import Run, print_table
     from txl_fast.bench.gpu.timings import timings
@@ -85,7 +91,8 @@ def main(argv=None) -> int:
     run.record("process pool", compile_stage.compile_pool, S, smoke, run.left)
     run.record("in process + resources", compile_stage.compile_in_process, S, smoke, run.left)
     for stage, records in (("correctness", checks(S, device, smoke)),
-                           ("timings", timings(S, ceil["values"], device, smoke))):
+                           ("timings", timings(S, ceil["values"], device, smoke)),
+                           ("parakeet", parakeet(S, ceil["values"], device, smoke, run.left))):
         run.stage(stage)
         for name, fn, fn_args in records:
             run.record(name, fn, *fn_args)

@@ -26,7 +26,7 @@ def test_cpu_smoke_runs_every_stage_and_all_correctness_records_pass(tmp_path):
     assert doc["mode"] == "smoke"
     assert [r for r in records if r["status"] != "ok"] == []              # nothing raised, no budget ran out
     stages = {r["stage"] for r in records}
-    assert stages == {"environment", "compile", "correctness", "timings"}
+    assert stages == {"environment", "compile", "correctness", "timings", "parakeet"}
 
     checks = [r for r in records if r["stage"] == "correctness"]
     assert len(checks) == 4 * 3 + 1 + 2 + 2 + 4        # attention cases x dtypes, softmax, top-k, bidirectional, the rest
@@ -50,3 +50,16 @@ def test_cpu_smoke_runs_every_stage_and_all_correctness_records_pass(tmp_path):
     assert flex_conformer["flex_fwd"]["ms"] > 0
     assert flex_conformer["flex_err_vs_fused"] < 1e-2                       # flex computes the same function
     assert "stage" in proc.stdout.splitlines()[-len(records) - 1]           # the table is printed last
+
+    parakeet = {r["name"]: r for r in records if r["stage"] == "parakeet"}
+    assert list(parakeet) == [f"parakeet check parakeet B2 T13 D128 {dtype}" for dtype in ("float32", "bfloat16")] + [
+        "parakeet T12 float32", "parakeet flex T12 float32", "parakeet flex T24 float32", "parakeet T24 float32"]
+    assert parakeet["parakeet check parakeet B2 T13 D128 float32"]["status_check"] == "pass"
+    assert parakeet["parakeet check parakeet B2 T13 D128 bfloat16"]["status_check"] == "skipped"
+    short, longest = parakeet["parakeet T12 float32"], parakeet["parakeet T24 float32"]
+    assert short["fused"]["ms"] > 0 and short["hf_sdpa_float_mask"]["ms"] > 0
+    assert short["hf_err_vs_fused"] < 1e-5                                  # HF's route computes the same function
+    assert longest["fused"]["ms"] > 0 and "free" in longest["hf_sdpa_float_mask"]["skipped"]   # the memory skip
+    flex = parakeet["parakeet flex T12 float32"]
+    assert flex["flex"]["ms"] > 0 and flex["flex_err_vs_fused"] < 1e-5
+    assert "elements" in parakeet["parakeet flex T24 float32"]["skipped"]

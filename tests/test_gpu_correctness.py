@@ -1,5 +1,6 @@
-"""The GPU check's correctness records (``txl_fast.bench.gpu.correctness``) as pytest tests: the same
-functions ``scripts/gpu_check.py`` records, one test each.
+"""The GPU check's correctness records (``txl_fast.bench.gpu.correctness``, and the Parakeet stage's
+checks, ``parakeet.parakeet_checks``) as pytest tests: the same functions ``scripts/gpu_check.py``
+records, one test each.
 
 On a CUDA machine, the GPU shapes (TF32 off, as the check runs them):
 
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 from txl_fast.bench.gpu.correctness import checks
+from txl_fast.bench.gpu.parakeet import parakeet_checks
 from txl_fast.bench.gpu.plan import SHAPES
 
 SMOKE = not torch.cuda.is_available()
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
-CHECKS = checks(SHAPES["smoke" if SMOKE else "gpu"], DEVICE, SMOKE)
+S = SHAPES["smoke" if SMOKE else "gpu"]
+CHECKS = checks(S, DEVICE, SMOKE) + parakeet_checks(S, DEVICE, SMOKE)     # with Parakeet's (head size 128, T 1,000)
 ON_THE_CPU = {CHECKS[0][0], "adaptive top-k k=1"}           # the rest: tests/test_gpu_check.py's smoke
 
 

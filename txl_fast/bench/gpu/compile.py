@@ -28,6 +28,10 @@ def warm_cases(S: dict) -> list:
     cases += [("bidirectional", (case, dtype)) for case in S["bidirectional"] for dtype in BIDIRECTIONAL_DTYPES]
     cases += [("bidirectional", (("bench", spec["B"], spec["L"], 0, spec["H"], spec["D"], None), spec["dtype"]))
               for spec in S["bench_bidirectional"]]
+    pk = S["parakeet"]                                     # its check, and its shortest length (split forward)
+    cases += [("bidirectional", (case, dtype)) for case in pk["checks"] for dtype in pk["check_dtypes"]]
+    cases += [("bidirectional", ((f"parakeet T{pk['frames'][0]}", pk["B"], pk["frames"][0], 0, pk["H"], pk["D"], None),
+                                 dtype)) for dtype in pk["dtypes"]]
     cases += [("softmax", (dtype, S["softmax"]["n"])) for dtype in S["softmax_dtypes"]]
     cases += [("softmax", (S["bench_softmax"]["dtype"], n)) for n in S["bench_softmax"]["rows"]]
     if "warm_cases" not in S:

@@ -188,11 +188,11 @@ def flex_attention_fn(qh, kh, vh, r, u, w, mlen, window, scale, device, smoke: b
     return compiled_flex(qh + u.detach()[None, :, None], kh, vh, position, mask_mod, None, scale, device, smoke)
 
 
-def compiled_flex(q_content, kh, vh, position, mask_mod, batch, scale, device, smoke: bool):
+def compiled_flex(q_content, kh, vh, position, mask_mod, batch, scale, device, smoke: bool, backward: bool = True):
     """FlexAttention of (B, H, Lq, D) queries (the content bias already added) with ``position``
     (B, H, Lq, Lk) added to the scores and ``mask_mod`` as the block mask (per batch row when
     ``batch`` is B, shared when None): the function, its compile seconds (forward, and backward on
-    a GPU) and the query leaf its gradient is taken for."""
+    a GPU unless ``backward`` is False) and the query leaf its gradient is taken for."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -200,16 +200,16 @@ def compiled_flex(q_content, kh, vh, position, mask_mod, batch, scale, device, s
 
     block_mask = create_block_mask(mask_mod, batch, None, q_content.shape[2], kh.shape[2], device=str(device))
     run = flex_attention if smoke else torch.compile(flex_attention)
-    # no gradient on the CPU, where FlexAttention has no backward
-    qb = q_content.detach().requires_grad_(not smoke)
-    kf, vf = (kh.detach(), vh.detach()) if smoke else (kh, vh)
+    grad = backward and not smoke                    # no gradient on the CPU, where FlexAttention has no backward
+    qb = q_content.detach().requires_grad_(grad)
+    kf, vf = (kh, vh) if grad else (kh.detach(), vh.detach())
 
     def flex():
         return run(qb, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
     def first_call():
         out = flex()
-        if not smoke:
+        if grad:
             torch.autograd.grad(out, [qb, kf, vf], torch.ones_like(out))
     compile_s, _ = time_call(first_call)
     return flex, round(compile_s, 2), qb
