@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from txl_fast import backend, ops, patch_speech
+from txl_fast import backend, ops, patch_nemo, patch_speech  # noqa: F401 (patch_nemo adds NeMo to patch_speech)
 from txl_fast.ops.rel_attention import visibility_mask
 
 __all__ = ["patch", "unpatch", "is_patched"]
