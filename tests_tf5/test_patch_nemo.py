@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from compare import check, check_bf16, check_grads, grads, perturb, rel_err, warns_once_and_agrees, weighted
+from compare import check, check_bf16, check_grads, grads, perturb, warns_once_and_agrees, weighted
 
 import txl_fast
 from txl_fast import patch_nemo, patch_speech

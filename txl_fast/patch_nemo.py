@@ -8,7 +8,6 @@ import math
 import sys
 
 import torch
-from torch import nn
 
 from txl_fast import patch_speech
 
@@ -209,7 +208,8 @@ class _NeMoRelPositionMultiHeadAttentionLongformer(_NeMoAttention):
 
 # (module, qualname) of NeMo's class -> (patched class name, overrides), as patch_speech.SUPPORTED
 SUPPORTED = {
-    (_MODULE, "RelPositionMultiHeadAttention"): ("NeMoRelPositionMultiHeadAttention", _NeMoRelPositionMultiHeadAttention),
+    (_MODULE, "RelPositionMultiHeadAttention"):
+        ("NeMoRelPositionMultiHeadAttention", _NeMoRelPositionMultiHeadAttention),
     (_MODULE, "RelPositionMultiHeadAttentionLongformer"):
         ("NeMoRelPositionMultiHeadAttentionLongformer", _NeMoRelPositionMultiHeadAttentionLongformer),
 }
