@@ -37,6 +37,7 @@ CONTEXTS = {
     "left-only": ("regular", [4, -1]),
     "chunked": ("chunked_limited", [4, 1]),
     "chunked-unlimited-left": ("chunked_limited", [-1, 2]),
+    "chunked-right-context": ("chunked_limited_with_rc", [4, 2, 1]),                 # frames: left, chunk, right
 }
 
 
@@ -100,6 +101,7 @@ def run_both(module, run):
     ("left-only", {"context": (4, 12)}),
     ("chunked", {"chunk_context": (2, 2, 0)}),
     ("chunked-unlimited-left", {"chunk_context": (3, -1, 0)}),
+    ("chunked-right-context", {"chunk_context": (2, 2, 1)}),
 ])
 def test_mask_layout(context, expected):
     """NeMo's (B, T, T) masks read as the op's arguments: the context (chunked_limited [4, 1]: chunks
@@ -225,14 +227,18 @@ def test_bf16_no_less_accurate(kind, autocast):
 
 
 def test_fallbacks_warn_once_and_agree():
-    """A mask the op cannot express (holes), position embeddings too short for the keys, the
-    Longformer's global tokens and leading padding: NeMo's own code, one warning, NeMo's result."""
+    """Masks the op cannot express (holes; chunked_limited_with_rc's left context of 3 frames with
+    chunks of 2), position embeddings too short for the keys, the Longformer's global tokens and
+    leading padding: NeMo's own code, one warning, NeMo's result."""
     torch.manual_seed(5)
     x = torch.randn(3, T, E)
     pos = rel_pos(x)
     holes = nemo_mask("full") | (torch.rand(3, T, T) < 0.2)
     module = attention().eval()
     warns_once_and_agrees(module, lambda m: m(x, x, x, holes, pos))
+    rc = mask_maker("chunked_limited_with_rc", (3, 2, 1))._create_masks([3, 2, 1], torch.tensor(LENGTHS), T, None,
+                                                                       "cpu")[1]   # left 3 frames: not whole chunks
+    warns_once_and_agrees(module, lambda m: m(x, x, x, rc, pos))
     warns_once_and_agrees(module, lambda m: m(x, x, x, nemo_mask("full"), pos[:, 1:-1]))
     window = [3, 3]
     pe = mha.LocalAttRelPositionalEncoding(window, d_model=E, dropout_rate=0.0)
