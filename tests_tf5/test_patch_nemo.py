@@ -1,10 +1,10 @@
 """``txl_fast.patch`` on NeMo 3.0's Conformer attention (``RelPositionMultiHeadAttention``,
 ``RelPositionMultiHeadAttentionLongformer``), alone and in ``ConformerEncoder``. Patched vs NeMo's own
-code on the same random weights, masks built by NeMo's ``ConformerEncoder._create_masks``: outputs on
-the valid frames (NeMo's padded query rows are zeros before linear_out; ours too, so every frame is
-compared) and the gradients of every parameter and of the input, fp32, eval and train mode (no
+code on the same random weights, masks built by NeMo's ``ConformerEncoder._create_masks``: outputs
+(modules: every frame, NeMo's padded query rows being zeros before linear_out as ours; encoders: the
+valid frames) and the gradients of every parameter and of the input, fp32, eval and train mode (no
 dropout), ragged batches: full, limited and chunked-limited context, the cache-aware streaming step
-(module, and the encoder's ``cache_aware_stream_step`` with caches of random fill), local attention
+(the module; the encoder's ``cache_aware_stream_step``, outputs and caches, from caches of random fill), local attention
 (symmetric and asymmetric windows), shared pos_bias_u / v, NeMo's sdpa flag; bf16 (weights, autocast)
 against float64; the fallbacks; unpatch.
 
