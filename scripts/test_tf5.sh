@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The tests that need transformers 5.x (tests_tf5/: txl_fast.patch on Parakeet's attention), which
+# The tests that need transformers 5.x (tests_tf5/: txl_fast.patch on Parakeet's attention; NeMo's), which
 # cannot share an environment with the peer transformers==4.35.0 of the main suite.
 #
 #   scripts/test_tf5.sh [pytest arguments]        (the README's test command runs it after the main suite)
 #
 # Makes (once) the venv .venv-tf5 beside the checkout that sees the system's packages (torch, pytest,
 # txl_fast's dependencies) and shadows transformers with TF5_VERSION (and huggingface_hub, tokenizers
-# with the versions it needs), then runs tests_tf5/ in it on this checkout's txl_fast. Idempotent:
-# a venv that already has TF5_VERSION installs nothing.
+# with the versions it needs), adds NeMo (tests_tf5/requirements-nemo.txt, --no-deps: nothing there
+# replaces torch or transformers), then runs tests_tf5/ in it on this checkout's txl_fast. Idempotent:
+# a venv that already has TF5_VERSION and every pinned NeMo requirement installs nothing.
 set -euo pipefail
 
 TF5_VERSION=5.23.0
@@ -23,6 +24,21 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$TF5_VERSION')" 2>/dev/null; then
     "$VENV/bin/pip" install -q "transformers==$TF5_VERSION"
+fi
+NEMO_REQUIREMENTS="$ROOT/tests_tf5/requirements-nemo.txt"
+if ! "$VENV/bin/python" - "$NEMO_REQUIREMENTS" <<'EOF'
+import importlib.metadata as m, sys
+for line in open(sys.argv[1]):
+    pin = line.split("#")[0].strip()
+    if pin:
+        name, version = pin.split("==")
+        try:
+            assert m.version(name) == version
+        except (AssertionError, m.PackageNotFoundError):
+            sys.exit(1)
+EOF
+then
+    "$VENV/bin/pip" install -q --no-deps -r "$NEMO_REQUIREMENTS"
 fi
 
 cd "$ROOT"

@@ -185,6 +185,18 @@ SHAPES = dict(q=(2, 3, 2, 4), k=(2, 5, 2, 4), v=(2, 5, 2, 4), r=(7, 2, 4), r_w_b
     (dict(empty_rows="zeros"), r"empty_rows must be 'uniform' \(HF\) or 'zero'"),
     (dict(causal="no"), r"causal must be True or False"),
     (dict(causal=True, r=(5, 2, 4), uniform_keys=2, key_lengths=torch.tensor([5, 5])), r"uniform_keys .* no key padding"),
+    (dict(causal=True, r=(5, 2, 4), uniform_keys=2, query_lengths=torch.tensor([3, 3])), r"uniform_keys .* no query_lengths"),
+    (dict(chunk_context=(2, 1, 0), context=(1, 1)), r"chunk_context needs causal=False and no context"),
+    (dict(chunk_context=(2, 1, 0), causal=True, r=(5, 2, 4)), r"chunk_context needs causal=False"),
+    (dict(chunk_context=(0, 1, 0)), r"chunk_context must be \(C >= 1, L >= -1, R >= 0\) ints"),
+    (dict(chunk_context=(2, -2, 0)), r"chunk_context must be \(C >= 1"),
+    (dict(chunk_context=(2, 1, -1)), r"chunk_context must be \(C >= 1"),
+    (dict(chunk_context=(2, 1)), r"chunk_context must be \(C >= 1"),
+    (dict(chunk_context=(2.0, 1, 0)), r"chunk_context must be \(C >= 1"),
+    (dict(query_lengths=torch.tensor([3, 4])), r"query_lengths must lie in \[0, Lq=3\]"),
+    (dict(query_lengths=torch.tensor([-1, 2])), r"query_lengths must lie in \[0, Lq=3\]"),
+    (dict(query_lengths=torch.tensor([3.0, 2.0])), r"query_lengths must be an integer tensor"),
+    (dict(query_lengths=torch.tensor([3])), r"query_lengths must be an integer tensor of shape \(B=2,\)"),
 ])
 def test_bad_input_raises(change, match):
     shapes = {**SHAPES, **{n: s for n, s in change.items() if n in SHAPES}}
@@ -192,3 +204,171 @@ def test_bad_input_raises(change, match):
     options = {"causal": False, **{n: x for n, x in change.items() if n not in SHAPES}}
     with pytest.raises(ValueError, match=match):
         rel_attention(*tensors, scale=0.5, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk_context (NeMo's chunked_limited, streaming FastConformers offline) and query_lengths
+# ---------------------------------------------------------------------------------------------
+
+def naive_chunk_visible(Lq, Lk, chunk_context):
+    """(Lq, Lk) bool by a loop over the chunks of the keys: query i (position p = i + Lk - Lq, chunk
+    p // C) sees key j when j's chunk lies L chunks back at most and j < its chunk's end + R."""
+    C, L, R = chunk_context
+    visible = torch.zeros(Lq, Lk, dtype=torch.bool)
+    for i in range(Lq):
+        c = (i + Lk - Lq) // C
+        for j in range(Lk):
+            visible[i, j] = (L < 0 or j // C >= c - L) and j < (c + 1) * C + R
+    return visible
+
+
+# (Lq, mlen, chunk_context, or "causal" (window 3) / None (bidirectional, no context), key padding, query lengths)
+QUERY_CASES = {
+    "chunk_unlimited": (13, 0, (4, -1, 0), None, False),
+    "chunk_l0_r2_ragged": (13, 0, (4, 0, 2), "lengths", True),
+    "chunk_l1_memory_ragged": (13, 6, (4, 1, 0), "lengths", True),
+    "chunk_l1_r2_memory_mask": (13, 6, (4, 1, 2), "mask", False),
+    "chunk_l0_memory_queries": (13, 6, (4, 0, 0), None, True),
+    "chunk_unlimited_r2_memory": (13, 6, (4, -1, 2), "lengths", True),
+    "chunk_c1": (5, 2, (1, 2, 1), None, True),
+    "bidi_query_lengths": (13, 6, None, "lengths", True),
+    "causal_query_lengths": (7, 4, "causal", "lengths", True),
+}
+
+
+def make_query_case(case, seed, dtype=torch.float64):
+    """B 2, H 2, D 16; key lengths (Lk, Lk - 8): some queries of row 1 see no key in their chunk;
+    query lengths (Lq - 4, Lq)."""
+    Lq, mlen, chunk, padding, ragged = QUERY_CASES[case]
+    B, H, D, Lk = 2, 2, 16, Lq + mlen
+    causal = chunk == "causal"
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Lq, H, D), (B, Lk, H, D), (B, Lk, H, D), (Lk if causal else Lk + Lq - 1, H, D), (H, D), (H, D)]
+    inputs = [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    mode = dict(causal=causal)
+    if causal:
+        mode["window"] = 3
+    elif chunk is not None:
+        mode["chunk_context"] = chunk
+    if padding == "lengths":
+        mode["key_lengths"] = torch.tensor([Lk, max(1, Lk - 8)])
+    elif padding == "mask":
+        mode["key_mask"] = torch.rand(B, Lk, generator=g) < 0.7
+    if ragged:
+        mode["query_lengths"] = torch.tensor([max(1, Lq - 4), Lq])
+    return inputs, mode, torch.randn(B, Lq, H, D, generator=g, dtype=torch.float64)
+
+
+def test_naive_chunk_context_is_the_chunk_loop():
+    for Lq, Lk in ((13, 13), (13, 19), (5, 7)):
+        for chunk in ((4, -1, 0), (4, 0, 2), (4, 1, 0), (3, 2, 1), (1, 0, 0)):
+            assert torch.equal(ra.visibility_mask(Lq, Lk, None, None, causal=False, chunk_context=chunk),
+                               naive_chunk_visible(Lq, Lk, chunk)), (Lq, Lk, chunk)
+
+
+def test_naive_chunk_context_is_nemo_chunked_limited():
+    """NeMo's chunked_limited: chunk_size = right + 1, left_chunks = left // chunk_size; key j is
+    visible when 0 <= chunk(i) - chunk(j) <= left_chunks (Lk = Lq: no cache)."""
+    T = 17
+    for left, right in ((8, 3), (5, 1), (-1, 2), (0, 0)):
+        size = right + 1
+        left_chunks = left // size if left >= 0 else T
+        chunk = torch.arange(T) // size
+        diff = chunk[:, None] - chunk[None, :]
+        nemo = (diff >= 0) & (diff <= left_chunks)
+        ours = ra.visibility_mask(T, T, None, None, causal=False,
+                                  chunk_context=(size, left // size if left >= 0 else -1, 0))
+        assert torch.equal(ours, nemo), (left, right)
+
+
+def test_naive_query_lengths_pad_queries():
+    """Padded queries: uniform over all keys (HF's rows) or zero; the real ones as without padding."""
+    inputs, mode, _ = make_query_case("chunk_l1_memory_ragged", seed=3)
+    full = {n: x for n, x in mode.items() if n != "query_lengths"}
+    for empty_rows in ("uniform", "zero"):
+        out = naive.rel_attention(*inputs, 0.3, empty_rows=empty_rows, **naive_mode(mode, 19))[0]
+        ref = naive.rel_attention(*inputs, 0.3, empty_rows=empty_rows, **naive_mode(full, 19))[0]
+        assert torch.equal(out[1], ref[1]) and torch.equal(out[0, :9], ref[0, :9])
+        fill = inputs[2][0].mean(0) if empty_rows == "uniform" else torch.zeros_like(inputs[2][0, 0])
+        torch.testing.assert_close(out[0, 9:], fill.expand_as(out[0, 9:]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("empty_rows", ["uniform", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(QUERY_CASES))
+def test_query_cases_autograd_path_matches_naive(case, dtype, empty_rows, fused_calls):
+    inputs, mode, dout = make_query_case(case, seed=len(case))
+    ours = [x.to(dtype, copy=True).requires_grad_() for x in inputs]
+    with backend.use_backend("torch"):
+        out = rel_attention(*ours, scale=0.25, empty_rows=empty_rows, **mode)
+    out.backward(dout.to(dtype))
+    refs = [x.to(dtype).double().requires_grad_() for x in inputs]
+    ref = naive.rel_attention(*refs, 0.25, empty_rows=empty_rows, **naive_mode(mode, inputs[1].shape[1]))[0]
+    ref.backward(dout)
+    assert not fused_calls
+    assert_rel_close(out, ref, dtype, "out")
+    for name, x, rx in zip(NAMES, ours, refs):
+        assert_rel_close(x.grad, rx.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("empty_rows", ["uniform", "zero"])
+@pytest.mark.parametrize("block", [None, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(QUERY_CASES))
+def test_query_cases_inference_path_matches_naive(case, dtype, block, empty_rows, monkeypatch, fused_calls):
+    if block is not None:
+        monkeypatch.setattr(ra, "QUERY_BLOCK", block)
+    inputs, mode, _ = make_query_case(case, seed=len(case) + 1)
+    with torch.no_grad(), backend.use_backend("torch"):
+        out = rel_attention(*[x.to(dtype) for x in inputs], scale=0.25, empty_rows=empty_rows, **mode)
+    ref = naive.rel_attention(*[x.to(dtype).double() for x in inputs], 0.25, empty_rows=empty_rows,
+                              **naive_mode(mode, inputs[1].shape[1]))[0]
+    assert fused_calls
+    assert_rel_close(out, ref, dtype, "out")
+
+
+@pytest.mark.parametrize("case", ["chunk_l1_memory_ragged", "causal_query_lengths"])
+def test_query_cases_probabilities(case):
+    inputs, mode, _ = make_query_case(case, seed=4)
+    for empty_rows in ("uniform", "zero"):
+        with backend.use_backend("torch"):
+            out, prob = rel_attention_with_probs(*inputs, scale=0.4, empty_rows=empty_rows, **mode)
+        ref_out, ref_prob = naive.rel_attention(*inputs, 0.4, empty_rows=empty_rows,
+                                                **naive_mode(mode, inputs[1].shape[1]))
+        assert_rel_close(out, ref_out, torch.float64, "out")
+        assert_rel_close(prob, ref_prob, torch.float64, "prob")
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("chunk_context", [None, (4, 1, 2), (4, -1, 0)])
+def test_inference_path_memory_is_linear(chunk_context, monkeypatch):
+    """No-grad, bidirectional, queries in blocks of 16: the largest tensor built grows as T, not T²
+    (4x the frames: at most 4.5x the elements; T² would be 16x), with ragged lengths of both kinds."""
+    monkeypatch.setattr(ra, "QUERY_BLOCK", 16)
+    largest = []
+    for T in (64, 256):
+        g = torch.Generator().manual_seed(T)
+        B, H, D = 2, 2, 8
+        q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+        r = torch.randn(2 * T - 1, H, D, generator=g)
+        u, w = torch.randn(H, D, generator=g), torch.randn(H, D, generator=g)
+        lengths = torch.tensor([T, T - 9])
+        mode = dict(causal=False, chunk_context=chunk_context, key_lengths=lengths, query_lengths=lengths - 3)
+        with torch.no_grad(), backend.use_backend("torch"), LargestTensor() as seen:
+            rel_attention(q, k, v, r, u, w, scale=0.3, empty_rows="zero", **mode)
+        largest.append(seen.largest)
+    assert largest[1] <= 4.5 * largest[0], largest

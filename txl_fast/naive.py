@@ -16,8 +16,12 @@ Relative attention, for query i (0 <= i < qlen) and key j (0 <= j < klen = mlen 
     score(i, j)  = scale * ( (q_i + u) . k_j   +   (q_i + v) . r_d(i,j) )
                            ^ content term (a)+(c)    ^ position term (b)+(d)
     visible(i,j) = causal:        d >= 0  and  (window is None or d < window)
-                   bidirectional: context is None or -right <= d <= left, context = (left, right)
+                   bidirectional: context is None or -right <= d <= left, context = (left, right),
+                                  or chunk_context = (C, L, R): query i at position p = i + mlen, its
+                                  chunk c = p // C, sees (c - L) * C <= j < (c + 1) * C + R
+                                  (L = -1: no lower bound)
                    and, either way, key j not masked for the batch row (key_mask[b, j], padding)
+                   and query i not padding (i < query_lengths[b]: a padded query sees no key)
     p(i, .)      = softmax over j of score, with invisible scores set to the dtype's most
                    negative finite value (HF's masked_fill); a row with no visible key is
                    therefore uniform over all keys, exactly as in HF (empty_rows="uniform"),
@@ -54,6 +58,8 @@ def rel_attention(
     context: Optional[tuple[int, int]] = None,
     key_mask: Optional[torch.Tensor] = None,
     empty_rows: str = "uniform",
+    chunk_context: Optional[tuple[int, int, int]] = None,
+    query_lengths: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative-position attention, literally.
 
@@ -66,6 +72,9 @@ def rel_attention(
     r_w_bias, r_r_bias: (H, D)   u and v of the paper
     window:   causal only: a key is visible only if its distance is < window (HF's same_length)
     context:  bidirectional only: (left, right), a key is visible only if -right <= d <= left
+    chunk_context: bidirectional only: (C, L, R), query i in chunk c = (i + mlen) // C sees keys
+              (c - L) * C <= j < (c + 1) * C + R, every earlier key when L = -1
+    query_lengths: (B,) ints: queries i >= query_lengths[b] are padding and see no key
     key_mask: (B, Lk) bool, True where the key may be seen (False: padding); causal, also (B, Lq, Lk) per query
     empty_rows: "uniform" (HF) or "zero": the probabilities of a row with no visible key
     returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
@@ -87,10 +96,18 @@ def rel_attention(
         if context is not None:
             left, right = context
             visible = (distance <= left) & (distance >= -right)
+        if chunk_context is not None:
+            size, left_chunks, right = chunk_context
+            chunk = (i + mlen) // size                                # (Lq, 1)
+            visible = j < (chunk + 1) * size + right
+            if left_chunks >= 0:
+                visible = visible & (j >= (chunk - left_chunks) * size)
         r_ij = r[Lk - 1 - distance]                                   # (Lq, Lk, H, D)
     visible = visible.expand(B, 1, Lq, Lk)                            # (B, 1, Lq, Lk)
     if key_mask is not None:
         visible = visible & (key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None])
+    if query_lengths is not None:
+        visible = visible & (i < query_lengths[:, None, None, None])
 
     content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
     position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)

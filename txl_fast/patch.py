@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from txl_fast import backend, ops, patch_speech
+from txl_fast import backend, ops, patch_nemo, patch_speech  # noqa: F401 (patch_nemo adds NeMo to patch_speech)
 from txl_fast.ops.rel_attention import visibility_mask
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -293,8 +293,8 @@ def patch(model: nn.Module, *, check_mask: bool = True, attention_weights: str =
 
     ``model`` is an HF TransfoXLModel, TransfoXLLMHeadModel or TransfoXLForSequenceClassification,
     or any module holding supported Conformer attention modules (SpeechBrain, ESPnet, transformers
-    5.x Parakeet: ``txl_fast.patch_speech``); anything else: TypeError. Parameters, buffers and
-    ``state_dict`` are untouched. Patching twice is a no-op.
+    5.x Parakeet: ``txl_fast.patch_speech``; NeMo: ``txl_fast.patch_nemo``); anything else:
+    TypeError. Parameters, buffers and ``state_dict`` are untouched. Patching twice is a no-op.
 
     HF: the fused op derives its mask from the model's ``same_length`` / ``mem_len``;
     ``check_mask`` (default) compares it with the mask HF built, once per forward (a host sync on a

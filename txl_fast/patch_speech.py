@@ -18,6 +18,8 @@ exact classes, not their subclasses):
                Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
   transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
                FastSpeech2ConformerAttention`` (5.x; ESPnet's "latest", in encoder and decoder)
+  NeMo         ``RelPositionMultiHeadAttention`` and ``...Longformer``: ``txl_fast.patch_nemo``, which
+               adds its adapters to this module's table (``register``)
 
 In our conventions (checked against each library's own forward in tests/test_patch_speech.py):
 q, k, v (B, L, H, D) from the module's projections; r = linear_pos(pos_emb) viewed (Lk + Lq - 1, H, D),
@@ -100,9 +102,10 @@ def _always(module) -> bool:
 
 
 def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False,
-            empty_rows: str = "zero"):
+            empty_rows: str = "zero", **layout):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
-    ``weights`` (else None; the probabilities path also runs for attention dropout).
+    ``weights`` (else None; the probabilities path also runs for attention dropout). ``layout``: the
+    op's other visibility arguments (context, chunk_context, key_lengths, query_lengths).
 
     ``accumulate_fp32``: bf16 / fp16 inputs that would run on the torch path (the CPU, or the
     probabilities) run it in float32, results cast back: scores and probabilities are not rounded
@@ -114,7 +117,8 @@ def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     u, w, r = (t.to(q.dtype) for t in (u, w, r))     # under autocast the projections are low precision,
-    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows=empty_rows)  # the biases fp32 parameters
+    mode = dict(scale=scale, causal=False, key_mask=key_mask, empty_rows=empty_rows,  # the biases fp32 parameters
+                **layout)
     with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
         if weights or dropout > 0:
             out, prob = ops.rel_attention_with_probs(q, k, v, r, u, w, dropout_p=dropout, **mode)
@@ -465,6 +469,13 @@ SUPPORTED = {
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
+
+
+def register(adapters: dict) -> None:
+    """Add another module's adapters, keyed as ``SUPPORTED``, to the one table (``txl_fast.patch_nemo``
+    adds NeMo's when imported; ``txl_fast.patch`` imports it)."""
+    SUPPORTED.update(adapters)
+    _BY_NAME.update({_PREFIX + name: (key, mixin) for key, (name, mixin) in adapters.items()})
 
 
 def _patched_class(base: type) -> type:

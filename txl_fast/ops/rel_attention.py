@@ -21,6 +21,10 @@ a key is visible when ``context=(left, right)`` is None or -right <= d <= left. 
 visible) hide keys per batch row (causal, ``key_mask`` may also be (B, Lq, Lk), per query: documents
 packed back to back in a row, each query seeing only its own), and ``empty_rows="zero"`` gives a row with no visible key zero
 probabilities (what SpeechBrain, ESPnet and NeMo give) instead of HF's uniform row.
+``chunk_context=(C, L, R)`` (bidirectional, instead of ``context``): query i at position
+p = i + (Lk - Lq), in chunk c = p // C, sees the keys (c - L)·C <= j < (c + 1)·C + R (L = -1: every
+earlier chunk; NeMo's chunked_limited context is (right + 1, left // (right + 1), 0)).
+``query_lengths`` (B,): queries i >= query_lengths[b] are padding, rows with no visible key.
 
 ``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
 one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path,
@@ -61,11 +65,26 @@ def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
     return x.as_strided((*batch, Lq, klen), (*x.stride()[:-2], W - 1, 1), x.storage_offset() + Lq - 1)
 
 
-def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, causal: bool = True, context=None) -> torch.Tensor:
-    """(Lq, Lk) bool, True where query i may attend key j by distance d = i + Lk - Lq - j alone:
-    causal, d in [0, window); bidirectional, -right <= d <= left for context (left, right)."""
-    distance = torch.arange(Lq, device=device)[:, None] + (Lk - Lq) - torch.arange(Lk, device=device)[None, :]
+def chunk_keys(chunk_context, position):
+    """Keys [lo, hi) of the queries at ``position`` (an int or a tensor of them) under
+    chunk_context (C, L, R), unclipped: lo = (c - L)·C (0 when L = -1), hi = (c + 1)·C + R, c = p // C."""
+    size, left, right = chunk_context
+    chunk = position // size
+    return ((chunk - left) * size if left >= 0 else chunk * 0), (chunk + 1) * size + right
+
+
+def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, causal: bool = True, context=None,
+                    chunk_context=None) -> torch.Tensor:
+    """(Lq, Lk) bool, True where query i may attend key j by position alone: causal, the distance
+    d = i + Lk - Lq - j in [0, window); bidirectional, -right <= d <= left for context (left, right),
+    or j in the keys of i's chunk (``chunk_keys``)."""
+    position = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+    distance = position - torch.arange(Lk, device=device)[None, :]
     if not causal:
+        if chunk_context is not None:
+            lo, hi = chunk_keys(chunk_context, position)                 # (Lq, 1) each
+            j = torch.arange(Lk, device=device)
+            return (j >= lo) & (j < hi)
         if context is None:
             return torch.ones(Lq, Lk, dtype=torch.bool, device=device)
         return (distance <= context[0]) & (distance >= -context[1])
@@ -76,7 +95,8 @@ def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, causal: boo
 
 
 def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, *, causal: bool = True,
-                 context=None, key_lengths=None, key_mask=None, empty_rows: str = "uniform") -> None:
+                 context=None, key_lengths=None, key_mask=None, empty_rows: str = "uniform", chunk_context=None,
+                 query_lengths=None) -> None:
     """Raise a ValueError naming the problem; nothing has run yet when this raises."""
     tensors = {"q": q, "k": k, "v": v, "r": r, "r_w_bias": r_w_bias, "r_r_bias": r_r_bias}
     for name, t in tensors.items():
@@ -115,10 +135,25 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
                                 or not all(isinstance(c, int) and c >= 0 for c in context)):
         raise ValueError(f"rel_attention: context must be None or (left, right) ints >= 0, with causal=False; "
                          f"got {context!r}")
+    if chunk_context is not None:
+        if causal or context is not None:
+            raise ValueError("rel_attention: chunk_context needs causal=False and no context")
+        if (not isinstance(chunk_context, (tuple, list)) or len(chunk_context) != 3
+                or not all(isinstance(c, int) and not isinstance(c, bool) for c in chunk_context)
+                or chunk_context[0] < 1 or chunk_context[1] < -1 or chunk_context[2] < 0):
+            raise ValueError(f"rel_attention: chunk_context must be (C >= 1, L >= -1, R >= 0) ints, got {chunk_context!r}")
+    if query_lengths is not None:
+        if (not isinstance(query_lengths, torch.Tensor) or query_lengths.shape != (B,)
+                or query_lengths.dtype.is_floating_point or query_lengths.dtype == torch.bool):
+            raise ValueError(f"rel_attention: query_lengths must be an integer tensor of shape (B={B},)")
+        if query_lengths.device != q.device:
+            raise ValueError(f"rel_attention: query_lengths is on {query_lengths.device} but q is on {q.device}")
+        if not torch.compiler.is_compiling() and ((query_lengths < 0) | (query_lengths > Lq)).any():
+            raise ValueError(f"rel_attention: query_lengths must lie in [0, Lq={Lq}], got {query_lengths.tolist()}")
     if not isinstance(uniform_keys, int) or not 0 <= uniform_keys <= Lk:
         raise ValueError(f"rel_attention: uniform_keys must be an int in [0, Lk={Lk}], got {uniform_keys!r}")
-    if uniform_keys and (not causal or key_lengths is not None or key_mask is not None):
-        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True and no key padding")
+    if uniform_keys and (not causal or key_lengths is not None or key_mask is not None or query_lengths is not None):
+        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True, no key padding and no query_lengths")
     if empty_rows not in ("uniform", "zero"):
         raise ValueError(f"rel_attention: empty_rows must be 'uniform' (HF) or 'zero', got {empty_rows!r}")
     if key_lengths is not None and key_mask is not None:
@@ -149,17 +184,42 @@ def visible_keys(key_lengths, key_mask, Lk: int) -> Optional[torch.Tensor]:
     return key_mask
 
 
+def query_keys(keys, chunk_context, query_lengths, B: int, Lq: int, Lk: int, device) -> Optional[torch.Tensor]:
+    """The key visibility with the chunks and the padded queries folded in: (B, Lq, Lk) bool, or
+    ``keys`` as it is when neither is given (the paths that build every score take it so)."""
+    if chunk_context is None and query_lengths is None:
+        return keys
+    visible = torch.ones(B, Lq, Lk, dtype=torch.bool, device=device)
+    if keys is not None:
+        visible &= keys[:, None, :] if keys.dim() == 2 else keys
+    if chunk_context is not None:
+        visible &= visibility_mask(Lq, Lk, None, device, causal=False, chunk_context=chunk_context)
+    if query_lengths is not None:
+        visible &= (torch.arange(Lq, device=device) < query_lengths[:, None])[:, :, None]
+    return visible
+
+
 def per_score(keys: torch.Tensor) -> torch.Tensor:
     """Key visibility (B, Lk) or (B, Lq, Lk) as a (B, 1, 1 or Lq, Lk) view beside the scores (B, H, Lq, Lk)."""
     return keys[:, None, None, :] if keys.dim() == 2 else keys[:, None]
 
 
-def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device) -> Optional[torch.Tensor]:
-    """(B or 1, Lq) bool, True for the queries that see no key; None when none can be empty (the
-    key at distance 0 is always visible without padding, unless window is 0).
+def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device, chunk_context=None,
+                   query_lengths=None) -> Optional[torch.Tensor]:
+    """(B or 1, Lq) bool, True for the queries that see no key: padded queries (query_lengths), and
+    those whose keys are all hidden; None when none can be empty (the key at distance 0, the
+    query's own position, is always visible without padding, unless window is 0)."""
+    empty = _keyless_rows(Lq, Lk, window, causal, context, keys, device, chunk_context)
+    if query_lengths is None:
+        return empty
+    padded = torch.arange(Lq, device=device) >= query_lengths[:, None]                   # (B, Lq)
+    return padded if empty is None else empty | padded
 
-    Query i sees the keys of one range [first_i, last_i] (by distance), so it is empty when the
-    prefix sums of the visible keys agree at both ends: O(B (Lq + Lk)), no (Lq, Lk) mask."""
+
+def _keyless_rows(Lq: int, Lk: int, window, causal: bool, context, keys, device, chunk_context):
+    """``empty_row_mask`` without the padded queries. Query i sees the keys of one range [first_i,
+    end_i) (by distance, or its chunk's keys), so it is empty when the prefix sums of the visible
+    keys agree at both ends: O(B (Lq + Lk)), no (Lq, Lk) mask."""
     if causal and window == 0:
         return torch.ones(1, Lq, dtype=torch.bool, device=device)
     if keys is None:
@@ -168,7 +228,7 @@ def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device
         queries = torch.arange(Lq, device=device)
         if device.type == "cpu" and bool(keys[:, queries, queries + Lk - Lq].all()):
             return None                                              # each query sees itself (distance 0)
-        return ~(keys & visibility_mask(Lq, Lk, window, device)).any(-1)
+        return ~(keys & visibility_mask(Lq, Lk, window, device, causal, context)).any(-1)
     if causal:
         dmin, dmax = 0, Lk if window is None else window - 1          # visible distances dmin <= d <= dmax
     else:
@@ -176,6 +236,9 @@ def empty_row_mask(Lq: int, Lk: int, window, causal: bool, context, keys, device
     diagonal = torch.arange(Lq, device=device) + (Lk - Lq)           # each query's key at distance 0
     first = (diagonal - dmax).clamp(0, Lk)                           # its keys: [first, end)
     end = (diagonal - dmin + 1).clamp(0, Lk)
+    if chunk_context is not None:
+        lo, hi = chunk_keys(chunk_context, diagonal)
+        first, end = torch.maximum(first, lo.clamp(0, Lk)), torch.minimum(end, hi.clamp(0, Lk))
     seen = torch.nn.functional.pad(keys.cumsum(-1), (1, 0))           # (B, Lk + 1): visible keys before j
     return seen[:, end] <= seen[:, first]
 
@@ -277,18 +340,19 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
 
 
 def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
-                     keys=None, empty_rows="uniform"):
+                     keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None):
     """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
 
     Its fused kernel (on the CPU, a blocked flash attention) computes the content scores, adds the
     mask, and does the softmax and the value product tile by tile: of the Lq x Lk arrays only
     the position mask is written. Keys 0 .. uniform_keys - 1 enter as key uniform_keys - 1 with
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
-    Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key are written afterwards:
-    the mean value (HF's uniform row) or zeros.
+    Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key (padded queries included)
+    are written afterwards: the mean value (HF's uniform row) or zeros.
     The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
     """
-    empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
+    empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device, chunk_context,
+                           query_lengths)                                                    # (B or 1, Lq)
     if causal and window == 0:  # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
         return v.mean(dim=1, keepdim=True).expand(q.shape) if empty_rows == "uniform" else q.new_zeros(q.shape)
     if causal:
@@ -297,7 +361,7 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
         out = _sdpa(q, k[:, first], v[:, first], r_w_bias, _hide(mask, keys, None, empty_rows), scale)
     else:
         out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, q.shape[1], k.shape[1]),
-                                       keys)
+                                       keys, chunk_context, None if empty is None else ~empty)
     if empty is not None:
         fix = v.mean(dim=1, keepdim=True) if empty_rows == "uniform" else 0.0
         out = torch.where(empty[:, :, None, None], fix, out)
@@ -318,38 +382,48 @@ def _sdpa(q, k, v, r_w_bias, mask, scale):
 QUERY_BLOCK = 128
 
 
-def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys):
+def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, chunk_context=None, seeing=None):
     """The bidirectional output (B, Lq, H, D) of the visible distances lo <= d <= hi (span), keys
-    (B, Lk) bool or None; rows with no visible key are left to the caller.
+    (B, Lk) bool or None, chunk_context (C, L, R) or None; rows with no visible key are left to the
+    caller, which passes them as ``seeing`` (B or 1, Lq) bool (False: no key) or None (none empty).
 
-    Trailing keys that no batch row sees (padding) are dropped: with keys [0, end) kept, the
-    problem is the same with r's first end + Lq - 1 rows and distances measured from key end - 1,
-    i.e. the span shifted by Lk - end. Then queries run in blocks: rows [i0, i1) are the problem
-    with r's rows Lq - i1 … Lq - i1 + Lk + (i1 - i0) - 2, the span shifted by i1 - Lq. The padding
-    left inside the kept keys is written into each block's position mask.
+    Queries run in blocks of QUERY_BLOCK, each over the keys [j0, j1) its rows may see: the span,
+    the chunks, and the trailing keys no batch row sees (padding) cut the range. Rows [i0, i1) over
+    keys [j0, j1) are the problem with r's rows Lq - i1 + j0 … Lq - i0 + j1 - 2 and the span shifted
+    by i1 + (Lk - Lq) - j1 (the distance of row i1 - 1 to key j1 - 1). The padding inside the range
+    and the chunk edges are written into each block's scores. Blocks none of whose rows see a key
+    (padded queries) are skipped. Memory: O(QUERY_BLOCK · (j1 - j0)) per block.
     """
-    B, Lq, _, _ = q.shape
+    B, Lq, H, D = q.shape
     Lk = k.shape[1]
     end = Lk if keys is None else int(torch.arange(1, Lk + 1, device=keys.device).mul(keys).amax())
     out = q.new_zeros(q.shape)
-    if end == 0:                                                # nothing visible: the caller's empty rows
-        return out
-    r = r[: end + Lq - 1]
-    span = (span[0] - (Lk - end), span[1] - (Lk - end))
+    busy = None if seeing is None else seeing.any(0).tolist()              # per query: does some row see a key
     hidden = None if keys is None or bool(keys[:, :end].all()) else ~keys[:, None, :end]     # (B, 1, end)
-    H, D = q.shape[2:]
     content_q = (q.transpose(1, 2) + r_w_bias[:, None]) * scale                        # (B, H, Lq, D)
     keys_t = k[:, :end].permute(0, 2, 3, 1).reshape(B * H, D, end)                      # (B*H, D, end)
     values = v[:, :end].transpose(1, 2).reshape(B * H, end, D)                          # (B*H, end, D)
     for i0 in range(0, Lq, QUERY_BLOCK):
         i1 = min(Lq, i0 + QUERY_BLOCK)
-        shift, n = i1 - Lq, i1 - i0
-        mask = _position_mask(q[:, i0:i1], r[Lq - i1 : Lq - i1 + end + n - 1], r_r_bias, scale, end, None,
-                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, n, end)
-        score = torch.baddbmm(mask.reshape(B * H, n, end), content_q[:, :, i0:i1].reshape(B * H, n, D), keys_t)
-        if hidden is not None:
-            score.view(B, H, n, end).masked_fill_(hidden[:, :, None], torch.finfo(score.dtype).min)
-        block = torch.bmm(torch.softmax(score, dim=-1), values)                         # (B*H, n, D)
+        j0, j1 = max(0, i0 + Lk - Lq - span[1]), min(end, i1 + Lk - Lq - span[0])
+        if chunk_context is not None:
+            j0, j1 = max(j0, chunk_keys(chunk_context, i0 + Lk - Lq)[0]), min(j1, chunk_keys(chunk_context, i1 - 1 + Lk - Lq)[1])
+        if j1 <= j0 or (busy is not None and not any(busy[i0:i1])):
+            continue
+        n, m, shift = i1 - i0, j1 - j0, i1 + Lk - Lq - j1
+        mask = _position_mask(q[:, i0:i1], r[Lq - i1 + j0 : Lq - i0 + j1 - 1], r_r_bias, scale, m, None,
+                              causal=False, span=(span[0] - shift, span[1] - shift))          # (B, H, n, m)
+        score = torch.baddbmm(mask.reshape(B * H, n, m), content_q[:, :, i0:i1].reshape(B * H, n, D),
+                              keys_t[:, :, j0:j1])                                        # (B*H, n, m)
+        hide = None if hidden is None else hidden[:, :, j0:j1]                            # (B, 1, m)
+        if chunk_context is not None:
+            lo, hi = chunk_keys(chunk_context, torch.arange(i0, i1, device=q.device)[:, None] + (Lk - Lq))
+            j = torch.arange(j0, j1, device=q.device)
+            outside = (j < lo) | (j >= hi)                                                 # (n, m)
+            hide = outside[None] if hide is None else hide | outside
+        if hide is not None:
+            score.view(B, H, n, m).masked_fill_(hide[:, None], torch.finfo(score.dtype).min)
+        block = torch.bmm(torch.softmax(score, dim=-1), values[:, j0:j1])                # (B*H, n, D)
         out[:, i0:i1] = block.view(B, H, n, D).transpose(1, 2)
     return out
 
@@ -364,14 +438,16 @@ SCORE_CHUNK = 2**21
 
 
 def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
-                             context=None, keys=None, empty_rows="uniform"):
+                             context=None, keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
     small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
     ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
-    it is longer than them.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None."""
-    if causal and window:
+    it is longer than them; not when HF's uniform rows may occur, which spread over every key.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
+    autograd path takes the chunks and padded queries folded into per-query keys (``query_keys``);
+    the output-only path takes them as they are, in memory linear in Lq."""
+    if causal and window and (empty_rows == "zero" or (keys is None and query_lengths is None)):
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
         k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
         keys = None if keys is None else keys[..., first:]
@@ -379,30 +455,36 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if not wants_grad and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
+    plain = query_lengths is None          # every query real (chunks are bidirectional: never a decode step)
+    if not wants_grad and plain and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
         return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
-    if not wants_grad and is_decode(q, causal, window, keys):
+    if not wants_grad and plain and is_decode(q, causal, window, keys):
         return _decode_out(*inputs, scale, uniform_keys)
+    B, Lq, H, D = q.shape
     if wants_grad:
-        def attend(*chunk, keys):
+        keys = query_keys(keys, chunk_context, query_lengths, B, Lq, k.shape[1], q.device)    # (B, Lq, Lk) or as given
+        query_lengths = None
+
+        def attend(*chunk, keys, lengths):
             return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
     else:
-        def attend(*chunk, keys):
-            return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, **options)
-    B, Lq, H, D = q.shape
+        def attend(*chunk, keys, lengths):
+            return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, chunk_context=chunk_context,
+                                    query_lengths=lengths, **options)
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
     # on the CPU, batch rows that see every key take the unmasked path (one look at the mask)
     masked = [True] * B if keys is None or q.device.type != "cpu" else (~keys).flatten(1).any(1).tolist()
     if B == 1 and heads >= H:
-        return attend(*inputs, keys=keys if masked[0] else None)
+        return attend(*inputs, keys=keys if masked[0] else None, lengths=query_lengths)
     out = q.new_empty(q.shape)
     for b in range(B):
         for h in range(0, H, heads):
             rows, cols = slice(b, b + 1), slice(h, h + heads)
             out[rows, :, cols] = attend(q[rows, :, cols], k[rows, :, cols], v[rows, :, cols], r[:, cols],
                                         r_w_bias[cols], r_r_bias[cols],
-                                        keys=keys[rows] if keys is not None and masked[b] else None)
+                                        keys=keys[rows] if keys is not None and masked[b] else None,
+                                        lengths=None if query_lengths is None else query_lengths[rows])
     return out
 
 
@@ -502,7 +584,8 @@ def kernel_key_lengths(key_lengths, key_mask, Lk: int):
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
                   uniform_keys: int = 0, causal: bool = True, context: Optional[tuple[int, int]] = None,
                   key_lengths: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
-                  empty_rows: str = "uniform") -> torch.Tensor:
+                  empty_rows: str = "uniform", chunk_context: Optional[tuple[int, int, int]] = None,
+                  query_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused relative attention on the current backend; shapes, the clamped r, the bidirectional
     mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
 
@@ -510,10 +593,13 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     is a prefix mask. One with holes runs on the torch path under the ``auto`` backend and is an
     error on an explicit ``triton`` backend."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
-                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
+                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
+                 query_lengths=query_lengths)
     name = backend.resolve(q)
     if name == "triton":
         lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
+        if chunk_context is not None or query_lengths is not None:
+            refusal = "chunk_context or query_lengths"
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
@@ -525,15 +611,18 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
-                                   key_mask=keys, empty_rows=empty_rows)[0]
+                                   key_mask=keys, empty_rows=empty_rows, chunk_context=chunk_context,
+                                   query_lengths=query_lengths)[0]
     return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
-                                    causal=causal, context=context, keys=keys, empty_rows=empty_rows)
+                                    causal=causal, context=context, keys=keys, empty_rows=empty_rows,
+                                    chunk_context=chunk_context, query_lengths=query_lengths)
 
 
 def rel_attention_with_probs(
     q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None, dropout_p: float = 0.0,
     causal: bool = True, context: Optional[tuple[int, int]] = None, key_lengths: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None, empty_rows: str = "uniform",
+    chunk_context: Optional[tuple[int, int, int]] = None, query_lengths: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``rel_attention`` but also returns the probabilities (B, H, Lq, Lk), after dropout.
 
@@ -541,13 +630,16 @@ def rel_attention_with_probs(
     materialises the probabilities, so this runs the naive or torch path.
     """
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, causal=causal, context=context,
-                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
+                 key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
+                 query_lengths=query_lengths)
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     mode = dict(causal=causal, context=context, empty_rows=empty_rows)
     if backend.get_backend() == "naive":
-        out, prob = naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, key_mask=keys, **mode)
+        out, prob = naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, key_mask=keys,
+                                        chunk_context=chunk_context, query_lengths=query_lengths, **mode)
         if dropout_p > 0:
             prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
+    keys = query_keys(keys, chunk_context, query_lengths, q.shape[0], q.shape[1], k.shape[1], q.device)
     return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)
