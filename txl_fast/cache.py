@@ -303,6 +303,9 @@ class LayerWeights(NamedTuple):
     ff2: Optional[torch.Tensor]         # pos_ff.CoreNet[3]
 
 
+NOT_PACKED = LayerWeights(None, None, None, None)      # a layer whose products take their weights as they are
+
+
 class PackedWeights(DerivedStore):
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 

@@ -12,9 +12,7 @@ import torch
 from torch import nn
 
 from txl_fast import backend, ops
-from txl_fast.cache import LayerKV, LayerWeights
-
-NOT_PACKED = LayerWeights(None, None, None, None)
+from txl_fast.cache import NOT_PACKED, LayerKV, LayerWeights
 
 
 class PositionalEmbedding(nn.Module):
