@@ -309,9 +309,9 @@ NOT_PACKED = LayerWeights(None, None, None, None)      # a layer whose products 
 class PackedWeights(DerivedStore):
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 
-    ``get(layers, rows)`` returns per layer a ``LayerWeights`` of packed copies, or None where it would not help
-    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with
-    oneDNN) or while autograd is on; the copies are remade when the row count or a weight's storage
+    ``get(layers, rows)`` returns per layer a ``LayerWeights`` of packed copies, or None where they
+    would not help (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread;
+    a CPU with oneDNN) or while autograd is on; the copies are remade when the row count or a weight's storage
     or version counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a
     second copy of the weights they pack (wt103's 18 layers: 453 MB bf16, 906 MB fp32), freed when
     a step finds packing no help (more rows, more threads) or by ``clear_position_cache``.
