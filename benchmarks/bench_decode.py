@@ -40,7 +40,7 @@ import txl_fast
 from txl_fast import backend, dtypes, ops
 from txl_fast.inference import candidates, decode_step
 from txl_fast.bench.machine import alternated_times, cpu_name, flags_line, time_call
-from txl_fast.cache import trusted_token_ids
+from txl_fast.cache import NOT_PACKED, trusted_token_ids
 
 topk_module = importlib.import_module("txl_fast.ops.adaptive_topk")
 linear_module = importlib.import_module("txl_fast.ops.linear")
@@ -88,9 +88,9 @@ def op_classes(model, cache, bsz: int, dtype) -> dict:
     window = tr.attention_window(1, mlen)
     positions = tr.position_keys(mlen + 1, 1, written_out=False)
     ids = torch.randint(tr.n_token, (bsz, 1), generator=g)
-    weights = [w for layer in layers for w in layer.decode_weights()]
-    packed = tr._packed.get(weights, bsz) or [None] * len(weights)          # as the step takes them
-    qkv, o, ff1, ff2 = (list(zip(layers, packed[i::4])) for i in range(4))
+    packed = (tr.inference_state.packed.get([layer.decode_weights() for layer in layers], bsz)   # as the step
+              or [NOT_PACKED] * len(layers))                                                       # takes them
+    qkv, o, ff1, ff2 = (list(zip(layers, weights)) for weights in zip(*packed))
 
     def kv_views(kv):
         return (kv.k[:, :, kv.start : kv.end + 1].transpose(1, 2), kv.v[:, :, kv.start : kv.end + 1].transpose(1, 2))

@@ -162,10 +162,10 @@ def test_bf16_model_steps_take_the_compiled_rows_and_pack_nothing(compiled_calls
     with torch.no_grad():
         ref = steps(reference)
         steps(model)
-        assert model.transformer._packed.value is not None                 # eager bf16 steps pack
+        assert model.transformer.inference_state.packed.value is not None   # eager bf16 steps pack
         with backend.use_cpu_compile():
             out = steps(model)
-        assert model.transformer._packed.value is None                     # compiled rows: no copies
+        assert model.transformer.inference_state.packed.value is None   # compiled rows: no copies
     assert compiled_calls and row_calls
     assert_rel_close(out, ref, torch.bfloat16, "bf16 decode step scores")
 

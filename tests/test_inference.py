@@ -273,7 +273,8 @@ def test_cached_forward_on_triton_equals_uncached(name):
 
     model = model_for(name)
     g = torch.Generator().manual_seed(4)
-    mems, cache, stored = model.init_mems(2), model.new_cache(2, "zeros", step_hint=2), model.transformer._positions
+    mems, cache = model.init_mems(2), model.new_cache(2, "zeros", step_hint=2)
+    stored = model.transformer.inference_state.positions
     with torch.no_grad():
         for L in (5, 1, 3):
             ids = torch.randint(0, 97, (2, L), generator=g)
@@ -340,7 +341,7 @@ def test_zero_memory_is_scored_in_closed_form(monkeypatch):
 def test_position_keys_are_kept_across_caches_until_the_weights_change():
     model = model_for(mem_len=9, clamp_len=4)
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
-    kept = model.transformer._positions
+    kept = model.transformer.inference_state.positions
     with torch.no_grad():
         model(ids, cache=model.new_cache(2))
         first = kept.value
@@ -381,7 +382,7 @@ def test_decode_weights_are_packed_once_and_remade_when_they_change():
 
 def _packed_decode_weights_lifecycle():
     model = model_for(mem_len=9, clamp_len=4)
-    kept = model.transformer._packed
+    kept = model.transformer.inference_state.packed
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (2, 1), generator=g)
 
@@ -396,7 +397,8 @@ def _packed_decode_weights_lifecycle():
     with torch.no_grad():
         step_equals_uncached()
         first = kept.value
-        assert first is not None and len(first) == 4 * model.config.n_layer
+        assert first is not None and len(first) == model.config.n_layer                 # per layer the 4 weights
+        assert all(len(layer) == 4 and all(w is not None for w in layer) for layer in first)
         step_equals_uncached()
         assert kept.value is first                                           # kept across caches
         model.transformer.layers[1].pos_ff.CoreNet[3].weight.mul_(1.5)         # in place: version bumped
@@ -459,10 +461,11 @@ def test_a_model_copies_and_pickles_after_decode_steps():
     model = model_for()
     prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(8))
     tokens = model.generate(prompt, 6)
-    assert model.transformer._packed.value is not None                     # fp32, 2 rows: packed
+    assert model.transformer.inference_state.packed.value is not None   # fp32, 2 rows: packed
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert twin.transformer._packed.value is None and twin.transformer._positions.value is None
+        state = twin.transformer.inference_state
+        assert state.packed.value is None and state.positions.value is None
         assert torch.equal(twin.generate(prompt, 6), tokens)
     torch.save(model, io.BytesIO())
-    assert model.transformer._packed.value is not None                     # the original keeps its own
+    assert model.transformer.inference_state.packed.value is not None   # the original keeps its own
 

@@ -32,13 +32,17 @@ calls (``generate`` and ``evaluate`` make a new cache per call) for as long as t
 from are unchanged: the key holds each weight's storage and version counter, which every in-place
 update (an optimizer step, ``load_state_dict``) bumps. Only used with autograd off.
 
+What a model keeps for all its caches is one ``InferenceState`` (``TransfoXLModel.inference_state``):
+the position keys and the decode step's packed weights (``PackedWeights``, one ``LayerWeights`` per
+layer). Token ids a caller vouches for skip their range check inside ``trusted_token_ids``.
+
 The cache is exact: it stores what the uncached forward would recompute from the same inputs.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -290,26 +294,52 @@ class PositionKeys(DerivedStore):
         return [r[r.shape[0] - klen :] for r in entry[1]]
 
 
+class LayerWeights(NamedTuple):
+    """One decoder layer's weights of a cached step's four products (``RelPartialLearnableDecoderLayer.
+    decode_weights``), or their packed copies (``PackedWeights``)."""
+    qkv: Optional[torch.Tensor]         # dec_attn.qkv_net
+    o: Optional[torch.Tensor]           # dec_attn.o_net
+    ff1: Optional[torch.Tensor]         # pos_ff.CoreNet[0]
+    ff2: Optional[torch.Tensor]         # pos_ff.CoreNet[3]
+
+
+NOT_PACKED = LayerWeights(None, None, None, None)      # a layer whose products take their weights as they are
+
+
 class PackedWeights(DerivedStore):
     """A model's decode-step weights in oneDNN's layout (``ops.linear.pack``), kept while they hold.
 
-    ``get(weights, rows)`` returns one packed copy per weight, or None where it would not help
-    (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread; a CPU with
-    oneDNN) or while autograd is on; the copies are remade when the row count or a weight's storage
+    ``get(layers, rows)`` returns per layer a ``LayerWeights`` of packed copies, or None where they
+    would not help (``ops.linear.packing_helps``: bf16, or fp32 at 2 or more rows or on one thread;
+    a CPU with oneDNN) or while autograd is on; the copies are remade when the row count or a weight's storage
     or version counter changes (an optimizer step, ``load_state_dict``): never stale. They cost a
     second copy of the weights they pack (wt103's 18 layers: 453 MB bf16, 906 MB fp32), freed when
     a step finds packing no help (more rows, more threads) or by ``clear_position_cache``.
     """
 
-    def get(self, weights: list, rows: int) -> Optional[list]:
+    def get(self, layers: list[LayerWeights], rows: int) -> Optional[list[LayerWeights]]:
         if torch.is_grad_enabled():
             return None
-        if not packing_helps(weights[0], rows):      # e.g. fp32 single rows on more threads: the copies go
+        if not packing_helps(layers[0].qkv, rows):   # e.g. fp32 single rows on more threads: the copies go
             self.clear()
             return None
-        key = (rows, tuple((w.data_ptr(), w._version, w.dtype) for w in weights))
+        key = (rows, tuple((w.data_ptr(), w._version, w.dtype) for layer in layers for w in layer))
         entry = self._entry
         if entry is None or entry[0] != key:
             self._entry = None                                      # the old copies freed first
-            entry = self._entry = (key, [pack(w, rows) for w in weights])
+            entry = self._entry = (key, [LayerWeights(*(pack(w, rows) for w in layer)) for layer in layers])
         return entry[1]
+
+
+class InferenceState:
+    """What one model keeps for the cached calls of all its caches and threads, derived from its
+    weights: the position keys and the decode step's packed weights. Each store replaces its entry
+    whole (``DerivedStore``), and copies of the model start both empty."""
+
+    def __init__(self):
+        self.positions = PositionKeys()         # per layer r_net(pos_emb), see the module docstring
+        self.packed = PackedWeights()           # per layer the decode step's weights in oneDNN's layout
+
+    def clear(self) -> None:
+        self.positions.clear()
+        self.packed.clear()

@@ -23,7 +23,7 @@ from torch import nn
 
 from txl_fast import backend
 from txl_fast import checkpoint
-from txl_fast.cache import InferenceCache, PackedWeights, PositionKeys, ids_trusted
+from txl_fast.cache import InferenceCache, InferenceState, ids_trusted
 from txl_fast.checks import is_int
 from txl_fast.config import TransfoXLConfig
 from txl_fast.inference import generate
@@ -207,8 +207,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
             for _ in range(config.n_layer)
         )
         self.pos_emb = PositionalEmbedding(self.d_model)
-        self._positions = PositionKeys()                 # the cached forward's r_net(pos_emb), see txl_fast.cache
-        self._packed = PackedWeights()                   # the decode step's weights in oneDNN's layout
+        self.inference_state = InferenceState()          # position keys, packed weights: see txl_fast.cache
         self.init_weights()
 
     def get_input_embeddings(self):
@@ -219,8 +218,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         18 x 1001 x 1024 floats, 74 MB; 127 MB written out for the Triton kernels), and the packed
         copies of the decode step's weights (``txl_fast.cache.PackedWeights``: wt103 bf16, 453 MB;
         fp32 at batch > 1, 906 MB); they are rebuilt on the next cached call."""
-        self._positions.clear()
-        self._packed.clear()
+        self.inference_state.clear()
 
     def reset_memory_length(self, mem_len: int) -> None:
         self.mem_len = mem_len
@@ -300,30 +298,7 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         longest = max(klen, mem_len + qlen)                            # the klen of a full memory
         if clamped:
             klen, longest = min(klen, clamp_len + 1), min(longest, clamp_len + 1)
-        return self._positions.get(klen, longest, key, make)
-
-    def _forward_cached(self, word_emb: torch.Tensor, cache: InferenceCache, collect: bool = False):
-        """(B, Lq, d) embedded inputs -> (B, Lq, d) last hidden states, and with ``collect`` every
-        layer's input and the output (n_layer + 1 tensors, HF's hidden_states), else None; the
-        protocol is the cache's."""
-        bsz, qlen = word_emb.shape[:2]
-        cache.check(self, bsz)
-        if self.training:
-            raise ValueError("the inference cache is for evaluation: call model.eval() first")
-        mlen = cache.mlen
-        window = self.attention_window(qlen, mlen, cache.mem_len, cache.same_length)
-        positions = self.position_keys(mlen + qlen, qlen, backend.resolve(word_emb) == "triton",
-                                        cache.clamp_len, cache.mem_len)
-        key_mask = cache.key_mask(qlen)                                                 # (B, mlen + Lq) or None
-        weights = [w for layer in self.layers for w in layer.decode_weights()]
-        packed = self._packed.get(weights, bsz) if qlen == 1 else None                  # decode steps only
-        core_out, hids = word_emb, []
-        for i, (layer, kv, r) in enumerate(zip(self.layers, cache.layers, positions)):
-            if collect:
-                hids.append(core_out)
-            core_out = layer.forward_cached(core_out, r, kv, window, packed and packed[4 * i : 4 * i + 4], key_mask)
-        cache.commit(qlen)
-        return core_out, (tuple(hids) + (core_out,) if collect else None)
+        return self.inference_state.positions.get(klen, longest, key, make)
 
     def attention_window(self, qlen: int, mlen: int, mem_len: Optional[int] = None,
                          same_length: Optional[bool] = None) -> Optional[int]:
@@ -371,49 +346,62 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         return_dict: Optional[bool] = None,
         cache: Optional[InferenceCache] = None,
     ):
+        """HF's forward, batch-first; with ``cache`` (``new_cache``), inference: the memory's keys and
+        values and the protocol are the cache's, only the new rows are computed, no ``mems`` return."""
         cfg = self.config
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.use_return_dict if return_dict is None else return_dict
 
         word_emb = self._embed(input_ids, inputs_embeds)                           # (B, Lq, d)
-        if cache is not None:   # inference: memory keys/values come from the cache; no HF-layout mems
+        bsz, qlen = word_emb.shape[:2]
+        n = self.n_layer
+        if cache is None:       # HF's memory: mems (zeros where None) in, the next segment's mems out
+            mems = self.init_mems(bsz) if mems is None else mems
+            if mems is not None:
+                _check_mems(mems, n, bsz, self.d_model, word_emb)
+            mlen = 0 if mems is None else mems[0].shape[0]
+            window = self.attention_window(qlen, mlen)
+            pos_seq = torch.arange(mlen + qlen - 1, -1, -1.0, device=word_emb.device, dtype=word_emb.dtype)
+            if self.clamp_len > 0:
+                pos_seq = pos_seq.clamp(max=self.clamp_len)
+            positions = [self.drop(self.pos_emb(pos_seq))] * n                       # (Lk, d), each layer projects it
+            layer_mems = [None] * n if mems is None else [m.transpose(0, 1) for m in mems]  # (B, M, d) views
+            kvs = packed = [None] * n
+            key_mask = None
+        else:                   # inference: the memory's keys and values, and the protocol, are the cache's
             if mems is not None or head_mask is not None or output_attentions:
                 raise ValueError("cache= cannot be combined with mems, head_mask or output_attentions")
-            core_out, hidden_states = self._forward_cached(word_emb, cache, collect=output_hidden_states)
-            if not return_dict:
-                return (core_out,) + ((hidden_states,) if hidden_states else ())
-            return TransfoXLModelOutput(core_out, hidden_states=hidden_states, cache=cache)
-        bsz, qlen = word_emb.shape[:2]
-        if mems is None:
-            mems = self.init_mems(bsz)
-        if mems is not None:
-            _check_mems(mems, self.n_layer, bsz, self.d_model, word_emb)
+            cache.check(self, bsz)
+            if self.training:
+                raise ValueError("the inference cache is for evaluation: call model.eval() first")
+            mlen = cache.mlen
+            window = self.attention_window(qlen, mlen, cache.mem_len, cache.same_length)
+            positions = self.position_keys(mlen + qlen, qlen, backend.resolve(word_emb) == "triton",
+                                           cache.clamp_len, cache.mem_len)            # (Lr, H, D) per layer
+            layer_mems, kvs = [None] * n, cache.layers
+            packed = None if qlen > 1 else self.inference_state.packed.get(                  # decode steps only
+                [layer.decode_weights() for layer in self.layers], bsz)
+            packed = packed or [None] * n                                             # LayerWeights per layer
+            key_mask = cache.key_mask(qlen)                                          # (B, Lq, mlen + Lq) or None
         head_masks = self._head_masks(head_mask)
-
-        mlen = mems[0].shape[0] if mems is not None else 0
-        klen = mlen + qlen
-        window = self.attention_window(qlen, mlen)
-        pos_seq = torch.arange(klen - 1, -1, -1.0, device=word_emb.device, dtype=word_emb.dtype)
-        if self.clamp_len > 0:
-            pos_seq = pos_seq.clamp(max=self.clamp_len)
-        pos_emb = self.drop(self.pos_emb(pos_seq))                                 # (Lk, d)
 
         core_out = self.drop(word_emb)
         hids, attentions = [], []
-        for i, layer in enumerate(self.layers):
+        for layer, pos, mem, kv, weights, mask in zip(self.layers, positions, layer_mems, kvs, packed, head_masks):
             hids.append(core_out)
-            mem_i = None if mems is None else mems[i].transpose(0, 1)             # (B, M, d) view
-            core_out, prob = layer(core_out, pos_emb, mem_i, window, head_masks[i], output_attentions)
+            core_out, prob = layer(core_out, pos, mem, window, mask, output_attentions, kv, weights, key_mask)
             attentions.append(prob)
         core_out = self.drop(core_out)
-        new_mems = self._update_mems(hids, mems, mlen, qlen)
+        if cache is not None:
+            cache.commit(qlen)
+        new_mems = self._update_mems(hids, mems, mlen, qlen)                         # None with a cache
 
         hidden_states = tuple(hids) + (core_out,) if output_hidden_states else None
         attentions = tuple(attentions) if output_attentions else None
         if not return_dict:
             return tuple(v for v in (core_out, new_mems, hidden_states, attentions) if v is not None)
-        return TransfoXLModelOutput(core_out, new_mems, hidden_states, attentions)
+        return TransfoXLModelOutput(core_out, new_mems, hidden_states, attentions, cache)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -492,8 +480,8 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel):
     def empty_mems(self, bsz):
         return self.transformer.empty_mems(bsz)
 
-    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128):
-        return self.transformer.new_cache(bsz, init, step_hint)
+    def new_cache(self, bsz: int, init: str = "zeros", step_hint: int = 128, **protocol):
+        return self.transformer.new_cache(bsz, init, step_hint, **protocol)
 
     def clear_position_cache(self) -> None:
         self.transformer.clear_position_cache()

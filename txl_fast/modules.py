@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from txl_fast import backend, ops
+from txl_fast.cache import NOT_PACKED, LayerKV, LayerWeights
 
 
 class PositionalEmbedding(nn.Module):
@@ -58,8 +59,17 @@ class PositionwiseFF(nn.Module):
 class RelPartialLearnableMultiHeadAttn(nn.Module):
     """Multi-head attention with Transformer-XL's relative positions and segment memory.
 
-    forward(h (B, Lq, d), pos_emb (Lk, d), mems (B, M, d) or None, window, head_mask (H,), output_attentions)
+    forward(h (B, Lq, d), pos_emb, mems (B, M, d) or None, window, head_mask (H,), output_attentions,
+            cache, packed, key_mask)
     -> (out (B, Lq, d), probabilities (B, H, Lq, Lk) or None), with Lk = M + Lq.
+
+    pos_emb: the (Lk, d) position embeddings, projected here by r_net, or the (Lr, H, D) position
+    keys already projected (distances Lr - 1 … 0; ``TransfoXLModel.position_keys``, where Lr may be
+    clamp_len + 1). cache: the layer's ``txl_fast.cache.LayerKV``, holding the memory's keys and
+    values (then mems is None and M is the cache's): only the new rows are projected, and written
+    after the memory. packed: the layer's ``LayerWeights`` packed by ``ops.linear.pack``, or None.
+    key_mask: (B, Lq, Lk) bool, False for keys a query must not see (rows that started a new
+    document), or None.
     """
 
     def __init__(
@@ -89,37 +99,31 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     def _heads(self, x: torch.Tensor, packed=None) -> torch.Tensor:
         return ops.linear(self.layer_norm(x) if self.pre_lnorm else x, self.qkv_net.weight, None, packed)  # (B, L, 3*H*D)
 
-    def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
+    def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False,
+                cache: Optional[LayerKV] = None, packed: Optional[LayerWeights] = None, key_mask=None):
         B, Lq, _ = h.shape
         H, D = self.n_head, self.d_head
-        cat = h if mems is None else torch.cat([mems, h], dim=1)                    # (B, Lk, d)
-        Lk = cat.shape[1]
-        q, k, v = self._heads(cat).chunk(3, dim=-1)
-        q = q[:, Lk - Lq :].view(B, Lq, H, D)                                       # strided views, no copies
-        k, v = k.view(B, Lk, H, D), v.view(B, Lk, H, D)
-        r = self.r_net(pos_emb).view(Lk, H, D)
-        return self._attend(h, q, k, v, r, window, head_mask, output_attentions)
+        packed = packed or NOT_PACKED
+        if cache is None:
+            cat = h if mems is None else torch.cat([mems, h], dim=1)                # (B, Lk, d)
+            Lk = cat.shape[1]
+            q, k, v = self._heads(cat, packed.qkv).chunk(3, dim=-1)
+            q = q[:, Lk - Lq :].view(B, Lq, H, D)                                   # strided views, no copies
+            k, v = k.view(B, Lk, H, D), v.view(B, Lk, H, D)
+            uniform_keys = 0
+        elif mems is None:
+            q, k_new, v_new = self._heads(h, packed.qkv).view(B, Lq, 3, H, D).unbind(2)
+            k, v = cache.extend(k_new, v_new)                                       # (B, Lk, H, D)
+            uniform_keys = cache.uniform_rows if key_mask is None else 0
+        else:
+            raise ValueError("pass the memory as mems or as an inference cache, not both")
+        r = pos_emb if pos_emb.dim() == 3 else self.r_net(pos_emb).view(-1, H, D)   # (Lr, H, D)
 
-    def forward_cached(self, h, r, kv, window=None, packed=(None, None), key_mask=None):
-        """Inference with an inference-cache layer ``kv`` (txl_fast.cache.LayerKV) holding the memory's
-        keys and values: only the new rows are projected. r: (Lr, H, D) position keys of distances
-        Lr - 1 … 0 (Lr = min(mlen + Lq, clamp_len + 1), or mlen + Lq written out for the kernels).
-        packed: qkv_net's and o_net's weights as ``ops.linear.pack`` made them, or None.
-        key_mask: (B, mlen + Lq) bool, False for memory rows a batch row must not see, or None."""
-        B, Lq, _ = h.shape
-        q, k_new, v_new = self._heads(h, packed[0]).view(B, Lq, 3, self.n_head, self.d_head).unbind(2)
-        k, v = kv.extend(k_new, v_new)                                              # (B, mlen + Lq, H, D)
-        uniform = kv.uniform_rows if key_mask is None else 0
-        return self._attend(h, q, k, v, r, window, None, False, uniform, packed[1], key_mask)[0]
-
-    def _attend(self, h, q, k, v, r, window, head_mask, output_attentions, uniform_keys=0, packed_o=None,
-                key_mask=None):
-        B, Lq, H, D = q.shape
         prob = None
         if output_attentions or (self.training and self.dropatt.p > 0):
             out, prob = ops.rel_attention_with_probs(
                 q, k, v, r, self.r_w_bias, self.r_r_bias, scale=self.scale, window=window,
-                dropout_p=self.dropatt.p if self.training else 0.0,
+                dropout_p=self.dropatt.p if self.training else 0.0, key_mask=key_mask,
             )
         else:
             out = ops.rel_attention(q, k, v, r, self.r_w_bias, self.r_r_bias, scale=self.scale, window=window,
@@ -128,12 +132,14 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             out = out * head_mask[:, None]
             prob = None if prob is None else prob * head_mask[:, None, None]
 
-        attn_out = self.drop(ops.linear(out.reshape(B, Lq, H * D), self.o_net.weight, None, packed_o))   # (B, Lq, d)
+        attn_out = self.drop(ops.linear(out.reshape(B, Lq, H * D), self.o_net.weight, None, packed.o))   # (B, Lq, d)
         out = h + attn_out if self.pre_lnorm else self.layer_norm(h + attn_out)
         return out, prob
 
 
 class RelPartialLearnableDecoderLayer(nn.Module):
+    """forward: the attention's (see there), then the feed-forward: -> (out (B, Lq, d), probabilities or None)."""
+
     def __init__(self, n_head, d_model, d_head, d_inner, dropout, layer_norm_epsilon=1e-5, **kwargs):
         super().__init__()
         self.dec_attn = RelPartialLearnableMultiHeadAttn(
@@ -143,19 +149,16 @@ class RelPartialLearnableDecoderLayer(nn.Module):
             d_model, d_inner, dropout, pre_lnorm=kwargs.get("pre_lnorm"), layer_norm_epsilon=layer_norm_epsilon
         )
 
-    def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False):
-        out, prob = self.dec_attn(h, pos_emb, mems, window, head_mask, output_attentions)
-        return self.pos_ff(out), prob
+    def forward(self, h, pos_emb, mems=None, window=None, head_mask=None, output_attentions=False,
+                cache: Optional[LayerKV] = None, packed: Optional[LayerWeights] = None, key_mask=None):
+        out, prob = self.dec_attn(h, pos_emb, mems, window, head_mask, output_attentions, cache, packed, key_mask)
+        packed = packed or NOT_PACKED
+        return self.pos_ff(out, (packed.ff1, packed.ff2)), prob
 
-    def decode_weights(self) -> list:
-        """The weights of a cached step's products, in the order ``forward_cached`` takes them packed."""
-        return [self.dec_attn.qkv_net.weight, self.dec_attn.o_net.weight,
-                self.pos_ff.CoreNet[0].weight, self.pos_ff.CoreNet[3].weight]
-
-    def forward_cached(self, h, r, kv, window=None, packed=None, key_mask=None):
-        """packed: the ``decode_weights`` as ``ops.linear.pack`` made them, or None."""
-        packed = packed or (None,) * 4
-        return self.pos_ff(self.dec_attn.forward_cached(h, r, kv, window, packed[:2], key_mask), packed[2:])
+    def decode_weights(self) -> LayerWeights:
+        """The weights of a cached step's products, as ``forward`` takes them packed."""
+        return LayerWeights(self.dec_attn.qkv_net.weight, self.dec_attn.o_net.weight,
+                            self.pos_ff.CoreNet[0].weight, self.pos_ff.CoreNet[3].weight)
 
 
 def _cluster_bounds(cutoffs: list[int], n_token: int) -> list[int]:
