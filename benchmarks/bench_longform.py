@@ -205,6 +205,23 @@ def plot(rows, path: Path) -> bool:
     return True
 
 
+def markdown(report: dict) -> str:
+    """The RESULTS.md table of a run's JSON."""
+    head = ("| audio | frames | dtype | layers | library s | ours s | library / ours | library peak GB | ours peak GB "
+            "| library need GB (predicted lower bound) | floor s | ours of floor |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in report["rows"]:
+        lib, ours = r.get("library"), r["ours"]
+        audio = f"{r['minutes'] * 60:g} s" if r["minutes"] < 1 else f"{r['minutes']:g} min"
+        lines.append(f"| {audio} | {r['frames']} | {r['dtype']} | {r['layers']} | "
+                     + (f"{lib['best']:.2f}" if lib else "not run") + f" | {ours['best']:.2f} | "
+                     + (f"{lib['best'] / ours['best']:.2f}×" if lib else "") + " | "
+                     + (f"{lib['peak_bytes'] / 1e9:.2f}" if lib else "") + f" | {ours['peak_bytes'] / 1e9:.2f} | "
+                     + f"{r['library_need_bytes_predicted'] / 1e9:.2f} | {r['floor_seconds']:.2f} | "
+                     + f"{ours['floor_fraction']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -212,9 +229,13 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, nargs="+", help="only these lengths of PLAN")
     parser.add_argument("--max-gb", type=float, default=10.0, help="run the library only where it needs less")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "bench_longform_cpu.json")
+    parser.add_argument("--table", type=Path, help="print the markdown table of this JSON and stop")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "DTYPE", "MINUTES", "LAYERS", "REPS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     import transformers  # noqa: PLC0415
 
     if int(transformers.__version__.split(".")[0]) < 5:
@@ -236,6 +257,7 @@ def main(argv=None) -> None:
                                              load_average_1_5_15=load, rows=rows), indent=1))
 
     rows = measure_plan(args, rates, write)
+    print(markdown(dict(rows=rows)))
     print(f"wrote {args.json}")
     png = args.json.with_suffix(".png")
     print(f"wrote {png}" if plot(rows, png) else "no plot: matplotlib is not installed")

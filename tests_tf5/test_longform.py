@@ -261,8 +261,6 @@ def test_memory_grows_linearly(small_chunks, monkeypatch):
     for t, seen in zip((T, 2 * T), library):
         assert seen.largest >= B * t * t, f"HF, T={t}: largest {seen.largest}"
     ours_ratio, library_ratio = ours[1].peak / ours[0].peak, library[1].peak / library[0].peak
-    print(f"largest {[a.largest for a in ours]} / {[a.largest for a in library]}, peak {[a.peak for a in ours]} / "
-          f"{[a.peak for a in library]}")
     assert ours_ratio < 2.3, f"patched peak x{ours_ratio:.2f} for 2x frames ({ours[0].peak} -> {ours[1].peak} bytes)"
     assert library_ratio > 3.2, f"HF's peak x{library_ratio:.2f} ({library[0].peak} -> {library[1].peak} bytes)"
     assert ours[1].largest / ours[0].largest < 2.3

@@ -414,7 +414,7 @@ class _HFParakeetSubsampling:
             return self._txl_fast_base.forward(self, input_features, attention_mask)
         B, T_in, width = input_features.shape
         length = attention_mask.sum(-1) if attention_mask is not None else None
-        sizes, lengths, widths = [T_in], {}, []      # frames into each layer; valid frames after each conv; (C, F')
+        sizes, lengths, widths = [T_in], {}, []      # frames into each layer; valid frames after each conv; C x F'
         channels = 1
         for i, layer in enumerate(self.layers):
             frames = sizes[-1]
