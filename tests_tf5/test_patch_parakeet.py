@@ -216,7 +216,8 @@ def test_encoder(attn, train, dtype):
     (float64: 1e-10 apart; fp32: see check_grads); with output_attentions (eager) every layer's weights."""
     torch.manual_seed(0)
     model = perturb(ParakeetEncoder(config(attn))).train(train)
-    assert len(patch_speech.targets(model)) == 3
+    targets = patch_speech.targets(model)               # 3 attentions, the encoder and its subsampling (long form)
+    assert len(targets) == 5 and sum(isinstance(m, ParakeetEncoderAttention) for m in targets) == 3
     x0, am = features([120, 77])
     tol = TOLERANCE[dtype]
 

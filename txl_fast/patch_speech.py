@@ -14,6 +14,8 @@ exact classes, not their subclasses):
                (``left_context`` frames of memory before the chunk)
   transformers ``transformers.models.parakeet.modeling_parakeet.ParakeetEncoderAttention`` (5.x:
                Parakeet CTC / TDT, NeMo's FastConformer; in ParakeetEncoder, ParakeetForCTC, ...)
+               and, for long form (docs/conformer.md), ``ParakeetEncoderSubsamplingConv2D`` (run in
+               time chunks) and ``ParakeetEncoder`` (padding handed to its layers as frames, not T x T)
   transformers ``transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer.
                Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
   transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
@@ -314,25 +316,34 @@ class _HFParakeetEncoderAttention:
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
         """hidden_states (B, T, E), position_embeddings (B or 1, 2T - 1, E) (row p: distance T - 1 - p),
-        attention_mask (B, 1, T, T) bool (valid query AND valid key) or None -> (out (B, T, E),
-        probabilities (B, H, T, T) when asked, else None)."""
+        attention_mask (B, 1, T, T) bool (valid query AND valid key), the patched encoder's (B, 1, 1, T)
+        frames mask (``_frames_mask``) or None -> (out (B, T, E), probabilities (B, H, T, T) when
+        asked, else None)."""
         B, T, _ = hidden_states.shape
         H, D = self.config.num_attention_heads, self.head_dim
+        frames = getattr(attention_mask, _FRAMES, None)        # the patched encoder's mask: valid frames (B, T)
         reason, padding = None, (None, None)
         if self.config._attn_implementation not in _HF_ATTENTION_FUNCTIONS:
             reason = f"ParakeetEncoderAttention with attn_implementation={self.config._attn_implementation!r}"
         elif (not isinstance(position_embeddings, torch.Tensor) or position_embeddings.dim() != 3
               or position_embeddings.shape[0] not in (1, B) or position_embeddings.shape[1] != 2 * T - 1):
             reason = "ParakeetEncoderAttention with position embeddings other than (B, 2T - 1, E)"
-        elif attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, T)
-                                             or not _once_per_tensor("mask", attention_mask, _query_and_key_padding)):
+        elif frames is None and attention_mask is not None and (
+                attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, T)
+                or not _once_per_tensor("mask", attention_mask, _query_and_key_padding)):
             reason = "ParakeetEncoderAttention with a mask that is not valid-query AND valid-key (B, 1, T, T) bool"
+        elif frames is not None and frames.shape != (B, T):
+            reason = "ParakeetEncoderAttention with a frames mask of another shape than (B, T)"
         elif not _once_per_tensor("positions", position_embeddings, _same_rows):
             reason = "ParakeetEncoderAttention with position embeddings that differ per batch row (dropout_positions)"
         if reason is not None:
             _fallback(self, reason)
+            if frames is not None:                             # the library needs its own (B, 1, T, T) mask
+                attention_mask = (frames[:, None, :] & frames[:, :, None])[:, None]
             return self._txl_fast_base.forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
-        if attention_mask is not None:
+        if frames is not None:
+            padding = (frames, frames)
+        elif attention_mask is not None:
             padding = _once_per_tensor("mask", attention_mask, _query_and_key_padding)
         queries, keys = padding
         q = self.q_proj(hidden_states).view(B, T, H, D)
@@ -349,6 +360,170 @@ class _HFParakeetEncoderAttention:
             if prob is not None:
                 prob = torch.where(queries[:, None, :, None], prob, torch.full((), 1 / T, dtype=prob.dtype))
         return self.o_proj(out.reshape(B, T, H * D)), prob
+
+
+# ---- Parakeet long form: the subsampling in time chunks, the encoder's padding as frames ----------------
+# Bytes of the largest activation one chunk of the subsampling convolutions writes (all batch rows
+# together; the first convolution's, at the mel rate / 2): the chunk's output frames follow from it.
+SUBSAMPLING_CHUNK_BYTES = 64 * 2**20
+_FRAMES = "_txl_fast_frames"         # on the patched encoder's (B, 1, 1, T) mask: its valid frames (B, T) bool
+_POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Identity)      # activations of the stack: frame by frame
+
+
+def _conv_stack(layers) -> Optional[str]:
+    """Why ``layers`` (the subsampling's ModuleList) cannot run in time chunks, None when it can:
+    every layer a plain Conv2d (zero padding given as numbers, no dilation) or a pointwise activation."""
+    for layer in layers:
+        if type(layer) is nn.Conv2d:
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros" or layer.dilation != (1, 1):
+                return "ParakeetEncoderSubsamplingConv2D with a convolution padded by name, not by zeros, or dilated"
+        elif type(layer) not in _POINTWISE:
+            return f"ParakeetEncoderSubsamplingConv2D with a {type(layer).__name__} layer"
+    return None
+
+
+def _receptive_range(layers, sizes, lo: int, hi: int):
+    """Output frames [lo, hi) of ``layers`` -> spans: ``spans[i]`` = (start, stop, (left, right)), the
+    frames [start, stop) of layer i's input (``sizes[i]`` frames) it reads and the zero frames its
+    padding adds on the time axis; ``spans[-1]`` = (lo, hi, (0, 0)), the output."""
+    spans = [None] * len(layers) + [(lo, hi, (0, 0))]
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        if isinstance(layer, nn.Conv2d):
+            (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
+            lo, hi = lo * s - p, (hi - 1) * s - p + k           # output frame j reads j*s - p ... j*s - p + k - 1
+            pads = (max(0, -lo), max(0, hi - sizes[i]))
+            lo, hi = max(lo, 0), min(hi, sizes[i])
+        else:
+            pads = (0, 0)
+        spans[i] = (lo, hi, pads)
+    return spans
+
+
+class _HFParakeetSubsampling:
+    """Overrides for transformers 5.x ``ParakeetEncoderSubsamplingConv2D``: the same stack, run on time
+    chunks of output frames, each from its receptive field of input frames (docs/conformer.md, Long form)."""
+
+    _txl_fast_what = "subsampling in time chunks"
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        return _transformers_5()
+
+    def forward(self, input_features, attention_mask=None):
+        """input_features (B, T_in, F) mel frames, attention_mask (B, T_in) (1 = frame) or None -> (B, T, E)."""
+        reason = _conv_stack(self.layers)
+        if reason is not None:
+            _fallback(self, reason)
+            return self._txl_fast_base.forward(self, input_features, attention_mask)
+        B, T_in, width = input_features.shape
+        length = attention_mask.sum(-1) if attention_mask is not None else None
+        sizes, lengths, widths = [T_in], {}, []      # frames into each layer; valid frames after each conv; C x F'
+        channels = 1
+        for i, layer in enumerate(self.layers):
+            frames = sizes[-1]
+            if isinstance(layer, nn.Conv2d):
+                (k, kw), (s, sw), (p, pw) = layer.kernel_size, layer.stride, layer.padding
+                frames, width, channels = (frames + 2 * p - k) // s + 1, (width + 2 * pw - kw) // sw + 1, layer.out_channels
+                if length is not None:
+                    length = self._get_output_length(length, layer)    # the library's own formula
+                lengths[i] = length
+            sizes.append(frames)
+            widths.append(channels * width)
+        T = sizes[-1]
+        if T < 1 or width < 1:                         # too short: the library's own error
+            return self._txl_fast_base.forward(self, input_features, attention_mask)
+        # bytes of layer i's output per output frame: (B, C, frames, F') over T frames
+        largest = max(B * w * sizes[i + 1] / T for i, w in enumerate(widths)) * input_features.element_size()
+        chunk = max(1, int(SUBSAMPLING_CHUNK_BYTES // largest))
+        out = None
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            spans = _receptive_range(self.layers, sizes, a, b)
+            x = input_features[:, spans[0][0] : spans[0][1]].unsqueeze(1)             # (B, 1, frames, F)
+            for i, layer in enumerate(self.layers):
+                if i not in lengths:
+                    x = layer(x)
+                    continue
+                if any(spans[i][2]):
+                    x = nn.functional.pad(x, (0, 0, *spans[i][2]))                        # the time axis' zeros
+                x = nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, (0, layer.padding[1]),
+                                         layer.dilation, layer.groups)                   # (B, C, frames, F')
+                if lengths[i] is not None:             # the library's masking, at the frames' global indices
+                    first = spans[i + 1][0]
+                    keep = torch.arange(first, first + x.shape[2], device=x.device) < lengths[i][:, None]
+                    x *= keep[:, None, :, None]
+            y = self.linear(x.transpose(1, 2).reshape(B, b - a, -1))                      # (B, b - a, E)
+            if out is None:
+                out = y.new_empty(B, T, y.shape[-1])
+            out[:, a:b] = y
+        return out
+
+
+def _frames_mask(valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """valid (B, T) bool -> the mask the patched encoder hands its layers: None when every frame is
+    valid (one host sync), else ``valid`` as a (B, 1, 1, T) view that carries ``valid`` itself
+    (``_FRAMES``): the convolution module reads it as HF's (B, 1, T, T) mask (its padded key
+    columns), the patched attention as the padding of queries and keys."""
+    if bool(valid.all()):
+        return None
+    mask = valid[:, None, None, :]
+    setattr(mask, _FRAMES, valid)
+    return mask
+
+
+class _HFParakeetEncoder:
+    """Overrides for transformers 5.x ``ParakeetEncoder``: its forward with the padding handed to the
+    layers as frames (``_frames_mask``), not a (B, 1, T, T) mask, and one position table for the batch."""
+
+    _txl_fast_what = "padding as frames"
+
+    @staticmethod
+    def _txl_fast_applies(module) -> bool:
+        library = sys.modules[_key(module)[0]]
+        return _transformers_5() and all(hasattr(library, name) for name in _ENCODER_NEEDS)
+
+    @staticmethod
+    def _txl_fast_init_class(cls, base) -> None:
+        """The library's decorators around our forward (config defaults, hidden states and attentions
+        collected), and our class in the registry of what its instances record."""
+        library = sys.modules[base.__module__]
+        cls.forward = library.capture_outputs(library.merge_with_config_defaults(cls._txl_fast_forward))
+        from transformers.utils import output_capturing  # noqa: PLC0415
+
+        dict.__setitem__(output_capturing._CAN_RECORD_REGISTRY, str(cls), base._can_record_outputs)
+
+    def _txl_fast_forward(self, input_features, attention_mask=None, output_attention_mask=True, **kwargs):
+        """input_features (B, T_in, F), attention_mask (B, T_in) or None -> ParakeetEncoderModelOutput
+        (last_hidden_state (B, T, E), attention_mask (B, T) int when asked), as the library's."""
+        library = sys.modules[self._txl_fast_base.__module__]
+        hidden_states = self.subsampling(input_features, attention_mask)                # (B, T, E)
+        hidden_states = hidden_states * self.input_scale
+        B, T, _ = hidden_states.shape
+        position_embeddings = self.encode_positions(hidden_states[:1]).expand(B, -1, -1)  # (B, 2T - 1, E), one row
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        position_embeddings = nn.functional.dropout(position_embeddings, p=self.dropout_positions,
+                                                    training=self.training)
+        output_mask = mask = None
+        if attention_mask is not None:
+            output_mask = self._get_output_attention_mask(attention_mask, target_length=T)       # (B, T) bool
+            if all(is_patched(layer.self_attn) for layer in self.layers):
+                mask = _frames_mask(output_mask)
+            else:
+                _fallback(self, "ParakeetEncoder with attention modules that are not patched: the (B, 1, T, T) mask")
+                mask = (output_mask[:, None, :] & output_mask[:, :, None])[:, None]
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue                                                             # LayerDrop, as the library
+            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
+                                  **kwargs)
+        return library.ParakeetEncoderModelOutput(
+            last_hidden_state=hidden_states,
+            attention_mask=output_mask.int() if attention_mask is not None and output_attention_mask else None)
+
+
+# what the encoder's forward takes from the library's module
+_ENCODER_NEEDS = ("capture_outputs", "merge_with_config_defaults", "ParakeetEncoderModelOutput")
 
 
 def _key_padding(mask: torch.Tensor):
@@ -462,6 +637,9 @@ SUPPORTED = {
         ("ESPnetTransducerRelPositionMultiHeadedAttention", _ESPnetTransducerRelPosition),
     ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoderAttention"):
         ("HFParakeetEncoderAttention", _HFParakeetEncoderAttention),
+    ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoderSubsamplingConv2D"):
+        ("HFParakeetEncoderSubsamplingConv2D", _HFParakeetSubsampling),
+    ("transformers.models.parakeet.modeling_parakeet", "ParakeetEncoder"): ("HFParakeetEncoder", _HFParakeetEncoder),
     ("transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer", "Wav2Vec2ConformerSelfAttention"):
         ("HFWav2Vec2ConformerSelfAttention", _HFWav2Vec2ConformerSelfAttention),
     ("transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer", "FastSpeech2ConformerAttention"):
@@ -483,11 +661,14 @@ def _patched_class(base: type) -> type:
     name = _PREFIX + name
     cls = _CLASSES.get(name)
     if cls is None:
+        what = getattr(mixin, "_txl_fast_what", "rel_attention(causal=False)")
+
         def extra_repr(self) -> str:
-            return f"txl_fast=rel_attention(causal=False), attention_weights={getattr(self, _WEIGHTS)}, " \
-                   + base.extra_repr(self)
+            return f"txl_fast={what}, attention_weights={getattr(self, _WEIGHTS)}, " + base.extra_repr(self)
         cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_txl_fast_base": base,
                                          "extra_repr": extra_repr})
+        if hasattr(mixin, "_txl_fast_init_class"):      # a class that needs more than its overrides
+            mixin._txl_fast_init_class(cls, base)
         _CLASSES[name] = cls
         setattr(sys.modules[__name__], name, cls)   # so pickle finds it by name
     return cls
