@@ -541,17 +541,18 @@ class RelAttentionFunction(torch.autograd.Function):
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
-    empty_rows). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
+    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
     (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
-                empty_rows="uniform"):
+                empty_rows="uniform", key_starts=None, query_lengths=None, chunk_context=None):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows)
+        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows,
+                    key_starts=key_starts, query_lengths=query_lengths, chunk_context=chunk_context)
         out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
         ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
         ctx.scale, ctx.window, ctx.mode = scale, window, mode
@@ -562,7 +563,7 @@ class RelAttentionFunction(torch.autograd.Function):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
         grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def kernel_key_lengths(key_lengths, key_mask, Lk: int):
@@ -598,12 +599,11 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     name = backend.resolve(q)
     if name == "triton":
         lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
-        if chunk_context is not None or query_lengths is not None:
-            refusal = "chunk_context or query_lengths"
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
+            queries = None if query_lengths is None else query_lengths.to(torch.int32)
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              lengths, empty_rows)
+                                              lengths, empty_rows, None, queries, chunk_context)
         if backend.get_backend() == "triton":
             raise ValueError(f"rel_attention: the triton kernels take key padding as one length per batch row; "
                              f"{refusal} needs the torch or auto backend")
