@@ -442,7 +442,7 @@ def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
     assert torch.equal(by_mask, by_lengths) and launches[0].tolist() == lengths.tolist()
     holes = prefix.clone()
     holes[0, 3] = False
-    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one length per batch row"):
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row"):
         rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
     monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
     with backend.use_backend("auto"):
@@ -630,3 +630,26 @@ def test_query_tiles_visit_only_their_chunk(monkeypatch, empty_rows, query_lengt
     backward = len(calls) - forward
     assert (forward, backward) == (visits[0], visits[1] + visits[2]), (forward, backward)
     check_mode(inputs, {n: x for n, x in mode.items() if n != "empty_rows"}, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+def test_key_ranges_reach_the_kernels(monkeypatch, empty_rows):
+    """A key mask of one range [start, end) per row (left padding, a streaming cache's window, an
+    empty row) reaches the kernels as starts and ends, and matches naive in every gradient; the
+    same with chunks and padded queries."""
+    inputs, mode, dout = chunk_inputs("chunk_l1_r2_memory", seed=12)
+    mode.pop("key_lengths")
+    j = torch.arange(19)[None, :]
+    starts, ends = torch.tensor([5, 0]), torch.tensor([19, 0])
+    mode["key_mask"] = (j >= starts[:, None]) & (j < ends[:, None])
+    launches = []
+    original = K.forward
+    monkeypatch.setattr(K, "forward", lambda *a, **kw: (launches.append((kw["key_starts"], kw["key_lengths"])),
+                                                          original(*a, **kw))[1])
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+    assert launches[0][0].tolist() == starts.tolist() and launches[0][1].tolist() == ends.tolist()
+    bidi, _, bidi_dout = mode_inputs("bidi_context", seed=13)
+    j = torch.arange(19)[None, :]
+    window = dict(causal=False, context=(3, 2), key_mask=(j >= torch.tensor([[4], [11]])) & (j < torch.tensor([[15], [19]])))
+    check_mode(bidi, window, bidi_dout, torch.float64, empty_rows)
+    assert launches[-1][0].tolist() == [4, 11] and launches[-1][1].tolist() == [15, 19]

@@ -566,20 +566,25 @@ class RelAttentionFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def kernel_key_lengths(key_lengths, key_mask, Lk: int):
-    """The padding as the Triton kernels take it: (int32 (B,) lengths or None, None), or (None, the
-    reason) for a key mask that is not a prefix mask (keys [0, n) visible in every batch row: the
-    kernels skip key tiles by one length per row). Looking at a mask's values syncs with the device."""
+def kernel_key_ranges(key_lengths, key_mask, Lk: int):
+    """The padding as the Triton kernels take it: (key starts, key ends, None), each int32 (B,) or
+    None, or (None, None, the reason) for a key mask whose visible keys are not one range
+    [start, end) per batch row (the kernels skip key tiles by one range per row). A prefix mask
+    gives no starts; a range per row is left padding too (XLNet) or a streaming cache's window.
+    Looking at a mask's values syncs with the device."""
     if key_lengths is not None:
-        return key_lengths.to(torch.int32), None
+        return None, key_lengths.to(torch.int32), None
     if key_mask is None:
-        return None, None
+        return None, None, None
     if key_mask.dim() == 3:
-        return None, "a per-query key_mask (B, Lq, Lk)"
-    lengths = key_mask.sum(-1)                                                  # (B,)
-    if not torch.equal(key_mask, torch.arange(Lk, device=key_mask.device) < lengths[:, None]):
-        return None, "a key_mask with holes (not keys [0, n) per batch row)"
-    return lengths.to(torch.int32), None
+        return None, None, "a per-query key_mask (B, Lq, Lk)"
+    count = key_mask.sum(-1)                                                    # (B,)
+    start = key_mask.to(torch.int8).argmax(-1)                                  # first visible key, 0 if none
+    j = torch.arange(Lk, device=key_mask.device)
+    if not torch.equal(key_mask, (j >= start[:, None]) & (j < (start + count)[:, None])):
+        return None, None, "a key_mask with holes (not one range of keys [start, end) per batch row)"
+    starts = start.to(torch.int32) if bool(start.any()) else None
+    return starts, (start + count).to(torch.int32), None
 
 
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
@@ -590,22 +595,22 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     """Fused relative attention on the current backend; shapes, the clamped r, the bidirectional
     mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
 
-    The Triton kernels compute every mode; a ``key_mask`` reaches them as per-row lengths when it
-    is a prefix mask. One with holes runs on the torch path under the ``auto`` backend and is an
+    The Triton kernels compute every mode; a ``key_mask`` reaches them as a range of keys per row
+    when its visible keys are one (a prefix mask, left padding). One with holes runs on the torch path under the ``auto`` backend and is an
     error on an explicit ``triton`` backend."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
                  query_lengths=query_lengths)
     name = backend.resolve(q)
     if name == "triton":
-        lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
+        starts, ends, refusal = kernel_key_ranges(key_lengths, key_mask, k.shape[1])
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
             queries = None if query_lengths is None else query_lengths.to(torch.int32)
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              lengths, empty_rows, None, queries, chunk_context)
+                                              ends, empty_rows, starts, queries, chunk_context)
         if backend.get_backend() == "triton":
-            raise ValueError(f"rel_attention: the triton kernels take key padding as one length per batch row; "
+            raise ValueError(f"rel_attention: the triton kernels take key padding as one range of keys per batch row; "
                              f"{refusal} needs the torch or auto backend")
         name = "torch"
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
