@@ -442,7 +442,7 @@ def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
     assert torch.equal(by_mask, by_lengths) and launches[0].tolist() == lengths.tolist()
     holes = prefix.clone()
     holes[0, 3] = False
-    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row"):
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row and no softcap"):
         rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
     monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
     with backend.use_backend("auto"):
