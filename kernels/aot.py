@@ -303,7 +303,7 @@ ATTN_DECODE_LQ = (1, 5)          # greedy decode, and a few-token step (Lq 1 is 
 # a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
 # mode with key lengths and zero empty rows, over all distances and with a limited context; and a
 # streaming FastConformer run offline: chunks of 4 frames, 8 to the left (NeMo's chunked_limited
-# [32, 3]), padded queries and HF's uniform rows
+# [32, 3]), padded queries and HF's uniform rows, and scores capped (Gemma's audio encoders)
 ATTN_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)), chunks=(4, 8, 0))
 
 
@@ -338,7 +338,7 @@ def attention_launches(dtype, D: int, launch) -> None:
         modes = [dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
                  for context in ATTN_CONFORMER["contexts"]]
         modes.append(dict(causal=False, chunk_context=ATTN_CONFORMER["chunks"], key_lengths=lengths,
-                          query_lengths=lengths, empty_rows="uniform"))
+                          query_lengths=lengths, empty_rows="uniform", softcap=50.0))
         for mode in modes:
             out, m, l = ra.forward(q, k, v, r, cb, pb, D ** -0.5, None, launch=launch, **mode)
             ra.backward(torch.empty_like(out), q, k, v, r, cb, pb, out, m, l, D ** -0.5, None, launch=launch, **mode)
@@ -385,7 +385,8 @@ def attention_specs() -> list[AotSpec]:
                     name = "decode" if kwargs["Lq"] <= ra.DECODE_MAX_LQ else "split"
                 bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
                 mode = "".join(f" {tag}" for flag, tag in (("HAS_ROWS", "rows"), ("CHUNKED", "chunks"),
-                                                           ("ZERO_EMPTY", "zero")) if kwargs.get(flag))
+                                                           ("SOFTCAP", "softcap"), ("ZERO_EMPTY", "zero"))
+                               if kwargs.get(flag))
                 if bidirectional:
                     mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode
                 new = specs_from_launches(

@@ -25,6 +25,7 @@ import triton.language as tl
 
 FILL = tl.constexpr(-1.0e30)          # finite fill for invisible scores (log2 domain)
 LOG2E = 1.4426950408889634
+TWO_LOG2E = tl.constexpr(2 * LOG2E)
 DECODE_MAX_LQ = 16                    # Lq at or below this takes the split-over-keys path
 DECODE_BLOCK_M = 16                   # the query tile of the decode path (tl.dot needs >= 16)
 MAX_SPLITS = 16                       # split path: at most this many key chunks per query tile
@@ -51,14 +52,22 @@ FULL_TILES = False
 # bit (``_full_tiles``).
 
 @triton.jit
-def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
+def _softcap(s, softcap):
+    """softcap · tanh(s / softcap), both in the log2 domain; tanh(x) = 1 - 2 / (e^2x + 1), exact at
+    both ends (e^2x overflowing to inf gives 1)."""
+    return softcap - 2.0 * softcap / (tl.exp2(s * (TWO_LOG2E / softcap)) + 1.0)
+
+
+@triton.jit
+def _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr, SOFTCAP: tl.constexpr):
     """Scores of one tile in the log2 domain, unmasked.
 
     q_content, q_pos: (BM, BD) = q + content bias, q + position bias in the dot dtype; keys_t:
     (BD, BN); band_t: (BD, BP) the r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query
     rows the band serves (BM, or on the decode path the real query count rounded up). Position
     term: band[a, c - a + QROWS - 1] for local (a, c); rows a >= QROWS are padding (clamped index).
+    SOFTCAP: capped by ``_softcap`` (softcap in the log2 domain).
     """
     tl.static_assert(QROWS <= BLOCK_M)
     tl.static_assert(band_t.shape[1] >= QROWS + BLOCK_N - 1)    # the band covers every skew
@@ -67,7 +76,10 @@ def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, B
     skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (QROWS - 1)
     if QROWS < BLOCK_M:
         skew = tl.maximum(skew, 0)
-    return (s + tl.gather(band, skew, axis=1)) * qk_scale
+    s = (s + tl.gather(band, skew, axis=1)) * qk_scale
+    if SOFTCAP:
+        s = _softcap(s, softcap)
+    return s
 
 
 @triton.jit
@@ -169,8 +181,8 @@ def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.conste
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d,
-               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, chunk_end, qk_scale,
-               MASKED: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, chunk_end, qk_scale, softcap,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, QROWS: tl.constexpr):
     """Online softmax over the key tiles [start, stop) of one query tile; MASKED: the edge tiles
     (each row's keys [first, last), keys past Lk, the split's end), else tiles every row sees whole."""
@@ -186,7 +198,7 @@ def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, s
         rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, QROWS, SOFTCAP)
         if MASKED:
             s = tl.where(_visible(offs_n, first, last), s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
@@ -213,8 +225,9 @@ def _fwd_kernel(
     Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, ROWS, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sob, som, soh, sod,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, keys_per_split, n_splits, qk_scale,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, keys_per_split, n_splits, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
@@ -269,8 +282,8 @@ def _fwd_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d, dmask,
-            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, hi, qk_scale,
-            stage != 1, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
+            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, hi, qk_scale, softcap,
+            stage != 1, SOFTCAP, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
 
     if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
         l_i = tl.where(first < last, l_i, 0.0)
@@ -361,8 +374,8 @@ def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
 @triton.jit
 def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
               offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
-              scale, qk_scale, MASKED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+              scale, qk_scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dq_content and dq_position over the key tiles [start, stop) of one query tile; MASKED: the
     edge tiles (each row's keys [first, last), keys past Lk, rows past Lq), else tiles every row sees whole."""
     dtype = q_content.dtype
@@ -376,7 +389,10 @@ def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_bas
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M,
+                    SOFTCAP)
+        if SOFTCAP:
+            slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
             visible = _visible(offs_n, first, last)
             s = tl.where(visible, s, FILL)
@@ -384,6 +400,8 @@ def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_bas
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         if MASKED:
             ds = tl.where(visible & mmask[:, None], ds, 0.0)
         ds = ds * scale
@@ -398,8 +416,9 @@ def _bwd_dq_kernel(
     Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, ROWS, DO, M, L, DELTA, DQ, DCB_PART, DPB_PART,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, n_tiles, scale, qk_scale,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, n_tiles, scale, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -446,7 +465,7 @@ def _bwd_dq_kernel(
         dq_c, dq_p = _dq_tiles(
             dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
             offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
-            scale, qk_scale, stage != 1, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            scale, qk_scale, softcap, stage != 1, SOFTCAP, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgm + offs_d[None, :] * sqgd,
              (dq_c + dq_p).to(DQ.dtype.element_ty), mask=tile_mask)
@@ -459,8 +478,8 @@ def _bwd_dq_kernel(
 def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start,
                 stop, n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax,
                 start_key, end_key, qlen, chunk_size, chunk_left, chunk_right, stat_base, M, L, DELTA, scale,
-                qk_scale, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, CHUNKED: tl.constexpr,
-                ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
+                qk_scale, softcap, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+                CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dk, dv and the r band's gradient over the query tiles [start, stop) of one key tile; MASKED:
     the edge tiles (visibility, rows past Lq), else tiles whose rows all see every key."""
@@ -485,7 +504,10 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
         rmask = (rows >= 0) & (rows < Lr)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=rmask[None, :] & dmask[:, None], other=0.0)           # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M,
+                    SOFTCAP)
+        if SOFTCAP:
+            slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
             first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start_key, end_key, chunk_size, chunk_left,
                                     chunk_right, LOWER, UPPER, CHUNKED)
@@ -498,6 +520,8 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         if MASKED:
             ds = tl.where(visible & mmask[:, None], ds, 0.0)
         ds = ds * scale
@@ -515,8 +539,9 @@ def _bwd_dkdv_kernel(
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, scale, qk_scale,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, scale, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -581,16 +606,16 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start, stop,
             n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start,
-            key_end, qlen, chunk_size, chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, stage != 1, LOWER,
-            UPPER, CHUNKED, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            key_end, qlen, chunk_size, chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap,
+            stage != 1, LOWER, UPPER, CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
     if not ZERO_EMPTY:
         for part in range(0, 2):        # the empty prefix [0, pre_hi), the empty suffix [post_lo, Lq)
             dk, dv = _dkdv_tiles(
                 dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base,
                 tl.where(part == 0, 0, post_lo), tl.where(part == 0, pre_hi, Lq), n0, offs_n, offs_d, dmask, sqm, sqd,
                 sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start, key_end, qlen, chunk_size,
-                chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, True, LOWER, UPPER, CHUNKED,
-                ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+                chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap, True, LOWER, UPPER,
+                CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -655,7 +680,8 @@ def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
             for bm, bn, nw, ns in configs(name, bd, dtype)]
     # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
     # the memory fills, and the best tile depends mostly on Lq and D
-    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_ROWS", "CHUNKED", "ZERO_EMPTY"],
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_ROWS", "CHUNKED", "SOFTCAP",
+                                      "ZERO_EMPTY"],
                            reset_to_zero=reset)(kernel_fn)
 
 
@@ -759,11 +785,11 @@ def visibility(Lq: int, Lk: int, window, causal: bool = True, context=None) -> d
 
 
 def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy, key_starts=None,
-               query_lengths=None, chunk_context=None) -> dict:
+               query_lengths=None, chunk_context=None, softcap=None) -> dict:
     """The kernel arguments of the attention mode, shared by every kernel but delta. Per batch row,
     ROWS (B, 3) int32: keys [key_starts, key_lengths) and query_lengths (each None: 0, Lk, Lq),
     built here when one is given (HAS_ROWS); else ``dummy``, a pointer never read. chunk_context
-    (C, L, R) (bidirectional) sets CHUNKED."""
+    (C, L, R) (bidirectional) sets CHUNKED; softcap (> 0) sets SOFTCAP, passed in the log2 domain."""
     Lq, Lk = q.shape[1], k.shape[1]
     Lr = Lk if causal else Lk + Lq - 1
     if r.shape[0] != Lr:
@@ -784,11 +810,13 @@ def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy,
     chunk_size, chunk_left, chunk_right = chunk_context or (1, -1, 0)
     return dict(ROWS=rows, Lr=Lr, mlen=Lk - Lq, **visibility(Lq, Lk, window, causal, context), HAS_ROWS=has_rows,
                 CHUNKED=chunk_context is not None, chunk_size=chunk_size, chunk_left=chunk_left,
-                chunk_right=chunk_right, ZERO_EMPTY=empty_rows == "zero")
+                chunk_right=chunk_right, softcap=(softcap or 1.0) * LOG2E, SOFTCAP=softcap is not None,
+                ZERO_EMPTY=empty_rows == "zero")
 
 
 def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launch=direct, *, causal: bool = True, context=None,
-            key_lengths=None, empty_rows: str = "uniform", key_starts=None, query_lengths=None, chunk_context=None):
+            key_lengths=None, empty_rows: str = "uniform", key_starts=None, query_lengths=None, chunk_context=None,
+            softcap=None):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
 
@@ -796,7 +824,8 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
     Lk + Lq - 1 rows) with ``context`` (None or (left, right)); ``key_lengths`` int32 (B,) or None
     (key j of batch row b visible only if j < key_lengths[b]), ``key_starts`` int32 (B,) or None
     (only if j >= key_starts[b]), ``query_lengths`` int32 (B,) or None (queries i >= query_lengths[b]
-    see no key), ``chunk_context`` (C, L, R) or None (bidirectional: ``txl_fast.ops.rel_attention``);
+    see no key), ``chunk_context`` (C, L, R) or None (bidirectional: ``txl_fast.ops.rel_attention``),
+    ``softcap`` (a score s is capped to softcap · tanh(s / softcap) before the masks) or None;
     ``empty_rows`` "uniform" (HF: a row that sees no key is uniform over the Lk keys) or "zero"
     (zeros, l = 0).
 
@@ -813,7 +842,7 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
     m = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m, key_starts=key_starts,
-                      query_lengths=query_lengths, chunk_context=chunk_context)
+                      query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
     common = dict(
         Q=q, K=k, V=v, R=r, CONTENT_BIAS=content_bias, POSITION_BIAS=position_bias, O=out, M=m, L=l, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
@@ -851,7 +880,7 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
 
 def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
              context=None, key_lengths=None, empty_rows: str = "uniform", key_starts=None, query_lengths=None,
-             chunk_context=None):
+             chunk_context=None, softcap=None):
     """Gradients (dq, dk, dv, dr, d content_bias, d position_bias), contiguous, in the inputs' dtypes, from the forward's
     out, m and l; ``launch`` and the mode as for ``forward``. Every buffer a kernel writes is
     allocated here."""
@@ -861,7 +890,7 @@ def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: floa
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc = _acc_dtype(q.dtype)
     mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m, key_starts=key_starts,
-                      query_lengths=query_lengths, chunk_context=chunk_context)
+                      query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
     _check_offsets(do=do)
     delta = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)

@@ -442,7 +442,7 @@ def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
     assert torch.equal(by_mask, by_lengths) and launches[0].tolist() == lengths.tolist()
     holes = prefix.clone()
     holes[0, 3] = False
-    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row and no softcap"):
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row"):
         rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
     monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
     with backend.use_backend("auto"):
@@ -653,3 +653,32 @@ def test_key_ranges_reach_the_kernels(monkeypatch, empty_rows):
     window = dict(causal=False, context=(3, 2), key_mask=(j >= torch.tensor([[4], [11]])) & (j < torch.tensor([[15], [19]])))
     check_mode(bidi, window, bidi_dout, torch.float64, empty_rows)
     assert launches[-1][0].tolist() == [4, 11] and launches[-1][1].tolist() == [15, 19]
+
+
+# ---- softcap: score -> cap * tanh(score / cap) before the masks ---------------------------------
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case,path", [("chunk_l1_r2_memory", "tiled"), ("causal_window_queries", "tiled"),
+                                       ("bidi_context_queries", "split"), ("chunk_l1_memory", "decode")],
+                         indirect=["path"])
+def test_softcap_matches_naive(path, case, empty_rows):
+    """Inputs doubled so that scores of a few units meet a cap of 3: every gradient in fp64."""
+    inputs, mode, dout = chunk_inputs(case, seed=len(case) + 3)
+    check_mode([x * 2 for x in inputs], dict(mode, softcap=3.0), dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_low_precision(dtype):
+    inputs, mode, dout = chunk_inputs("chunk_tiles", seed=6)
+    check_mode([x * 2 for x in inputs], dict(mode, softcap=3.0), dout, dtype, "uniform")
+
+
+def test_gradcheck_softcap():
+    inputs, _ = make_inputs(2, 4, 1, 1, 2, seed=14, rows_r=5)
+
+    def f(*xs):
+        with backend.use_backend("triton"):
+            return rel_attention(*xs, scale=0.8, window=3, key_lengths=torch.tensor([5, 2]), softcap=1.5)
+
+    leaves = [(x * 2).requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)

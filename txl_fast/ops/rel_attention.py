@@ -561,18 +561,18 @@ class RelAttentionFunction(torch.autograd.Function):
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
-    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
+    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context, softcap). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
     (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
-                empty_rows="uniform", key_starts=None, query_lengths=None, chunk_context=None):
+                empty_rows="uniform", key_starts=None, query_lengths=None, chunk_context=None, softcap=None):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
         mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows,
-                    key_starts=key_starts, query_lengths=query_lengths, chunk_context=chunk_context)
+                    key_starts=key_starts, query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
         out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
         ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
         ctx.scale, ctx.window, ctx.mode = scale, window, mode
@@ -583,7 +583,7 @@ class RelAttentionFunction(torch.autograd.Function):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
         grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def kernel_key_ranges(key_lengths, key_mask, Lk: int):
@@ -624,16 +624,14 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     name = backend.resolve(q)
     if name == "triton":
         starts, ends, refusal = kernel_key_ranges(key_lengths, key_mask, k.shape[1])
-        if softcap is not None:
-            refusal = "softcap"
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
             queries = None if query_lengths is None else query_lengths.to(torch.int32)
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              ends, empty_rows, starts, queries, chunk_context)
+                                              ends, empty_rows, starts, queries, chunk_context, softcap)
         if backend.get_backend() == "triton":
-            raise ValueError(f"rel_attention: the triton kernels take key padding as one range of keys per batch row "
-                             f"and no softcap; {refusal} needs the torch or auto backend")
+            raise ValueError(f"rel_attention: the triton kernels take key padding as one range of keys per batch row; "
+                             f"{refusal} needs the torch or auto backend")
         name = "torch"
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     if name == "naive":
