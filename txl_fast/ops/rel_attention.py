@@ -464,10 +464,10 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
-    it is longer than them; not when HF's uniform rows may occur, which spread over every key.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
+    it is longer than them; not for HF's uniform padded queries, which spread over every key.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
     autograd path takes the chunks and padded queries folded into per-query keys (``query_keys``);
     the output-only path takes them as they are, in memory linear in Lq."""
-    if causal and window and (empty_rows == "zero" or (keys is None and query_lengths is None)):
+    if causal and window and (empty_rows == "zero" or query_lengths is None):
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
         k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
         keys = None if keys is None else keys[..., first:]
