@@ -563,32 +563,28 @@ def _bwd_dkdv_kernel(
     content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
     position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
 
-    # query rows that see a key of this tile: last > n0 and first <= n0 + BN - 1 (``_rows_seeing``),
-    # in whole query tiles from row 0 (so that the loops below share one grid)
+    # query rows that see a key of this tile: last > n0 and first <= n0 + BN - 1 (``_rows_seeing``)
     key_start, key_end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
     q_lo, upto_n0 = _rows_seeing(n0, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left, chunk_right,
                                  LOWER, UPPER, CHUNKED)
     since_n1, q_hi = _rows_seeing(n0 + BLOCK_N - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
                                   chunk_right, LOWER, UPPER, CHUNKED)
-    q_lo = tl.minimum(tl.maximum(q_lo, 0), Lq) // BLOCK_M * BLOCK_M
-    q_hi = q_lo + (tl.maximum(tl.minimum(q_hi, Lq) - q_lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    q_lo = tl.maximum(q_lo, 0)
+    q_hi = tl.minimum(q_hi, Lq)
     # HF's uniform rows see every key. The empty rows of a batch row are a prefix, rows [0, e0) with
     # last <= key_start, and a suffix, rows [e1, Lq) with first >= key_end or padded (each row's own
     # position lies inside its band or chunk, and both ends of its keys grow with i); every row
-    # when no distance is visible (window 0). Their tiles, [0, pre_hi) and [post_lo, Lq), take
-    # loops of their own; [q_lo, q_hi) keeps the tiles between them.
-    pre_hi, post_lo = q_lo, q_hi
+    # when no distance is visible (window 0). The range widens to take them (one loop: a second
+    # loop over the empty rows alone made ptxas spill on sm_80).
     if not ZERO_EMPTY:
         e0, _ = _rows_seeing(key_start, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
                              chunk_right, LOWER, UPPER, CHUNKED)
         _, e1 = _rows_seeing(key_end - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
                              chunk_right, LOWER, UPPER, CHUNKED)
-        e0 = tl.where(dmin > dmax, Lq, tl.minimum(tl.maximum(e0, 0), Lq))
-        e1 = tl.where(dmin > dmax, 0, tl.minimum(tl.maximum(e1, 0), Lq))
-        pre_hi = (e0 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        post_lo = tl.maximum(e1 // BLOCK_M * BLOCK_M, pre_hi)
-        q_lo = tl.maximum(q_lo, pre_hi)
-        q_hi = tl.maximum(tl.minimum(q_hi, post_lo), q_lo)
+        none = dmin > dmax
+        q_lo = tl.where((e0 > 0) | none, 0, tl.where(e1 < Lq, tl.minimum(q_lo, tl.maximum(e1, 0)), q_lo))
+        q_hi = tl.where((e1 < Lq) | none, Lq, tl.where(e0 > 0, tl.maximum(q_hi, tl.minimum(e0, Lq)), q_hi))
+    q_hi = tl.maximum(q_hi, q_lo)
     # the query tiles whose rows (all below Lq) see every key of this tile: first <= n0, last > n0 + BN - 1
     full_lo, full_hi = q_hi, q_hi
     if FULL_TILES:
@@ -608,14 +604,6 @@ def _bwd_dkdv_kernel(
             n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start,
             key_end, qlen, chunk_size, chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap,
             stage != 1, LOWER, UPPER, CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
-    if not ZERO_EMPTY:
-        for part in range(0, 2):        # the empty prefix [0, pre_hi), the empty suffix [post_lo, Lq)
-            dk, dv = _dkdv_tiles(
-                dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base,
-                tl.where(part == 0, 0, post_lo), tl.where(part == 0, pre_hi, Lq), n0, offs_n, offs_d, dmask, sqm, sqd,
-                sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start, key_end, qlen, chunk_size,
-                chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap, True, LOWER, UPPER,
-                CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,

@@ -609,12 +609,13 @@ def test_nan_poison_and_canaries_chunks(empty_rows):
 @pytest.mark.parametrize("empty_rows,query_lengths,visits", [
     ("zero", None, (4, 4, 4)),                 # each 16-query tile: the one key tile of its chunk
     ("zero", [40], (3, 3, 3)),                 # the last query tile is all padding: never visited
-    ("uniform", [40], (2 + 4 + 4, 3, 3 + 3 + 2 + 2)),  # HF's uniform padded rows (query tiles 2, 3) see every key
+    ("uniform", [40], (2 + 4 + 4, 3, 4 + 3 + 2 + 2)),  # HF's uniform padded rows (from row 40) see every key
 ])
 def test_query_tiles_visit_only_their_chunk(monkeypatch, empty_rows, query_lengths, visits):
     """Lq = Lk = 64, chunks of 16 with no context on either side, 16 x 16 tiles: the forward, dq
     and dkdv each run one masked tile per pair of tiles that meet a chunk (``_visible`` counted);
-    without chunks they would be 16 each."""
+    without chunks they would be 16 each. HF's uniform padded rows: a dk/dv program takes the
+    rows from the first padded one (or its own first) to the end."""
     inputs, dout = make_inputs(1, 64, 0, 1, 8, seed=11, rows_r=127)
     mode = dict(causal=False, chunk_context=(16, 0, 0), empty_rows=empty_rows)
     if query_lengths is not None:

@@ -143,7 +143,8 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
         if (not isinstance(chunk_context, (tuple, list)) or len(chunk_context) != 3
                 or not all(isinstance(c, int) and not isinstance(c, bool) for c in chunk_context)
                 or chunk_context[0] < 1 or chunk_context[1] < -1 or chunk_context[2] < 0):
-            raise ValueError(f"rel_attention: chunk_context must be (C >= 1, L >= -1, R >= 0) ints, got {chunk_context!r}")
+            raise ValueError(f"rel_attention: chunk_context must be (C >= 1, L >= -1, R >= 0) ints, "
+                             f"got {chunk_context!r}")
     if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
                                 or not 0 < softcap < float("inf")):
         raise ValueError(f"rel_attention: softcap must be None or a finite number > 0, got {softcap!r}")
@@ -158,7 +159,8 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
     if not isinstance(uniform_keys, int) or not 0 <= uniform_keys <= Lk:
         raise ValueError(f"rel_attention: uniform_keys must be an int in [0, Lk={Lk}], got {uniform_keys!r}")
     if uniform_keys and (not causal or key_lengths is not None or key_mask is not None or query_lengths is not None):
-        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True, no key padding and no query_lengths")
+        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True, "
+                         "no key padding and no query_lengths")
     if empty_rows not in ("uniform", "zero"):
         raise ValueError(f"rel_attention: empty_rows must be 'uniform' (HF) or 'zero', got {empty_rows!r}")
     if key_lengths is not None and key_mask is not None:
@@ -404,7 +406,8 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
     keys [j0, j1) are the problem with r's rows Lq - i1 + j0 … Lq - i0 + j1 - 2 and the span shifted
     by i1 + (Lk - Lq) - j1 (the distance of row i1 - 1 to key j1 - 1). The padding inside the range
     and the chunk edges are written into each block's scores (with ``softcap``, after the cap, the
-    span's too). Blocks none of whose rows see a key (padded queries) are skipped. Memory: O(QUERY_BLOCK · (j1 - j0)) per block.
+    span's too). Blocks none of whose rows see a key (padded queries) are skipped. Memory:
+    O(QUERY_BLOCK · (j1 - j0)) per block.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -419,7 +422,8 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
         i1 = min(Lq, i0 + QUERY_BLOCK)
         j0, j1 = max(0, i0 + Lk - Lq - span[1]), min(end, i1 + Lk - Lq - span[0])
         if chunk_context is not None:
-            j0, j1 = max(j0, chunk_keys(chunk_context, i0 + Lk - Lq)[0]), min(j1, chunk_keys(chunk_context, i1 - 1 + Lk - Lq)[1])
+            j0 = max(j0, chunk_keys(chunk_context, i0 + Lk - Lq)[0])
+            j1 = min(j1, chunk_keys(chunk_context, i1 - 1 + Lk - Lq)[1])
         if j1 <= j0 or (busy is not None and not any(busy[i0:i1])):
             continue
         n, m, shift = i1 - i0, j1 - j0, i1 + Lk - Lq - j1
@@ -464,7 +468,8 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
-    it is longer than them; not for HF's uniform padded queries, which spread over every key.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
+    it is longer than them; not for HF's uniform padded queries, which spread over every key.)
+    keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
     autograd path takes the chunks and padded queries folded into per-query keys (``query_keys``);
     the output-only path takes them as they are, in memory linear in Lq."""
     if causal and window and (empty_rows == "zero" or query_lengths is None):
@@ -476,7 +481,8 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     plain = query_lengths is None and softcap is None     # (chunks are bidirectional: never a decode step)
-    if not wants_grad and plain and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
+    if (not wants_grad and plain and backend.cpu_compile() and q.device.type == "cpu"
+            and is_one_query(q, causal, window, keys)):
         return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
     if not wants_grad and plain and is_decode(q, causal, window, keys):
         return _decode_out(*inputs, scale, uniform_keys)
@@ -561,7 +567,8 @@ class RelAttentionFunction(torch.autograd.Function):
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
-    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context, softcap). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
+    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context, softcap). The same
+    launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
     (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
@@ -616,8 +623,9 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
 
     The Triton kernels compute every mode; a ``key_mask`` reaches them as a range of keys per row
-    when its visible keys are one (a prefix mask, left padding). One with holes runs on the torch path under the ``auto`` backend and is an
-    error on an explicit ``triton`` backend."""
+    when its visible keys are one (a prefix mask, left padding). One with holes runs on the torch
+    path under the ``auto`` backend and is an error on an explicit ``triton`` backend.
+    ``chunk_context``, ``query_lengths`` and ``softcap``: see the module docstring."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
                  query_lengths=query_lengths, softcap=softcap)
