@@ -304,8 +304,10 @@ ATTN_D_MODEL, ATTN_TGT, ATTN_MEM = 1024, 128, 1600
 ATTN_BATCHES = (1, 32)
 ATTN_DECODE_LQ = (1, 5)          # greedy decode, and a few-token step (Lq 1 is a JIT constant; 5 at D 64 only)
 # a Conformer encoder layer (d 256, 4 heads of 64, batch 8, 400 frames, padded): the bidirectional
-# mode with key lengths and zero empty rows, over all distances and with a limited context
-ATTN_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)))
+# mode with key lengths and zero empty rows, over all distances and with a limited context; and a
+# streaming FastConformer run offline: chunks of 4 frames, 8 to the left (NeMo's chunked_limited
+# [32, 3]), padded queries and HF's uniform rows, and scores capped (Gemma's audio encoders)
+ATTN_CONFORMER = dict(B=8, L=400, H=4, D=64, contexts=(None, (16, 4)), chunks=(4, 8, 0))
 
 
 def attention_launches(dtype, D: int, launch) -> None:
@@ -336,8 +338,11 @@ def attention_launches(dtype, D: int, launch) -> None:
         q, k, v = (torch.empty(B, L, H, D, **meta) for _ in range(3))
         r, cb, pb = torch.empty(2 * L - 1, H, D, **meta), torch.empty(H, D, **meta), torch.empty(H, D, **meta)
         lengths = torch.empty(B, dtype=torch.int32, device="meta")
-        for context in ATTN_CONFORMER["contexts"]:
-            mode = dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+        modes = [dict(causal=False, context=context, key_lengths=lengths, empty_rows="zero")
+                 for context in ATTN_CONFORMER["contexts"]]
+        modes.append(dict(causal=False, chunk_context=ATTN_CONFORMER["chunks"], key_lengths=lengths,
+                          query_lengths=lengths, empty_rows="uniform", softcap=50.0))
+        for mode in modes:
             out, m, l = ra.forward(q, k, v, r, cb, pb, D ** -0.5, None, launch=launch, **mode)
             ra.backward(torch.empty_like(out), q, k, v, r, cb, pb, out, m, l, D ** -0.5, None, launch=launch, **mode)
 
@@ -382,7 +387,8 @@ def attention_specs() -> list[AotSpec]:
                 if name == "fwd" and kwargs.get("SPLIT_K"):
                     name = "decode" if kwargs["Lq"] <= ra.DECODE_MAX_LQ else "split"
                 bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
-                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ZERO_EMPTY", "zero"))
+                mode = "".join(f" {tag}" for flag, tag in (("HAS_ROWS", "rows"), ("CHUNKED", "chunks"),
+                                                           ("SOFTCAP", "softcap"), ("ZERO_EMPTY", "zero"))
                                if kwargs.get(flag))
                 if bidirectional:
                     mode = " bidi" + (" context" if kwargs["UPPER"] else "") + mode

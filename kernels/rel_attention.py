@@ -4,7 +4,8 @@ Maths and shapes: ``txl_fast.ops.rel_attention`` (batch-first; q (B, Lq, H, D), 
 r (Lr, H, D), content_bias = r_w_bias and position_bias = r_r_bias (H, D)):
 score(i, j) = scale * ((q_i + content_bias).k_j + (q_i + position_bias).r[j + Lq - 1 - i]), row p of
 r the distance Lk - 1 - p. Key j is visible to query i when d = i + mlen - j lies in [dmin, dmax]
-and j < key_lengths[b] (``visibility``). ``txl_fast.naive`` is the literal validator.
+and key_starts[b] <= j < key_lengths[b], inside i's chunk with ``chunk_context``, and i is below
+its row's query length (``_row_keys``, ``visibility``). ``txl_fast.naive`` is the literal validator.
 
 ``_fwd_kernel`` runs an online softmax over key tiles (SPLIT_K: over one chunk of the keys, merged
 by ``_fwd_combine_kernel``); the backward is ``_bwd_delta_kernel``, ``_bwd_dq_kernel`` (loop over
@@ -24,6 +25,7 @@ import triton.language as tl
 
 FILL = tl.constexpr(-1.0e30)          # finite fill for invisible scores (log2 domain)
 LOG2E = 1.4426950408889634
+TWO_LOG2E = tl.constexpr(2 * LOG2E)
 DECODE_MAX_LQ = 16                    # Lq at or below this takes the split-over-keys path
 DECODE_BLOCK_M = 16                   # the query tile of the decode path (tl.dot needs >= 16)
 MAX_SPLITS = 16                       # split path: at most this many key chunks per query tile
@@ -50,14 +52,22 @@ FULL_TILES = False
 # bit (``_full_tiles``).
 
 @triton.jit
-def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr):
+def _softcap(s, softcap):
+    """softcap · tanh(s / softcap), both in the log2 domain; tanh(x) = 1 - 2 / (e^2x + 1), exact at
+    both ends (e^2x overflowing to inf gives 1)."""
+    return softcap - 2.0 * softcap / (tl.exp2(s * (TWO_LOG2E / softcap)) + 1.0)
+
+
+@triton.jit
+def _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            ACC: tl.constexpr, PREC: tl.constexpr, QROWS: tl.constexpr, SOFTCAP: tl.constexpr):
     """Scores of one tile in the log2 domain, unmasked.
 
     q_content, q_pos: (BM, BD) = q + content bias, q + position bias in the dot dtype; keys_t:
     (BD, BN); band_t: (BD, BP) the r rows n0 - m0 + Lq - QROWS + [0, BP), QROWS <= BM the query
     rows the band serves (BM, or on the decode path the real query count rounded up). Position
     term: band[a, c - a + QROWS - 1] for local (a, c); rows a >= QROWS are padding (clamped index).
+    SOFTCAP: capped by ``_softcap`` (softcap in the log2 domain).
     """
     tl.static_assert(QROWS <= BLOCK_M)
     tl.static_assert(band_t.shape[1] >= QROWS + BLOCK_N - 1)    # the band covers every skew
@@ -66,23 +76,86 @@ def _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M: tl.constexpr, B
     skew = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (QROWS - 1)
     if QROWS < BLOCK_M:
         skew = tl.maximum(skew, 0)
-    return (s + tl.gather(band, skew, axis=1)) * qk_scale
+    s = (s + tl.gather(band, skew, axis=1)) * qk_scale
+    if SOFTCAP:
+        s = _softcap(s, softcap)
+    return s
 
 
 @triton.jit
-def _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER: tl.constexpr, UPPER: tl.constexpr,
-             HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BM, BN): dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS), for the
-    distance d = i + mlen - j."""
-    dist = offs_m[:, None] + mlen - offs_n[None, :]
-    visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
-    if LOWER:
-        visible = visible & (dist >= dmin)
+def _row_keys(i, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right, LOWER: tl.constexpr,
+              UPPER: tl.constexpr, CHUNKED: tl.constexpr):
+    """Keys [first, last) that query rows i (a vector) see, first >= last: none. Row i at position
+    p = i + mlen sees j with dmin <= p - j (LOWER), p - j <= dmax (UPPER), inside its chunk's keys
+    [(c - chunk_left) * chunk_size, (c + 1) * chunk_size + chunk_right), c = p // chunk_size
+    (CHUNKED; chunk_left < 0: from key 0), and inside its batch row's keys [start, end); rows
+    i >= qlen (padded queries) see none. Both ends are non-decreasing in i below qlen."""
+    p = i + mlen
+    first = p * 0 + start
+    last = p * 0 + end
     if UPPER:
-        visible = visible & (dist <= dmax)
-    if HAS_LENGTHS:
-        visible = visible & (offs_n < length)[None, :]
-    return visible
+        first = tl.maximum(first, p - dmax)
+    if LOWER:
+        last = tl.minimum(last, p - dmin + 1)
+    if CHUNKED:
+        c = p // chunk_size
+        first = tl.maximum(first, tl.where(chunk_left >= 0, (c - chunk_left) * chunk_size, 0))
+        last = tl.minimum(last, (c + 1) * chunk_size + chunk_right)
+    return first, tl.where(i < qlen, last, first)
+
+
+@triton.jit
+def _rows_seeing(j, Lq, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
+                 LOWER: tl.constexpr, UPPER: tl.constexpr, CHUNKED: tl.constexpr):
+    """For key j >= 0 (``_row_keys``'s ends being monotone): rows [a, Lq) have last > j, rows
+    [0, b) have first <= j, b <= qlen."""
+    a = tl.where(end > j, 0, Lq)
+    b = tl.where(start <= j, qlen, 0)
+    if LOWER:
+        a = tl.maximum(a, j - mlen + dmin)
+    if UPPER:
+        b = tl.minimum(b, j - mlen + dmax + 1)
+    if CHUNKED:
+        a = tl.maximum(a, tl.maximum(j - chunk_right, 0) // chunk_size * chunk_size - mlen)
+        b = tl.minimum(b, tl.where(chunk_left >= 0, (j // chunk_size + chunk_left + 1) * chunk_size - mlen, b))
+    return a, b
+
+
+@triton.jit
+def _visible(offs_n, first, last):
+    """(BM, BN): key offs_n inside each row's keys [first, last) (``_row_keys``)."""
+    return (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < last[:, None])
+
+
+@triton.jit
+def _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS: tl.constexpr):
+    """Batch row b's keys [start, end) and query count: ROWS (B, 3) int32, else [0, Lk) and Lq."""
+    start = tl.full([], 0, tl.int32)
+    end = Lk
+    qlen = Lq
+    if HAS_ROWS:
+        start = tl.load(ROWS + 3 * b)
+        end = tl.load(ROWS + 3 * b + 1)
+        qlen = tl.load(ROWS + 3 * b + 2)
+    return start, end, qlen
+
+
+@triton.jit
+def _tile_keys(first, last, rows, Lk, ALL_IF_EMPTY: tl.constexpr):
+    """Of the query rows ``rows`` (BM bool) of a tile, keys [first, last) each: the keys [lo, hi)
+    that hold every visible key, all Lk when one row sees none and ALL_IF_EMPTY (HF's uniform rows);
+    and [full_first, full_last) the keys every row sees (empty when one sees none: an empty row is
+    in no full tile)."""
+    seen = rows & (first < last)
+    empty = tl.max(tl.where(rows & (first >= last), 1, 0), 0) > 0
+    lo = tl.min(tl.where(seen, first, Lk), 0)
+    hi = tl.max(tl.where(seen, last, 0), 0)
+    full_first = tl.max(tl.where(rows, first, 0), 0)
+    full_last = tl.where(empty, full_first, tl.min(tl.where(rows, last, Lk), 0))
+    if ALL_IF_EMPTY:
+        lo = tl.where(empty, 0, lo)
+        hi = tl.where(empty, Lk, hi)
+    return lo, hi, full_first, full_last
 
 
 @triton.jit
@@ -107,59 +180,12 @@ def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.conste
 
 
 @triton.jit
-def _key_length(LENS, b, Lk, HAS_LENGTHS: tl.constexpr):
-    """Batch row b's keys [0, length): its key length, or Lk."""
-    length = Lk
-    if HAS_LENGTHS:
-        length = tl.load(LENS + b)
-    return length
-
-
-@triton.jit
-def _rows_with_keys(Lq, mlen, dmin, dmax, length):
-    """Query rows [0, end) see a key, rows [end, Lq) none (the empty rows). Row i sees the keys
-    [max(0, i + mlen - dmax), min(length, i + mlen - dmin + 1)); with dmin <= 0 the upper end is
-    positive, so the range is empty when length is 0, dmin > dmax, or i + mlen - dmax >= length."""
-    end = tl.minimum(Lq, tl.maximum(0, length - mlen + dmax))
-    return tl.where((length > 0) & (dmin <= dmax), end, 0)
-
-
-@triton.jit
-def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Keys [lo, hi) that hold every visible key of query rows [m0, m0 + BM); with ALL_IF_EMPTY
-    (HF's uniform rows) all keys when one of these rows is empty (end: ``_rows_with_keys``)."""
-    lo = tl.maximum(0, m0 + mlen - dmax)
-    hi = tl.minimum(length, m0 + BLOCK_M + mlen - dmin)
-    if ALL_IF_EMPTY:
-        empty = tl.minimum(m0 + BLOCK_M, Lq) > end
-        lo = tl.where(empty, 0, lo)
-        hi = tl.where(empty, Lk, hi)
-    return lo, hi
-
-
-@triton.jit
-def _full_key_tiles(lo, hi, m0, i_last, Lk, mlen, dmin, dmax, length, LOWER: tl.constexpr,
-                    UPPER: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key tiles [a, b) of the loop over [lo, hi) that query rows [m0, i_last] see whole:
-    j >= i_last + mlen - dmax (UPPER), j <= m0 + mlen - dmin (LOWER), j < min(length, Lk). A row
-    that sees every key of a tile is not empty, so no full tile holds an empty row."""
-    first = lo
-    last = tl.minimum(hi, tl.minimum(length, Lk))
-    if UPPER:
-        first = tl.maximum(first, i_last + mlen - dmax)
-    if LOWER:
-        last = tl.minimum(last, m0 + mlen - dmin + 1)
-    return _full_tiles(lo, hi, first, last, BLOCK_N)
-
-
-@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d,
-               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length, chunk_end, qk_scale,
-               MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, chunk_end, qk_scale, softcap,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, QROWS: tl.constexpr):
     """Online softmax over the key tiles [start, stop) of one query tile; MASKED: the edge tiles
-    (visibility, keys past Lk, the split's end), else tiles every row sees whole."""
+    (each row's keys [first, last), keys past Lk, the split's end), else tiles every row sees whole."""
     dtype = q_content.dtype
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -172,11 +198,9 @@ def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, s
         rows = n0 - m0 + Lq - QROWS + tl.arange(0, BLOCK_P)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, QROWS)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, QROWS, SOFTCAP)
         if MASKED:
-            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
-                               BLOCK_M, BLOCK_N)
-            s = tl.where(visible, s, FILL)
+            s = tl.where(_visible(offs_n, first, last), s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
             if SPLIT_K:
                 s = tl.where((offs_n < chunk_end)[None, :], s, float("-inf"))  # next chunk's keys
@@ -195,13 +219,15 @@ def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, s
 # utterance of a Conformer (Lr, dmin = -(Lq - 1)): not specialised, or every new value divisible
 # by 16 (or equal to 1) would compile another binary. They only bound loops and masks (every load
 # is contiguous along D), so no vectorisation depends on them.
-@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "keys_per_split", "n_splits"])
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "chunk_size", "chunk_left", "chunk_right",
+                               "keys_per_split", "n_splits"])
 def _fwd_kernel(
-    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, O, M, L, MP, LP, AP,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, ROWS, O, M, L, MP, LP, AP,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sob, som, soh, sod,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, keys_per_split, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, keys_per_split, n_splits, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
@@ -232,18 +258,18 @@ def _fwd_kernel(
     q_content = (q + content_bias[None, :]).to(dtype)
     q_pos = (q + position_bias[None, :]).to(dtype)
 
-    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
-    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
-    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, not ZERO_EMPTY, BLOCK_M)
+    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
+    first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
+                            LOWER, UPPER, CHUNKED)                                  # (BM,) each
+    # rows past Lq are never stored: they neither widen the range nor keep tiles from being full
+    lo, hi, full_first, full_last = _tile_keys(first, last, mmask, Lk, not ZERO_EMPTY)
     if SPLIT_K:
         split = tl.program_id(0)
         lo = tl.maximum(lo, split * keys_per_split)
         hi = tl.minimum(hi, (split + 1) * keys_per_split)
-    # rows past Lq are never stored: the full tiles need only the real rows to see them whole
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = _full_key_tiles(lo, hi, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, Lk, mlen, dmin, dmax,
-                                           length, LOWER, UPPER, BLOCK_N)
+        full_lo, full_hi = _full_tiles(lo, hi, full_first, full_last, BLOCK_N)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -256,12 +282,12 @@ def _fwd_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d, dmask,
-            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length, hi, qk_scale,
-            stage != 1, LOWER, UPPER, HAS_LENGTHS, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
+            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, hi, qk_scale, softcap,
+            stage != 1, SOFTCAP, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
 
     if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
-        l_i = tl.where(offs_m < end, l_i, 0.0)
-        acc = tl.where((offs_m < end)[:, None], acc, 0.0)
+        l_i = tl.where(first < last, l_i, 0.0)
+        acc = tl.where((first < last)[:, None], acc, 0.0)
     if SPLIT_K:
         # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
         row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -347,12 +373,11 @@ def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
 
 @triton.jit
 def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
-              offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length,
-              scale, qk_scale, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
-              HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+              offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
+              scale, qk_scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dq_content and dq_position over the key tiles [start, stop) of one query tile; MASKED: the
-    edge tiles (visibility, keys past Lk, rows past Lq), else tiles every row sees whole."""
+    edge tiles (each row's keys [first, last), keys past Lk, rows past Lq), else tiles every row sees whole."""
     dtype = q_content.dtype
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -364,15 +389,19 @@ def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_bas
         rows = n0 - m0 + Lq - BLOCK_M + tl.arange(0, BLOCK_P)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M,
+                    SOFTCAP)
+        if SOFTCAP:
+            slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
-            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
-                               BLOCK_M, BLOCK_N)
+            visible = _visible(offs_n, first, last)
             s = tl.where(visible, s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         if MASKED:
             ds = tl.where(visible & mmask[:, None], ds, 0.0)
         ds = ds * scale
@@ -382,13 +411,14 @@ def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_bas
     return dq_c, dq_p
 
 
-@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "chunk_size", "chunk_left", "chunk_right"])
 def _bwd_dq_kernel(
-    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, DO, M, L, DELTA, DQ, DCB_PART, DPB_PART,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, ROWS, DO, M, L, DELTA, DQ, DCB_PART, DPB_PART,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, n_tiles, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, n_tiles, scale, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -416,13 +446,14 @@ def _bwd_dq_kernel(
     m_i, inv_l, delta = _row_stats(M, L, DELTA, pid_bh * Lq + offs_m, mmask, ZERO_EMPTY)
 
     # empty rows have zero score gradients: only the keys some row sees are visited; rows past Lq
-    # feed the bias sums, so a ragged last query tile has edge tiles only
-    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
-    lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, Lq, False, BLOCK_M)
+    # (which see no key) feed the bias sums, so a ragged last query tile has edge tiles only
+    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
+    first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
+                            LOWER, UPPER, CHUNKED)                                  # (BM,) each
+    lo, hi, full_first, full_last = _tile_keys(first, last, offs_m >= 0, Lk, False)
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = _full_key_tiles(lo, tl.where(m0 + BLOCK_M <= Lq, hi, lo), m0, m0 + BLOCK_M - 1, Lk,
-                                           mlen, dmin, dmax, length, LOWER, UPPER, BLOCK_N)
+        full_lo, full_hi = _full_tiles(lo, hi, full_first, full_last, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
@@ -433,8 +464,8 @@ def _bwd_dq_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         dq_c, dq_p = _dq_tiles(
             dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
-            offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length,
-            scale, qk_scale, stage != 1, LOWER, UPPER, HAS_LENGTHS, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
+            scale, qk_scale, softcap, stage != 1, SOFTCAP, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgm + offs_d[None, :] * sqgd,
              (dq_c + dq_p).to(DQ.dtype.element_ty), mask=tile_mask)
@@ -446,8 +477,9 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start,
                 stop, n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax,
-                length, stat_base, M, L, DELTA, scale, qk_scale, MASKED: tl.constexpr, LOWER: tl.constexpr,
-                UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
+                start_key, end_key, qlen, chunk_size, chunk_left, chunk_right, stat_base, M, L, DELTA, scale,
+                qk_scale, softcap, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+                CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dk, dv and the r band's gradient over the query tiles [start, stop) of one key tile; MASKED:
     the edge tiles (visibility, rows past Lq), else tiles whose rows all see every key."""
@@ -472,10 +504,14 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
         rmask = (rows >= 0) & (rows < Lr)
         band_t = tl.load(r_base + rows[None, :] * srp + offs_d[:, None] * srd,
                          mask=rmask[None, :] & dmask[:, None], other=0.0)           # (BD, BP)
-        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M)
+        s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, BLOCK_M,
+                    SOFTCAP)
+        if SOFTCAP:
+            slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
-            visible = _visible(offs_m, offs_n, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
-                               BLOCK_M, BLOCK_N)
+            first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start_key, end_key, chunk_size, chunk_left,
+                                    chunk_right, LOWER, UPPER, CHUNKED)
+            visible = _visible(offs_n, first, last)
             s = tl.where(visible, s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
@@ -484,6 +520,8 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, vals_t, input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         if MASKED:
             ds = tl.where(visible & mmask[:, None], ds, 0.0)
         ds = ds * scale
@@ -495,14 +533,15 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax"])
+@triton.jit(do_not_specialize=["Lk", "Lr", "mlen", "dmin", "dmax", "chunk_size", "chunk_left", "chunk_right"])
 def _bwd_dkdv_kernel(
-    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, LENS, DO, M, L, DELTA, DK, DV, DR,
+    Q, K, V, R, CONTENT_BIAS, POSITION_BIAS, ROWS, DO, M, L, DELTA, DK, DV, DR,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
-    H, Lq, Lk, Lr, mlen, dmin, dmax, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, scale, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -524,27 +563,32 @@ def _bwd_dkdv_kernel(
     content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
     position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
 
-    # query rows that see a key j of this tile, j < length: n0 - mlen + dmin <= i <= j - mlen + dmax,
-    # and i < end (rows past it see nothing); HF's uniform rows see every key: all rows if any
-    length = _key_length(LENS, b, Lk, HAS_LENGTHS)
-    end = _rows_with_keys(Lq, mlen, dmin, dmax, length)
-    q_lo = tl.maximum(0, n0 - mlen + dmin)
-    n_end = tl.minimum(n0 + BLOCK_N, length)
-    q_hi = tl.where(n_end > n0, tl.minimum(end, n_end - mlen + dmax), q_lo)
+    # query rows that see a key of this tile: last > n0 and first <= n0 + BN - 1 (``_rows_seeing``)
+    key_start, key_end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
+    q_lo, upto_n0 = _rows_seeing(n0, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left, chunk_right,
+                                 LOWER, UPPER, CHUNKED)
+    since_n1, q_hi = _rows_seeing(n0 + BLOCK_N - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                                  chunk_right, LOWER, UPPER, CHUNKED)
+    q_lo = tl.maximum(q_lo, 0)
+    q_hi = tl.minimum(q_hi, Lq)
+    # HF's uniform rows see every key. The empty rows of a batch row are a prefix, rows [0, e0) with
+    # last <= key_start, and a suffix, rows [e1, Lq) with first >= key_end or padded (each row's own
+    # position lies inside its band or chunk, and both ends of its keys grow with i); every row
+    # when no distance is visible (window 0). The range widens to take them (one loop: a second
+    # loop over the empty rows alone made ptxas spill on sm_80).
     if not ZERO_EMPTY:
-        q_lo = tl.where(end < Lq, 0, q_lo)
-        q_hi = tl.where(end < Lq, Lq, q_hi)
-    # the query tiles whose rows (all below Lq) see every key of this tile (all below the length):
-    # i >= n0 + BN - 1 - mlen + dmin (LOWER), i <= n0 - mlen + dmax (UPPER)
-    first = q_lo
-    last = tl.where(n0 + BLOCK_N <= tl.minimum(length, Lk), tl.minimum(q_hi, Lq), q_lo)
-    if LOWER:
-        first = tl.maximum(first, n0 + BLOCK_N - 1 - mlen + dmin)
-    if UPPER:
-        last = tl.minimum(last, n0 - mlen + dmax + 1)
+        e0, _ = _rows_seeing(key_start, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                             chunk_right, LOWER, UPPER, CHUNKED)
+        _, e1 = _rows_seeing(key_end - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                             chunk_right, LOWER, UPPER, CHUNKED)
+        none = dmin > dmax
+        q_lo = tl.where((e0 > 0) | none, 0, tl.where(e1 < Lq, tl.minimum(q_lo, tl.maximum(e1, 0)), q_lo))
+        q_hi = tl.where((e1 < Lq) | none, Lq, tl.where(e0 > 0, tl.maximum(q_hi, tl.minimum(e0, Lq)), q_hi))
+    q_hi = tl.maximum(q_hi, q_lo)
+    # the query tiles whose rows (all below Lq) see every key of this tile: first <= n0, last > n0 + BN - 1
     full_lo, full_hi = q_hi, q_hi
     if FULL_TILES:
-        full_lo, full_hi = _full_tiles(q_lo, q_hi, first, last, BLOCK_M)
+        full_lo, full_hi = _full_tiles(q_lo, q_hi, since_n1, upto_n0, BLOCK_M)
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
@@ -557,9 +601,9 @@ def _bwd_dkdv_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else q_hi)
         dk, dv = _dkdv_tiles(
             dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start, stop,
-            n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, length,
-            pid_bh * Lq, M, L, DELTA, scale, qk_scale, stage != 1, LOWER, UPPER, HAS_LENGTHS, ZERO_EMPTY, ACC,
-            PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start,
+            key_end, qlen, chunk_size, chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap,
+            stage != 1, LOWER, UPPER, CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -624,7 +668,8 @@ def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
             for bm, bn, nw, ns in configs(name, bd, dtype)]
     # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
     # the memory fills, and the best tile depends mostly on Lq and D
-    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_LENGTHS", "ZERO_EMPTY"],
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_ROWS", "CHUNKED", "SOFTCAP",
+                                      "ZERO_EMPTY"],
                            reset_to_zero=reset)(kernel_fn)
 
 
@@ -727,32 +772,50 @@ def visibility(Lq: int, Lk: int, window, causal: bool = True, context=None) -> d
     return dict(dmin=-min(right, Lq - 1), dmax=min(left, Lk - 1), LOWER=True, UPPER=True)
 
 
-def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy) -> dict:
-    """The kernel arguments of the attention mode, shared by every kernel but delta; ``dummy`` a
-    pointer that stands for LENS when no key lengths are given (HAS_LENGTHS=False never reads it)."""
+def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy, key_starts=None,
+               query_lengths=None, chunk_context=None, softcap=None) -> dict:
+    """The kernel arguments of the attention mode, shared by every kernel but delta. Per batch row,
+    ROWS (B, 3) int32: keys [key_starts, key_lengths) and query_lengths (each None: 0, Lk, Lq),
+    built here when one is given (HAS_ROWS); else ``dummy``, a pointer never read. chunk_context
+    (C, L, R) (bidirectional) sets CHUNKED; softcap (> 0) sets SOFTCAP, passed in the log2 domain."""
     Lq, Lk = q.shape[1], k.shape[1]
     Lr = Lk if causal else Lk + Lq - 1
     if r.shape[0] != Lr:
         raise ValueError(f"rel_attention (triton): r must have {Lr} rows (one per distance), got {r.shape[0]}")
     if empty_rows not in ("uniform", "zero"):
         raise ValueError(f"rel_attention (triton): empty_rows must be 'uniform' or 'zero', got {empty_rows!r}")
-    if key_lengths is not None and (key_lengths.dtype != torch.int32 or key_lengths.shape != (q.shape[0],)
-                                    or key_lengths.device != q.device):
-        raise ValueError("rel_attention (triton): key_lengths must be an int32 tensor (B,) on q's device")
-    return dict(LENS=dummy if key_lengths is None else key_lengths, Lr=Lr, mlen=Lk - Lq,
-                **visibility(Lq, Lk, window, causal, context), HAS_LENGTHS=key_lengths is not None,
+    per_row = {"key_starts": (key_starts, 0), "key_lengths": (key_lengths, Lk), "query_lengths": (query_lengths, Lq)}
+    for name, (t, _) in per_row.items():
+        if t is not None and (t.dtype != torch.int32 or t.shape != (q.shape[0],) or t.device != q.device):
+            raise ValueError(f"rel_attention (triton): {name} must be an int32 tensor (B,) on q's device")
+    if chunk_context is not None and causal:
+        raise ValueError("rel_attention (triton): chunk_context needs causal=False")
+    has_rows = any(t is not None for t, _ in per_row.values())
+    rows = dummy
+    if has_rows:
+        rows = torch.stack([torch.full((q.shape[0],), fill, dtype=torch.int32, device=q.device) if t is None else t
+                            for t, fill in per_row.values()], dim=1)                  # (B, 3)
+    chunk_size, chunk_left, chunk_right = chunk_context or (1, -1, 0)
+    return dict(ROWS=rows, Lr=Lr, mlen=Lk - Lq, **visibility(Lq, Lk, window, causal, context), HAS_ROWS=has_rows,
+                CHUNKED=chunk_context is not None, chunk_size=chunk_size, chunk_left=chunk_left,
+                chunk_right=chunk_right, softcap=(softcap or 1.0) * LOG2E, SOFTCAP=softcap is not None,
                 ZERO_EMPTY=empty_rows == "zero")
 
 
 def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launch=direct, *, causal: bool = True, context=None,
-            key_lengths=None, empty_rows: str = "uniform"):
+            key_lengths=None, empty_rows: str = "uniform", key_starts=None, query_lengths=None, chunk_context=None,
+            softcap=None):
     """Returns out (B, Lq, H, D) in q's dtype and the row statistics m, l (B, H, Lq) in the
     accumulation dtype, all three allocated here.
 
     Mode: causal with ``window`` (None or an int), or bidirectional (``causal=False``, r with
     Lk + Lq - 1 rows) with ``context`` (None or (left, right)); ``key_lengths`` int32 (B,) or None
-    (key j of batch row b visible only if j < key_lengths[b]); ``empty_rows`` "uniform" (HF: a
-    row that sees no key is uniform over the Lk keys) or "zero" (zeros, l = 0).
+    (key j of batch row b visible only if j < key_lengths[b]), ``key_starts`` int32 (B,) or None
+    (only if j >= key_starts[b]), ``query_lengths`` int32 (B,) or None (queries i >= query_lengths[b]
+    see no key), ``chunk_context`` (C, L, R) or None (bidirectional: ``txl_fast.ops.rel_attention``),
+    ``softcap`` (a score s is capped to softcap · tanh(s / softcap) before the masks) or None;
+    ``empty_rows`` "uniform" (HF: a row that sees no key is uniform over the Lk keys) or "zero"
+    (zeros, l = 0).
 
     ``launch(kernel)`` gives what is launched: ``direct`` (the kernel itself) from the autograd
     Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.library``), so
@@ -766,7 +829,8 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     m = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     l = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
-    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m, key_starts=key_starts,
+                      query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
     common = dict(
         Q=q, K=k, V=v, R=r, CONTENT_BIAS=content_bias, POSITION_BIAS=position_bias, O=out, M=m, L=l, **mode,
         **dict(zip(("sqb", "sqm", "sqh", "sqd"), q.stride())),
@@ -803,7 +867,8 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
 
 
 def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: float, window, launch=direct, *, causal: bool = True,
-             context=None, key_lengths=None, empty_rows: str = "uniform"):
+             context=None, key_lengths=None, empty_rows: str = "uniform", key_starts=None, query_lengths=None,
+             chunk_context=None, softcap=None):
     """Gradients (dq, dk, dv, dr, d content_bias, d position_bias), contiguous, in the inputs' dtypes, from the forward's
     out, m and l; ``launch`` and the mode as for ``forward``. Every buffer a kernel writes is
     allocated here."""
@@ -812,7 +877,8 @@ def backward(do, q, k, v, r, content_bias, position_bias, out, m, l, scale: floa
     bd = block_d(D)
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc = _acc_dtype(q.dtype)
-    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m)
+    mode = _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy=m, key_starts=key_starts,
+                      query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
     _check_offsets(do=do)
     delta = torch.empty((B, H, Lq), dtype=acc_t, device=q.device)
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)

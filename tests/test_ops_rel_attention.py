@@ -318,9 +318,11 @@ def check_mode(inputs, mode, dout, dtype, empty_rows):
         out = rel_attention(*leaves, scale=scale, empty_rows=empty_rows, **mode)
     out.backward(dout.to(dtype))
     refs = [x.detach().to(dtype).double().requires_grad_() for x in inputs]
-    naive_mode = {n: x for n, x in mode.items() if n != "key_lengths"}
-    if "key_lengths" in mode:
-        naive_mode["key_mask"] = torch.arange(inputs[1].shape[1])[None, :] < mode["key_lengths"][:, None]
+    naive_mode = {n: x for n, x in mode.items() if n not in ("key_lengths", "key_starts")}
+    if "key_lengths" in mode or "key_starts" in mode:
+        j = torch.arange(inputs[1].shape[1])[None, :]
+        naive_mode["key_mask"] = (j < mode.get("key_lengths", inputs[1].shape[1]).view(-1, 1)
+                                  if "key_lengths" in mode else j >= 0)
     ref = naive.rel_attention(*refs, scale, empty_rows=empty_rows, **naive_mode)[0]
     ref.backward(dout)
     assert_rel_close(out, ref, dtype, "out")
@@ -440,7 +442,7 @@ def test_prefix_key_mask_runs_as_lengths_and_holes_are_refused(monkeypatch):
     assert torch.equal(by_mask, by_lengths) and launches[0].tolist() == lengths.tolist()
     holes = prefix.clone()
     holes[0, 3] = False
-    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one length per batch row"):
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="key padding as one range of keys per batch row"):
         rel_attention(*inputs, scale=0.5, key_mask=holes, **mode)
     monkeypatch.setattr(backend, "resolve", lambda tensor, name=None: "triton")
     with backend.use_backend("auto"):
@@ -517,3 +519,167 @@ def test_full_tiles_are_taken_and_change_no_bit(monkeypatch, case, path):
     ref.backward(dout)
     for name, a, b in zip(("out",) + NAMES, split, [ref] + [x.grad for x in refs]):
         assert_rel_close(a, b, torch.float64, name)
+
+
+# ---- chunk_context (per-query key ranges) and query lengths -------------------------------------
+
+# (B, Lq, mlen, H, D, mode keywords, key lengths, query lengths): chunks of 4 with unlimited, 0 and
+# 1 chunks to the left and 0 or 2 keys to the right, memory (Lk 19), ragged rows of both kinds (a
+# batch row of no query; queries of row 1 past its keys see nothing), several query and key tiles
+CHUNK_MODES = {
+    "chunk_unlimited": (2, 13, 0, 2, 16, dict(chunk_context=(4, -1, 0)), None, None),
+    "chunk_l0_r2": (2, 13, 0, 2, 16, dict(chunk_context=(4, 0, 2)), [13, 7], [13, 9]),
+    "chunk_l1_memory": (2, 13, 6, 2, 16, dict(chunk_context=(4, 1, 0)), [19, 11], [9, 13]),
+    "chunk_l1_r2_memory": (2, 13, 6, 2, 16, dict(chunk_context=(4, 1, 2)), [19, 11], [13, 0]),
+    "chunk_unlimited_r2_memory": (2, 13, 6, 1, 16, dict(chunk_context=(4, -1, 2)), None, [11, 13]),
+    "chunk_tiles": (2, 37, 3, 1, 16, dict(chunk_context=(5, 1, 2)), [40, 30], [37, 22]),
+    "bidi_context_queries": (2, 13, 6, 2, 16, dict(context=(3, 2)), [19, 11], [13, 7]),
+    "causal_window_queries": (2, 13, 6, 1, 16, dict(causal=True, window=5), [19, 11], [10, 13]),
+}
+
+
+def chunk_inputs(case, seed=0):
+    """float64 inputs of a CHUNK_MODES case, the op's keywords (bidirectional unless causal), dout."""
+    B, Lq, mlen, H, D, extra, key_lengths, query_lengths = CHUNK_MODES[case]
+    mode = {"causal": False, **extra}
+    Lk = Lq + mlen
+    inputs, dout = make_inputs(B, Lq, mlen, H, D, seed=seed, rows_r=Lk if mode["causal"] else Lk + Lq - 1)
+    if key_lengths is not None:
+        mode["key_lengths"] = torch.tensor(key_lengths)
+    if query_lengths is not None:
+        mode["query_lengths"] = torch.tensor(query_lengths)
+    return inputs, mode, dout
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case", list(CHUNK_MODES))
+def test_chunk_modes_match_naive(case, empty_rows):
+    inputs, mode, dout = chunk_inputs(case, seed=len(case))
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case", ["chunk_l1_memory", "chunk_tiles"])
+@pytest.mark.parametrize("path", ["decode", "split"], indirect=True)
+def test_chunk_modes_on_the_split_paths(path, case, empty_rows):
+    inputs, mode, dout = chunk_inputs(case, seed=len(case) + 1)
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["chunk_l1_r2_memory", "chunk_tiles"])
+def test_chunk_modes_low_precision(case, dtype):
+    inputs, mode, dout = chunk_inputs(case, seed=5)
+    check_mode(inputs, mode, dout, dtype, "uniform")
+    check_mode(inputs, mode, dout, dtype, "zero")
+
+
+def test_gradcheck_chunks():
+    """Full gradcheck in fp64: chunks of 2 with one to the left and a key to the right, memory, a
+    padded query and a short key row."""
+    inputs, _ = make_inputs(2, 4, 1, 1, 2, seed=10, rows_r=8)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+
+    def f(*xs):
+        with backend.use_backend("triton"):
+            return rel_attention(*xs, scale=0.25, causal=False, chunk_context=(2, 1, 1), key_lengths=torch.tensor([5, 3]),
+                                 query_lengths=torch.tensor([3, 4]), empty_rows="uniform")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+def test_nan_poison_and_canaries_chunks(empty_rows):
+    """As test_nan_poison_and_canaries, with chunks, key and query padding and empty rows."""
+    inputs, mode, dout = chunk_inputs("chunk_l1_r2_memory", seed=7)
+    embedded = [embed_in_nan(x) for x in inputs + [dout]]
+    views = [v.requires_grad_() if i < 6 else v for i, (v, _) in enumerate(embedded)]
+    poison = PoisonAllocations()
+    with poison, backend.use_backend("triton"):
+        out = rel_attention(*views[:6], scale=0.25, empty_rows=empty_rows, **mode)
+        out.backward(views[6])
+    keys = torch.arange(19)[None, :] < mode["key_lengths"][:, None]
+    ref = naive.rel_attention(*inputs, 0.25, causal=False, chunk_context=mode["chunk_context"], key_mask=keys,
+                              query_lengths=mode["query_lengths"], empty_rows=empty_rows)[0]
+    assert_rel_close(out, ref, torch.float64, "out")
+    assert all(torch.isfinite(x.grad).all() for x in views[:6])
+    assert len(poison.buffers) >= 5 and poison.canaries_intact(), "a kernel wrote outside its buffer"
+
+
+@pytest.mark.parametrize("empty_rows,query_lengths,visits", [
+    ("zero", None, (4, 4, 4)),                 # each 16-query tile: the one key tile of its chunk
+    ("zero", [40], (3, 3, 3)),                 # the last query tile is all padding: never visited
+    ("uniform", [40], (2 + 4 + 4, 3, 4 + 3 + 2 + 2)),  # HF's uniform padded rows (from row 40) see every key
+])
+def test_query_tiles_visit_only_their_chunk(monkeypatch, empty_rows, query_lengths, visits):
+    """Lq = Lk = 64, chunks of 16 with no context on either side, 16 x 16 tiles: the forward, dq
+    and dkdv each run one masked tile per pair of tiles that meet a chunk (``_visible`` counted);
+    without chunks they would be 16 each. HF's uniform padded rows: a dk/dv program takes the
+    rows from the first padded one (or its own first) to the end."""
+    inputs, dout = make_inputs(1, 64, 0, 1, 8, seed=11, rows_r=127)
+    mode = dict(causal=False, chunk_context=(16, 0, 0), empty_rows=empty_rows)
+    if query_lengths is not None:
+        mode["query_lengths"] = torch.tensor(query_lengths)
+    calls = []
+    original = K._visible
+    monkeypatch.setattr(K, "_visible", lambda *a: (calls.append(1), original.fn(*a))[1])
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with backend.use_backend("triton"):
+        out = rel_attention(*leaves, scale=0.3, **mode)
+        forward = len(calls)
+        out.backward(dout)
+    backward = len(calls) - forward
+    assert (forward, backward) == (visits[0], visits[1] + visits[2]), (forward, backward)
+    check_mode(inputs, {n: x for n, x in mode.items() if n != "empty_rows"}, dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+def test_key_ranges_reach_the_kernels(monkeypatch, empty_rows):
+    """A key mask of one range [start, end) per row (left padding, a streaming cache's window, an
+    empty row) reaches the kernels as starts and ends, and matches naive in every gradient; the
+    same with chunks and padded queries."""
+    inputs, mode, dout = chunk_inputs("chunk_l1_r2_memory", seed=12)
+    mode.pop("key_lengths")
+    j = torch.arange(19)[None, :]
+    starts, ends = torch.tensor([5, 0]), torch.tensor([19, 0])
+    mode["key_mask"] = (j >= starts[:, None]) & (j < ends[:, None])
+    launches = []
+    original = K.forward
+    monkeypatch.setattr(K, "forward", lambda *a, **kw: (launches.append((kw["key_starts"], kw["key_lengths"])),
+                                                          original(*a, **kw))[1])
+    check_mode(inputs, mode, dout, torch.float64, empty_rows)
+    assert launches[0][0].tolist() == starts.tolist() and launches[0][1].tolist() == ends.tolist()
+    bidi, _, bidi_dout = mode_inputs("bidi_context", seed=13)
+    j = torch.arange(19)[None, :]
+    window = dict(causal=False, context=(3, 2), key_mask=(j >= torch.tensor([[4], [11]])) & (j < torch.tensor([[15], [19]])))
+    check_mode(bidi, window, bidi_dout, torch.float64, empty_rows)
+    assert launches[-1][0].tolist() == [4, 11] and launches[-1][1].tolist() == [15, 19]
+
+
+# ---- softcap: score -> cap * tanh(score / cap) before the masks ---------------------------------
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("case,path", [("chunk_l1_r2_memory", "tiled"), ("causal_window_queries", "tiled"),
+                                       ("bidi_context_queries", "split"), ("chunk_l1_memory", "decode")],
+                         indirect=["path"])
+def test_softcap_matches_naive(path, case, empty_rows):
+    """Inputs doubled so that scores of a few units meet a cap of 3: every gradient in fp64."""
+    inputs, mode, dout = chunk_inputs(case, seed=len(case) + 3)
+    check_mode([x * 2 for x in inputs], dict(mode, softcap=3.0), dout, torch.float64, empty_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_low_precision(dtype):
+    inputs, mode, dout = chunk_inputs("chunk_tiles", seed=6)
+    check_mode([x * 2 for x in inputs], dict(mode, softcap=3.0), dout, dtype, "uniform")
+
+
+def test_gradcheck_softcap():
+    inputs, _ = make_inputs(2, 4, 1, 1, 2, seed=14, rows_r=5)
+
+    def f(*xs):
+        with backend.use_backend("triton"):
+            return rel_attention(*xs, scale=0.8, window=3, key_lengths=torch.tensor([5, 2]), softcap=1.5)
+
+    leaves = [(x * 2).requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)

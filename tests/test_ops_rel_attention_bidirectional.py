@@ -372,3 +372,60 @@ def test_inference_path_memory_is_linear(chunk_context, monkeypatch):
             rel_attention(q, k, v, r, u, w, scale=0.3, empty_rows="zero", **mode)
         largest.append(seen.largest)
     assert largest[1] <= 4.5 * largest[0], largest
+
+
+# ---------------------------------------------------------------------------------------------
+# softcap (Gemma's audio encoders): score -> cap * tanh(score / cap) before the masking
+# ---------------------------------------------------------------------------------------------
+
+SOFTCAP_CASES = ["chunk_l1_memory_ragged", "bidi_query_lengths", "causal_query_lengths"]
+
+
+def test_naive_softcap_is_the_formula():
+    """One query, two keys, no bias: the probabilities are the softmax of cap · tanh(score / cap)."""
+    q = torch.tensor([[[[3.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[1.0]], [[-2.0]]]], dtype=torch.float64)
+    r = torch.zeros(2, 1, 1, dtype=torch.float64)
+    bias = torch.zeros(1, 1, dtype=torch.float64)
+    prob = naive.rel_attention(q, k, k, r, bias, bias, 1.0, softcap=2.0)[1]
+    capped = 2.0 * torch.tanh(torch.tensor([3.0, -6.0], dtype=torch.float64) / 2.0)
+    torch.testing.assert_close(prob.flatten(), torch.softmax(capped, 0), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("empty_rows", ["uniform", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_softcap_matches_naive(case, dtype, empty_rows, monkeypatch):
+    """Both torch paths (autograd: every gradient; without: the output, queries in blocks of 5)."""
+    monkeypatch.setattr(ra, "QUERY_BLOCK", 5)
+    inputs, mode, dout = make_query_case(case, seed=len(case) + 7)
+    inputs = [x * 2 for x in inputs]                     # scores of a few units: the cap of 3 bends them
+    ours = [x.to(dtype, copy=True).requires_grad_() for x in inputs]
+    with backend.use_backend("torch"):
+        out = rel_attention(*ours, scale=0.25, empty_rows=empty_rows, softcap=3.0, **mode)
+        with torch.no_grad():
+            inference = rel_attention(*[x.detach() for x in ours], scale=0.25, empty_rows=empty_rows, softcap=3.0,
+                                      **mode)
+    out.backward(dout.to(dtype))
+    refs = [x.to(dtype).double().requires_grad_() for x in inputs]
+    ref = naive.rel_attention(*refs, 0.25, empty_rows=empty_rows, softcap=3.0,
+                              **naive_mode(mode, inputs[1].shape[1]))[0]
+    ref.backward(dout)
+    uncapped = naive.rel_attention(*refs, 0.25, empty_rows=empty_rows, **naive_mode(mode, inputs[1].shape[1]))[0]
+    assert (uncapped - ref).norm() > 1e-2 * ref.norm()   # the cap matters here
+    assert_rel_close(out, ref, dtype, "out")
+    assert_rel_close(inference, ref, dtype, "out (no grad)")
+    for name, x, rx in zip(NAMES, ours, refs):
+        assert_rel_close(x.grad, rx.grad, dtype, f"d{name}")
+    with backend.use_backend("torch"):
+        _, prob = rel_attention_with_probs(*inputs, scale=0.25, empty_rows=empty_rows, softcap=3.0, **mode)
+    ref_prob = naive.rel_attention(*inputs, 0.25, empty_rows=empty_rows, softcap=3.0,
+                                   **naive_mode(mode, inputs[1].shape[1]))[1]
+    assert_rel_close(prob, ref_prob, torch.float64, "prob")
+
+
+@pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), "3", True])
+def test_bad_softcap_raises(softcap):
+    tensors = [torch.randn(*s) for s in SHAPES.values()]
+    with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+        rel_attention(*tensors, scale=0.5, causal=False, softcap=softcap)

@@ -22,6 +22,7 @@ Relative attention, for query i (0 <= i < qlen) and key j (0 <= j < klen = mlen 
                                   (L = -1: no lower bound)
                    and, either way, key j not masked for the batch row (key_mask[b, j], padding)
                    and query i not padding (i < query_lengths[b]: a padded query sees no key)
+    softcap      : score <- softcap * tanh(score / softcap) before the masking (Gemma's audio encoders)
     p(i, .)      = softmax over j of score, with invisible scores set to the dtype's most
                    negative finite value (HF's masked_fill); a row with no visible key is
                    therefore uniform over all keys, exactly as in HF (empty_rows="uniform"),
@@ -60,6 +61,7 @@ def rel_attention(
     empty_rows: str = "uniform",
     chunk_context: Optional[tuple[int, int, int]] = None,
     query_lengths: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative-position attention, literally.
 
@@ -75,6 +77,7 @@ def rel_attention(
     chunk_context: bidirectional only: (C, L, R), query i in chunk c = (i + mlen) // C sees keys
               (c - L) * C <= j < (c + 1) * C + R, every earlier key when L = -1
     query_lengths: (B,) ints: queries i >= query_lengths[b] are padding and see no key
+    softcap:  score -> softcap * tanh(score / softcap) before masking, or None
     key_mask: (B, Lk) bool, True where the key may be seen (False: padding); causal, also (B, Lq, Lk) per query
     empty_rows: "uniform" (HF) or "zero": the probabilities of a row with no visible key
     returns out (B, Lq, H, D) and probabilities (B, H, Lq, Lk)
@@ -112,6 +115,8 @@ def rel_attention(
     content = torch.einsum("bihd,bjhd->bhij", q + r_w_bias, k)        # (B, H, Lq, Lk)
     position = torch.einsum("bihd,ijhd->bhij", q + r_r_bias, r_ij)    # (B, H, Lq, Lk)
     score = (content + position) * scale
+    if softcap is not None:
+        score = softcap * torch.tanh(score / softcap)
     score = score.masked_fill(~visible, torch.finfo(score.dtype).min)
     prob = torch.softmax(score, dim=-1)
     if empty_rows == "zero":

@@ -25,6 +25,8 @@ probabilities (what SpeechBrain, ESPnet and NeMo give) instead of HF's uniform r
 p = i + (Lk - Lq), in chunk c = p // C, sees the keys (c - L)·C <= j < (c + 1)·C + R (L = -1: every
 earlier chunk; NeMo's chunked_limited context is (right + 1, left // (right + 1), 0)).
 ``query_lengths`` (B,): queries i >= query_lengths[b] are padding, rows with no visible key.
+``softcap``: every score s becomes softcap · tanh(s / softcap) before the masking (Gemma's audio
+encoders).
 
 ``uniform_keys=n`` promises that keys 0 .. n-1 of every batch row are one key, and their values
 one value (HF's zero-filled initial memory, as the inference cache stores it). The torch path,
@@ -96,7 +98,7 @@ def visibility_mask(Lq: int, Lk: int, window: Optional[int], device, causal: boo
 
 def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, *, causal: bool = True,
                  context=None, key_lengths=None, key_mask=None, empty_rows: str = "uniform", chunk_context=None,
-                 query_lengths=None) -> None:
+                 query_lengths=None, softcap=None) -> None:
     """Raise a ValueError naming the problem; nothing has run yet when this raises."""
     tensors = {"q": q, "k": k, "v": v, "r": r, "r_w_bias": r_w_bias, "r_r_bias": r_r_bias}
     for name, t in tensors.items():
@@ -141,7 +143,11 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
         if (not isinstance(chunk_context, (tuple, list)) or len(chunk_context) != 3
                 or not all(isinstance(c, int) and not isinstance(c, bool) for c in chunk_context)
                 or chunk_context[0] < 1 or chunk_context[1] < -1 or chunk_context[2] < 0):
-            raise ValueError(f"rel_attention: chunk_context must be (C >= 1, L >= -1, R >= 0) ints, got {chunk_context!r}")
+            raise ValueError(f"rel_attention: chunk_context must be (C >= 1, L >= -1, R >= 0) ints, "
+                             f"got {chunk_context!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not 0 < softcap < float("inf")):
+        raise ValueError(f"rel_attention: softcap must be None or a finite number > 0, got {softcap!r}")
     if query_lengths is not None:
         if (not isinstance(query_lengths, torch.Tensor) or query_lengths.shape != (B,)
                 or query_lengths.dtype.is_floating_point or query_lengths.dtype == torch.bool):
@@ -153,7 +159,8 @@ def check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys: int = 0, 
     if not isinstance(uniform_keys, int) or not 0 <= uniform_keys <= Lk:
         raise ValueError(f"rel_attention: uniform_keys must be an int in [0, Lk={Lk}], got {uniform_keys!r}")
     if uniform_keys and (not causal or key_lengths is not None or key_mask is not None or query_lengths is not None):
-        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True, no key padding and no query_lengths")
+        raise ValueError("rel_attention: uniform_keys (the inference cache's promise) needs causal=True, "
+                         "no key padding and no query_lengths")
     if empty_rows not in ("uniform", "zero"):
         raise ValueError(f"rel_attention: empty_rows must be 'uniform' (HF) or 'zero', got {empty_rows!r}")
     if key_lengths is not None and key_mask is not None:
@@ -309,12 +316,14 @@ def _hide(mask_or_scores, keys, empty, empty_rows):
 
 
 def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, keys=None,
-                  empty=None, empty_rows="uniform"):
+                  empty=None, empty_rows="uniform", softcap=None):
     """Masked scores (B, H, Lq, Lk), differentiable: the content matmul writes the scores and the
     position mask (``_position_mask``) is added in place. The scale is folded into the two query
     terms (scale·(a + b) = scale·a + scale·b). Hidden entries hold content + finfo.min: in fp32 and
     fp64 that rounds to finfo.min, as HF's fill; their probability is 0 in every dtype while a key is
     visible. Rows with no visible key (window 0, or padding) get scores 0 for HF's uniform rows.
+    ``softcap`` caps every score, then hides again those the distance hides (capped, the fill is
+    -softcap).
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -322,14 +331,18 @@ def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, conte
     score = torch.bmm(content_q, k.permute(0, 2, 3, 1).reshape(B * H, D, Lk)).view(B, H, Lq, Lk)
     span = None if causal else _span(context, Lq, Lk)
     score.add_(_position_mask(q, r, r_r_bias, scale, Lk, window, causal=causal, span=span))
+    if softcap is not None:
+        score = softcap * torch.tanh(score / softcap)
+        score.masked_fill_(~visibility_mask(Lq, Lk, window, q.device, causal, context), torch.finfo(score.dtype).min)
     return _hide(score, keys, empty, empty_rows)
 
 
 def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
-                         context=None, keys=None, empty_rows="uniform"):
+                         context=None, keys=None, empty_rows="uniform", softcap=None):
     """-> out (B, Lq, H, D), probabilities (B, H, Lq, Lk)."""
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
-    score = _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal, context, keys, empty, empty_rows)
+    score = _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal, context, keys, empty, empty_rows,
+                          softcap)
     prob = torch.softmax(score, dim=-1)
     if empty is not None and empty_rows == "zero":
         prob = prob.masked_fill(empty[:, None, :, None], 0.0)
@@ -340,7 +353,7 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
 
 
 def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
-                     keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None):
+                     keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None, softcap=None):
     """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
 
     Its fused kernel (on the CPU, a blocked flash attention) computes the content scores, adds the
@@ -361,7 +374,7 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
         out = _sdpa(q, k[:, first], v[:, first], r_w_bias, _hide(mask, keys, None, empty_rows), scale)
     else:
         out = _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, _span(context, q.shape[1], k.shape[1]),
-                                       keys, chunk_context, None if empty is None else ~empty)
+                                       keys, chunk_context, None if empty is None else ~empty, softcap)
     if empty is not None:
         fix = v.mean(dim=1, keepdim=True) if empty_rows == "uniform" else 0.0
         out = torch.where(empty[:, :, None, None], fix, out)
@@ -382,7 +395,8 @@ def _sdpa(q, k, v, r_w_bias, mask, scale):
 QUERY_BLOCK = 128
 
 
-def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, chunk_context=None, seeing=None):
+def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, chunk_context=None, seeing=None,
+                             softcap=None):
     """The bidirectional output (B, Lq, H, D) of the visible distances lo <= d <= hi (span), keys
     (B, Lk) bool or None, chunk_context (C, L, R) or None; rows with no visible key are left to the
     caller, which passes them as ``seeing`` (B or 1, Lq) bool (False: no key) or None (none empty).
@@ -391,8 +405,9 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
     the chunks, and the trailing keys no batch row sees (padding) cut the range. Rows [i0, i1) over
     keys [j0, j1) are the problem with r's rows Lq - i1 + j0 … Lq - i0 + j1 - 2 and the span shifted
     by i1 + (Lk - Lq) - j1 (the distance of row i1 - 1 to key j1 - 1). The padding inside the range
-    and the chunk edges are written into each block's scores. Blocks none of whose rows see a key
-    (padded queries) are skipped. Memory: O(QUERY_BLOCK · (j1 - j0)) per block.
+    and the chunk edges are written into each block's scores (with ``softcap``, after the cap, the
+    span's too). Blocks none of whose rows see a key (padded queries) are skipped. Memory:
+    O(QUERY_BLOCK · (j1 - j0)) per block.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -407,7 +422,8 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
         i1 = min(Lq, i0 + QUERY_BLOCK)
         j0, j1 = max(0, i0 + Lk - Lq - span[1]), min(end, i1 + Lk - Lq - span[0])
         if chunk_context is not None:
-            j0, j1 = max(j0, chunk_keys(chunk_context, i0 + Lk - Lq)[0]), min(j1, chunk_keys(chunk_context, i1 - 1 + Lk - Lq)[1])
+            j0 = max(j0, chunk_keys(chunk_context, i0 + Lk - Lq)[0])
+            j1 = min(j1, chunk_keys(chunk_context, i1 - 1 + Lk - Lq)[1])
         if j1 <= j0 or (busy is not None and not any(busy[i0:i1])):
             continue
         n, m, shift = i1 - i0, j1 - j0, i1 + Lk - Lq - j1
@@ -416,10 +432,17 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
         score = torch.baddbmm(mask.reshape(B * H, n, m), content_q[:, :, i0:i1].reshape(B * H, n, D),
                               keys_t[:, :, j0:j1])                                        # (B*H, n, m)
         hide = None if hidden is None else hidden[:, :, j0:j1]                            # (B, 1, m)
+        position = torch.arange(i0, i1, device=q.device)[:, None] + (Lk - Lq)              # (n, 1)
+        j = torch.arange(j0, j1, device=q.device)
+        outside = None
         if chunk_context is not None:
-            lo, hi = chunk_keys(chunk_context, torch.arange(i0, i1, device=q.device)[:, None] + (Lk - Lq))
-            j = torch.arange(j0, j1, device=q.device)
+            lo, hi = chunk_keys(chunk_context, position)
             outside = (j < lo) | (j >= hi)                                                 # (n, m)
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+            far = (position - j < span[0]) | (position - j > span[1])                     # (n, m)
+            outside = far if outside is None else outside | far
+        if outside is not None:
             hide = outside[None] if hide is None else hide | outside
         if hide is not None:
             score.view(B, H, n, m).masked_fill_(hide[:, None], torch.finfo(score.dtype).min)
@@ -438,16 +461,18 @@ SCORE_CHUNK = 2**21
 
 
 def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
-                             context=None, keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None):
+                             context=None, keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None,
+                             softcap=None):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
     small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
     ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
-    it is longer than them; not when HF's uniform rows may occur, which spread over every key.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
+    it is longer than them; not for HF's uniform padded queries, which spread over every key.)
+    keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None. The
     autograd path takes the chunks and padded queries folded into per-query keys (``query_keys``);
     the output-only path takes them as they are, in memory linear in Lq."""
-    if causal and window and (empty_rows == "zero" or (keys is None and query_lengths is None)):
+    if causal and window and (empty_rows == "zero" or query_lengths is None):
         first = max(0, k.shape[1] - q.shape[1] - window + 1)         # keys [0, first) are hidden from every query
         k, v, uniform_keys = k[:, first:], v[:, first:], max(0, uniform_keys - first)
         keys = None if keys is None else keys[..., first:]
@@ -455,22 +480,23 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     inputs = (q, k, v, r, r_w_bias, r_r_bias)
     options = dict(causal=causal, context=context, empty_rows=empty_rows)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    plain = query_lengths is None          # every query real (chunks are bidirectional: never a decode step)
-    if not wants_grad and plain and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
+    plain = query_lengths is None and softcap is None     # (chunks are bidirectional: never a decode step)
+    if (not wants_grad and plain and backend.cpu_compile() and q.device.type == "cpu"
+            and is_one_query(q, causal, window, keys)):
         return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
     if not wants_grad and plain and is_decode(q, causal, window, keys):
         return _decode_out(*inputs, scale, uniform_keys)
     B, Lq, H, D = q.shape
-    if wants_grad:
+    if wants_grad or (causal and softcap is not None):  # causal, the no-grad path's SDPA cannot cap the scores
         keys = query_keys(keys, chunk_context, query_lengths, B, Lq, k.shape[1], q.device)    # (B, Lq, Lk) or as given
         query_lengths = None
 
         def attend(*chunk, keys, lengths):
-            return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
+            return _torch_rel_attention(*chunk, scale, window, keys=keys, softcap=softcap, **options)[0]
     else:
         def attend(*chunk, keys, lengths):
             return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, chunk_context=chunk_context,
-                                    query_lengths=lengths, **options)
+                                    query_lengths=lengths, softcap=softcap, **options)
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
     # on the CPU, batch rows that see every key take the unmasked path (one look at the mask)
@@ -541,17 +567,19 @@ class RelAttentionFunction(torch.autograd.Function):
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
-    empty_rows). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
+    empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context, softcap). The same
+    launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
     (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
-                empty_rows="uniform"):
+                empty_rows="uniform", key_starts=None, query_lengths=None, chunk_context=None, softcap=None):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows)
+        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows,
+                    key_starts=key_starts, query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
         out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
         ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
         ctx.scale, ctx.window, ctx.mode = scale, window, mode
@@ -562,60 +590,65 @@ class RelAttentionFunction(torch.autograd.Function):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
         grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
-def kernel_key_lengths(key_lengths, key_mask, Lk: int):
-    """The padding as the Triton kernels take it: (int32 (B,) lengths or None, None), or (None, the
-    reason) for a key mask that is not a prefix mask (keys [0, n) visible in every batch row: the
-    kernels skip key tiles by one length per row). Looking at a mask's values syncs with the device."""
+def kernel_key_ranges(key_lengths, key_mask, Lk: int):
+    """The padding as the Triton kernels take it: (key starts, key ends, None), each int32 (B,) or
+    None, or (None, None, the reason) for a key mask whose visible keys are not one range
+    [start, end) per batch row (the kernels skip key tiles by one range per row). A prefix mask
+    gives no starts; a range per row is left padding too (XLNet) or a streaming cache's window.
+    Looking at a mask's values syncs with the device."""
     if key_lengths is not None:
-        return key_lengths.to(torch.int32), None
+        return None, key_lengths.to(torch.int32), None
     if key_mask is None:
-        return None, None
+        return None, None, None
     if key_mask.dim() == 3:
-        return None, "a per-query key_mask (B, Lq, Lk)"
-    lengths = key_mask.sum(-1)                                                  # (B,)
-    if not torch.equal(key_mask, torch.arange(Lk, device=key_mask.device) < lengths[:, None]):
-        return None, "a key_mask with holes (not keys [0, n) per batch row)"
-    return lengths.to(torch.int32), None
+        return None, None, "a per-query key_mask (B, Lq, Lk)"
+    count = key_mask.sum(-1)                                                    # (B,)
+    start = key_mask.to(torch.int8).argmax(-1)                                  # first visible key, 0 if none
+    j = torch.arange(Lk, device=key_mask.device)
+    if not torch.equal(key_mask, (j >= start[:, None]) & (j < (start + count)[:, None])):
+        return None, None, "a key_mask with holes (not one range of keys [start, end) per batch row)"
+    starts = start.to(torch.int32) if bool(start.any()) else None
+    return starts, (start + count).to(torch.int32), None
 
 
 def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optional[int] = None,
                   uniform_keys: int = 0, causal: bool = True, context: Optional[tuple[int, int]] = None,
                   key_lengths: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
                   empty_rows: str = "uniform", chunk_context: Optional[tuple[int, int, int]] = None,
-                  query_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  query_lengths: Optional[torch.Tensor] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """Fused relative attention on the current backend; shapes, the clamped r, the bidirectional
     mode and ``uniform_keys`` (a promise about the inputs, see there) in the module docstring.
 
-    The Triton kernels compute every mode; a ``key_mask`` reaches them as per-row lengths when it
-    is a prefix mask. One with holes runs on the torch path under the ``auto`` backend and is an
-    error on an explicit ``triton`` backend."""
+    The Triton kernels compute every mode; a ``key_mask`` reaches them as a range of keys per row
+    when its visible keys are one (a prefix mask, left padding). One with holes runs on the torch
+    path under the ``auto`` backend and is an error on an explicit ``triton`` backend.
+    ``chunk_context``, ``query_lengths`` and ``softcap``: see the module docstring."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
-                 query_lengths=query_lengths)
+                 query_lengths=query_lengths, softcap=softcap)
     name = backend.resolve(q)
     if name == "triton":
-        lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
-        if chunk_context is not None or query_lengths is not None:
-            refusal = "chunk_context or query_lengths"
+        starts, ends, refusal = kernel_key_ranges(key_lengths, key_mask, k.shape[1])
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
+            queries = None if query_lengths is None else query_lengths.to(torch.int32)
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              lengths, empty_rows)
+                                              ends, empty_rows, starts, queries, chunk_context, softcap)
         if backend.get_backend() == "triton":
-            raise ValueError(f"rel_attention: the triton kernels take key padding as one length per batch row; "
+            raise ValueError(f"rel_attention: the triton kernels take key padding as one range of keys per batch row; "
                              f"{refusal} needs the torch or auto backend")
         name = "torch"
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
                                    key_mask=keys, empty_rows=empty_rows, chunk_context=chunk_context,
-                                   query_lengths=query_lengths)[0]
+                                   query_lengths=query_lengths, softcap=softcap)[0]
     return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
                                     causal=causal, context=context, keys=keys, empty_rows=empty_rows,
-                                    chunk_context=chunk_context, query_lengths=query_lengths)
+                                    chunk_context=chunk_context, query_lengths=query_lengths, softcap=softcap)
 
 
 def rel_attention_with_probs(
@@ -623,6 +656,7 @@ def rel_attention_with_probs(
     causal: bool = True, context: Optional[tuple[int, int]] = None, key_lengths: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None, empty_rows: str = "uniform",
     chunk_context: Optional[tuple[int, int, int]] = None, query_lengths: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``rel_attention`` but also returns the probabilities (B, H, Lq, Lk), after dropout.
 
@@ -631,15 +665,17 @@ def rel_attention_with_probs(
     """
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
-                 query_lengths=query_lengths)
+                 query_lengths=query_lengths, softcap=softcap)
     keys = visible_keys(key_lengths, key_mask, k.shape[1])                      # (B, Lk) bool or None
     mode = dict(causal=causal, context=context, empty_rows=empty_rows)
     if backend.get_backend() == "naive":
         out, prob = naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, key_mask=keys,
-                                        chunk_context=chunk_context, query_lengths=query_lengths, **mode)
+                                        chunk_context=chunk_context, query_lengths=query_lengths, softcap=softcap,
+                                        **mode)
         if dropout_p > 0:
             prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
     keys = query_keys(keys, chunk_context, query_lengths, q.shape[0], q.shape[1], k.shape[1], q.device)
-    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)
+    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys,
+                                softcap=softcap, **mode)
