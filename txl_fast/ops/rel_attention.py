@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from txl_fast import backend, naive
-from txl_fast.ops import compiled_decode
+from txl_fast.ops import compiled_decode, library
 
 
 def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
@@ -454,29 +454,36 @@ def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
 
 
 class RelAttentionFunction(torch.autograd.Function):
-    """The fused Triton kernels (``txl_fast.kernels.rel_attention``) under autograd.
+    """The fused Triton kernels (``txl_fast.kernels.rel_attention``) under autograd, the triton
+    backend's eager path (``torch.func`` transforms included: the operator's backward takes its vjp).
 
     Forward saves the inputs (as given: strided views are not copied), the output and the row
     statistics m, l (B, H, Lq). Backward returns gradients for q, k, v, r, r_w_bias, r_r_bias,
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
     empty_rows). The same launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
-    (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
+    (``txl_fast.ops.triton_ops``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
+    def forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
                 empty_rows="uniform"):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows)
-        out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
-        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
-        ctx.scale, ctx.window, ctx.mode = scale, window, mode
-        return out
+        return kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
+                               key_lengths=key_lengths, empty_rows=empty_rows)
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        q, k, v, r, r_w_bias, r_r_bias, scale, window, causal, context, key_lengths, empty_rows = inputs
+        out, m, l = output
+        ctx.mark_non_differentiable(m, l)
+        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
+        ctx.scale, ctx.window = scale, window
+        ctx.mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows)
+
+    @staticmethod
+    def backward(ctx, dout, _dm, _dl):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
         grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
@@ -508,16 +515,32 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
 
     The Triton kernels compute every mode; a ``key_mask`` reaches them as per-row lengths when it
     is a prefix mask. One with holes runs on the torch path under the ``auto`` backend and is an
-    error on an explicit ``triton`` backend."""
+    error on an explicit ``triton`` backend.
+
+    The inputs are checked here; then the registered operator ``torch.ops.txl_fast.rel_attention``
+    (the arguments in the order of ``OPTIONS``) computes. Eager, its implementation ``dispatch`` is
+    called directly: the same code without the dispatcher's ~20 us per call, with autograd through
+    the torch ops (or ``RelAttentionFunction``); under ``torch.compile`` the operator is what the
+    graph holds (``traced``)."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows)
+    options = (float(scale), window, uniform_keys, causal, None if context is None else list(context), key_lengths,
+               key_mask, empty_rows)
+    if torch.compiler.is_compiling():
+        return traced(q, k, v, r, r_w_bias, r_r_bias, *options)
+    return dispatch(q, k, v, r, r_w_bias, r_r_bias, *options)
+
+
+def dispatch(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys, causal, context, key_lengths, key_mask,
+             empty_rows) -> torch.Tensor:
+    """The operator's implementation: the backend's path, on checked inputs."""
     name = backend.resolve(q)
     if name == "triton":
         lengths, refusal = kernel_key_lengths(key_lengths, key_mask, k.shape[1])
         if refusal is None:      # the kernels index r by distance up to Lk - 1: clamped rows written out
             positions = full_positions(r, k.shape[1]) if causal else r
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              lengths, empty_rows)
+                                              lengths, empty_rows)[0]
         if backend.get_backend() == "triton":
             raise ValueError(f"rel_attention: the triton kernels take key padding as one length per batch row; "
                              f"{refusal} needs the torch or auto backend")
@@ -528,6 +551,22 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
                                    key_mask=keys, empty_rows=empty_rows)[0]
     return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
                                     causal=causal, context=context, keys=keys, empty_rows=empty_rows)
+
+
+def traced(q, k, v, r, r_w_bias, r_r_bias, *options) -> torch.Tensor:
+    """What ``torch.compile`` records: on the triton backend without a ``key_mask``, the triton_op
+    ``txl_fast::rel_attention_triton``, whose kernel launches Inductor schedules (the backend is
+    resolved when the caller is traced); else the operator, opaque, whose implementation resolves
+    the backend when it runs."""
+    scale, window, _, causal, context, key_lengths, key_mask, empty_rows = options
+    if key_mask is None and backend.resolve(q) == "triton":
+        from txl_fast.ops import triton_ops  # noqa: F401, PLC0415 (registers the triton_ops; imports triton)
+
+        positions = full_positions(r, k.shape[1]) if causal else r
+        lengths = None if key_lengths is None else key_lengths.to(torch.int32)
+        return torch.ops.txl_fast.rel_attention_triton(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal,
+                                                       context, lengths, empty_rows)[0]
+    return torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, *options)
 
 
 def rel_attention_with_probs(
@@ -551,3 +590,55 @@ def rel_attention_with_probs(
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
     return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)
+
+
+# ---- the registered operator -------------------------------------------------------------------
+# torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, *OPTIONS) -> out (B, Lq, H, D): the
+# implementation ``dispatch``, a shape-only fake, and autograd whose backward is the operator
+# ``rel_attention_backward`` (the vjp of ``dispatch``, recomputing the forward: autograd is off
+# inside an operator), so AOTAutograd traces forward and backward without graph breaks.
+
+# the arguments after the six tensors, the public function's keywords in order: the one list of them
+OPTIONS = ("float scale, int? window, int uniform_keys, bool causal, int[]? context, Tensor? key_lengths, "
+           "Tensor? key_mask, str empty_rows")
+TENSORS = "Tensor q, Tensor k, Tensor v, Tensor r, Tensor r_w_bias, Tensor r_r_bias"
+
+
+@torch.library.custom_op("txl_fast::rel_attention", mutates_args=(), schema=f"({TENSORS}, {OPTIONS}) -> Tensor")
+def _operator(q, k, v, r, r_w_bias, r_r_bias, *options):
+    return library.fresh([dispatch(q, k, v, r, r_w_bias, r_r_bias, *options)], (q, k, v, r, r_w_bias, r_r_bias))[0]
+
+
+@_operator.register_fake
+def _(q, *rest):
+    return q.new_empty(q.shape)                                                 # (B, Lq, H, D)
+
+
+@torch.library.custom_op("txl_fast::rel_attention_backward", mutates_args=(),
+                         schema=f"(Tensor grad, {TENSORS}, {OPTIONS}) -> Tensor[]")
+def _backward_operator(grad, q, k, v, r, r_w_bias, r_r_bias, *options):
+    _, pullback = torch.func.vjp(lambda *tensors: dispatch(*tensors, *options), q, k, v, r, r_w_bias, r_r_bias)
+    return library.fresh(pullback(grad), (grad, q, k, v, r, r_w_bias, r_r_bias))
+
+
+@_backward_operator.register_fake
+def _(grad, *inputs):
+    return [t.new_empty(t.shape) for t in inputs[:6]]
+
+
+def _setup(ctx, inputs, output):
+    options = list(inputs[6:])
+    ctx.tensor_options = [i for i, o in enumerate(options) if isinstance(o, torch.Tensor)]    # key_lengths, key_mask
+    ctx.options = [None if i in ctx.tensor_options else o for i, o in enumerate(options)]
+    ctx.save_for_backward(*inputs[:6], *(options[i] for i in ctx.tensor_options))
+
+
+def _grad(ctx, grad):
+    saved = ctx.saved_tensors
+    options = list(ctx.options)
+    for i, t in zip(ctx.tensor_options, saved[6:]):
+        options[i] = t
+    return (*torch.ops.txl_fast.rel_attention_backward(grad, *saved[:6], *options), *[None] * len(options))
+
+
+_operator.register_autograd(_grad, setup_context=_setup)
