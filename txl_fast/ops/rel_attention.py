@@ -382,7 +382,7 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     if not wants_grad and backend.cpu_compile() and q.device.type == "cpu" and is_one_query(q, causal, window, keys):
         return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
     if not wants_grad and is_decode(q, causal, window, keys):
-        return _decode_out(*inputs, scale, uniform_keys)
+        return decode_out(*inputs, scale, uniform_keys)
     if wants_grad:
         def attend(*chunk, keys):
             return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
@@ -406,7 +406,7 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     return out
 
 
-# dtypes whose decode steps take ``_decode_out``: in bf16 it is twice as fast as the fused kernel
+# dtypes whose decode steps take ``decode_out``: in bf16 it is twice as fast as the fused kernel
 # (wt103 cache, 18 layers, batch 1: 29 against 61 ms), in fp32 slower (42 against 33 ms)
 DECODE_DTYPES = (torch.bfloat16,)
 
@@ -414,16 +414,16 @@ DECODE_DTYPES = (torch.bfloat16,)
 def is_one_query(q, causal: bool, window: Optional[int], keys) -> bool:
     """A decode step: one query per row, causal, every key visible (after the window's drop), no
     padding. Without autograd it takes ``compiled_decode`` under ``backend.use_cpu_compile()`` on
-    the CPU, else ``_decode_out`` in a dtype of DECODE_DTYPES, else the fused kernel."""
+    the CPU, else ``decode_out`` in a dtype of DECODE_DTYPES, else the fused kernel."""
     return q.shape[1] == 1 and causal and window != 0 and keys is None
 
 
 def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
-    """A decode step ``_decode_out`` takes (without the compiled CPU form): a dtype of DECODE_DTYPES."""
+    """A decode step ``decode_out`` takes (without the compiled CPU form): a dtype of DECODE_DTYPES."""
     return is_one_query(q, causal, window, keys) and q.dtype in DECODE_DTYPES
 
 
-def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
+def decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
     """One query per batch row, every key visible: (B, 1, H, D) out as three batched products over
     the heads (position keys, keys, values: the cache's head-major blocks, passed as views), and the
     softmax in fp32. On the CPU faster than the fused kernel in bf16 (see DECODE_DTYPES), though

@@ -24,7 +24,6 @@ from txl_fast.bench.machine import time_call
 from txl_fast.bench.syncs import SyncCounter
 from txl_fast.inference import decode_step
 from txl_fast.cache import trusted_token_ids
-from txl_fast.ops import library
 
 GRADS = ("dq", "dk", "dv", "dr", "du", "dw")
 
@@ -180,8 +179,8 @@ def check_compile(S: dict, device, smoke: bool) -> dict:
     leaves = [q, k, v, r, u, w, *(p.requires_grad_() for p in flat_params(params))]
 
     def loss(q, k, v, r, u, w):
-        out = library.rel_attention(q, k, v, r, u, w, scale=D ** -0.5, window=case[6])
-        return library.adaptive_nll(out.reshape(B * Lq, H * D), target, *params).sum()
+        out = ops.rel_attention(q, k, v, r, u, w, scale=D ** -0.5, window=case[6])
+        return ops.adaptive_nll(out.reshape(B * Lq, H * D), target, *params).sum()
 
     eager = loss(q, k, v, r, u, w)
     eager_grads = torch.autograd.grad(eager, leaves)
