@@ -755,7 +755,7 @@ def forward(q, k, v, r, content_bias, position_bias, scale: float, window, launc
     row that sees no key is uniform over the Lk keys) or "zero" (zeros, l = 0).
 
     ``launch(kernel)`` gives what is launched: ``direct`` (the kernel itself) from the autograd
-    Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.library``), so
+    Function, ``torch.library.wrap_triton`` from the ``triton_op`` (``txl_fast.ops.triton_ops``), so
     that tracing records each launch. Inputs are only read."""
     check_supported(q)
     _check_offsets(q=q, k=k, v=v, r=r)

@@ -190,7 +190,7 @@ def _split_params(n: int, params: tuple):
 class _TritonNLL(torch.autograd.Function):
     """NLL per row with the fused kernels of ``txl_fast.kernels.adaptive_softmax``; backward
     recomputes the logits tile by tile from the saved per-cluster log-sum-exp. The same launchers
-    back the ``triton_op`` ``txl_fast::adaptive_nll_triton`` (``txl_fast.ops.library``)."""
+    back the ``triton_op`` ``txl_fast::adaptive_nll_triton`` (``txl_fast.ops.triton_ops``)."""
 
     @staticmethod
     def forward(ctx, hidden, target, n, cluster_weight, cluster_bias, *params):

@@ -262,7 +262,7 @@ def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, conte
     return _hide(score, keys, empty, empty_rows)
 
 
-def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
+def torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
                          context=None, keys=None, empty_rows="uniform"):
     """-> out (B, Lq, H, D), probabilities (B, H, Lq, Lk)."""
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
@@ -276,7 +276,7 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
     return out, prob
 
 
-def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
+def torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
                      keys=None, empty_rows="uniform"):
     """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
 
@@ -286,7 +286,7 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
     Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key are written afterwards:
     the mean value (HF's uniform row) or zeros.
-    The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
+    The mask does not carry gradients through this kernel, so autograd takes ``torch_rel_attention``.
     """
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
     if causal and window == 0:  # no key visible: HF's uniform rows (in fp16 content + finfo.min keeps the content)
@@ -363,11 +363,11 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys):
 SCORE_CHUNK = 2**21
 
 
-def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
+def torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
                              context=None, keys=None, empty_rows="uniform"):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
-    small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
-    ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
+    small enough to stay in cache: ``torch_fused_out`` when no gradient is wanted, else
+    ``torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
     it is longer than them.) keys: (B, Lk) or (B, Lq, Lk) bool key visibility or None."""
@@ -385,10 +385,10 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
         return decode_out(*inputs, scale, uniform_keys)
     if wants_grad:
         def attend(*chunk, keys):
-            return _torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
+            return torch_rel_attention(*chunk, scale, window, keys=keys, **options)[0]
     else:
         def attend(*chunk, keys):
-            return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, **options)
+            return torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, **options)
     B, Lq, H, D = q.shape
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
@@ -549,7 +549,7 @@ def dispatch(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys, causal
     if name == "naive":
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
                                    key_mask=keys, empty_rows=empty_rows)[0]
-    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
+    return torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
                                     causal=causal, context=context, keys=keys, empty_rows=empty_rows)
 
 
@@ -589,7 +589,7 @@ def rel_attention_with_probs(
             prob = torch.nn.functional.dropout(prob, p=dropout_p, training=True)
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
-    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)
+    return torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys, **mode)
 
 
 # ---- the registered operator -------------------------------------------------------------------
