@@ -121,11 +121,11 @@ def op_classes(model, cache, ids):
 
     def position(i):
         names = ops.rel_attention.__globals__         # the module of the rel_attention in use
-        saved, names["_torch_fused_out"] = names["_torch_fused_out"], position_only
+        saved, names["torch_fused_out"] = names["torch_fused_out"], position_only
         try:
             return attention(i)
         finally:
-            names["_torch_fused_out"] = saved
+            names["torch_fused_out"] = saved
 
     targets = ids[:, 1:].reshape(-1)
     clusters = model.crit.clusters()

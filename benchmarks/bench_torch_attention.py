@@ -40,10 +40,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(2)
-    fused_out = ra._torch_fused_out
+    fused_out = ra.torch_fused_out
 
     def explicit_out(q, k, v, r, u, w, scale, window, uniform_keys=0, **options):     # keys, causal, ...
-        return ra._torch_rel_attention(q, k, v, r, u, w, scale, window, **options)[0]
+        return ra.torch_rel_attention(q, k, v, r, u, w, scale, window, **options)[0]
 
     print(f"chunk: {ra.SCORE_CHUNK} score elements\n")
     print("| step | batch | memory | explicit, ms | fused, ms | ratio | rel. difference |")
@@ -53,13 +53,13 @@ def main() -> None:
             args_ = (*inputs(bsz, lq, uniform), D**-0.5, MEM, uniform)
             times = {}
             for name, impl in [("explicit", explicit_out), ("fused", fused_out)] * 3:
-                ra._torch_fused_out = impl
-                times.setdefault(name, []).append(median_time(lambda: ra._torch_rel_attention_out(*args_),
+                ra.torch_fused_out = impl
+                times.setdefault(name, []).append(median_time(lambda: ra.torch_rel_attention_out(*args_),
                                                               reps=args.reps * (10 if lq == 1 else 1)) * 1e3)
-            ra._torch_fused_out = explicit_out
-            ref = ra._torch_rel_attention_out(*args_)
-            ra._torch_fused_out = fused_out
-            diff = ((ra._torch_rel_attention_out(*args_) - ref).norm() / ref.norm()).item()
+            ra.torch_fused_out = explicit_out
+            ref = ra.torch_rel_attention_out(*args_)
+            ra.torch_fused_out = fused_out
+            diff = ((ra.torch_rel_attention_out(*args_) - ref).norm() / ref.norm()).item()
             t_explicit, t_fused = sorted(times["explicit"])[1], sorted(times["fused"])[1]
             step = "eval (Lq 128)" if lq > 1 else "decode (Lq 1)"
             memory = f"zero, {uniform} uniform rows" if uniform else "real"

@@ -12,7 +12,7 @@ by ``_fwd_combine_kernel``); the backward is ``_bwd_delta_kernel``, ``_bwd_dq_ke
 key tiles) and ``_bwd_dkdv_kernel`` (loop over query tiles, dr by relaxed atomics). A tile's
 position term is one band of r rows, multiplied once and skewed in registers (``_scores``,
 ``_unskew``). With ``FULL_TILES`` (off until a GPU times it) each loop is split into tiles no mask
-touches and edge tiles (``_full_tiles``). The design, the cost model and what is verified:
+touches and edge tiles (``full_tiles``). The design, the cost model and what is verified:
 docs/kernels.md.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ MAX_SPLITS = 16                       # split path: at most this many key chunks
 TARGET_PROGRAMS = 264                 # split path: aim for ~2 programs per H100/H200 SM (132)
 UNDERFILL_PROGRAMS = 132              # a tiled grid under this many programs splits over keys too
 INTERPRET_UNDERFILL_PROGRAMS = 0      # under the interpreter only Lq <= DECODE_MAX_LQ splits (tests force it)
-# The key loops split into full tiles (no mask) and edge tiles (``_full_tiles``), as Triton's
+# The key loops split into full tiles (no mask) and edge tiles (``full_tiles``), as Triton's
 # tutorial 06; off: three copies of the loop raise the register pressure, and ptxas spills past the
 # AOT allowances (dkdv on sm_80 fp16 D 64: 692 B, fp32 up to 118 KB; the fp32 forward on sm_90,
 # docs/kernels.md). On, the result is the same bit for bit; a GPU has to time it before it ships.
@@ -49,7 +49,7 @@ FULL_TILES = False
 # tiles around them (the band's ends, the key length, Lk, a split's end, a ragged last query
 # tile), which apply the visibility masks. The three loops (leading edge, full, trailing edge)
 # walk the same tiles in the same order as one masked loop would, so the sums are the same bit for
-# bit (``_full_tiles``).
+# bit (``full_tiles``).
 
 @triton.jit
 def _softcap(s, softcap):
@@ -159,7 +159,7 @@ def _tile_keys(first, last, rows, Lk, ALL_IF_EMPTY: tl.constexpr):
 
 
 @triton.jit
-def _full_tiles(start, stop, first, last, BLOCK: tl.constexpr):
+def full_tiles(start, stop, first, last, BLOCK: tl.constexpr):
     """The loop's tiles are start + k * BLOCK below stop; [a, b) those of them inside [first, last)
     (``a``, ``b`` on the same grid, start <= a <= b <= the grid's end), so that the loops over
     [start, a), [a, b), [b, stop) visit every tile once, in order. Divisions on non-negatives only."""
@@ -269,7 +269,7 @@ def _fwd_kernel(
         hi = tl.minimum(hi, (split + 1) * keys_per_split)
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = _full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -453,7 +453,7 @@ def _bwd_dq_kernel(
     lo, hi, full_first, full_last = _tile_keys(first, last, offs_m >= 0, Lk, False)
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = _full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
@@ -588,7 +588,7 @@ def _bwd_dkdv_kernel(
     # the query tiles whose rows (all below Lq) see every key of this tile: first <= n0, last > n0 + BN - 1
     full_lo, full_hi = q_hi, q_hi
     if FULL_TILES:
-        full_lo, full_hi = _full_tiles(q_lo, q_hi, since_n1, upto_n0, BLOCK_M)
+        full_lo, full_hi = full_tiles(q_lo, q_hi, since_n1, upto_n0, BLOCK_M)
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh

@@ -1,11 +1,17 @@
-"""torch.compile: the registered operators (txl_fast.ops.library) and a whole model, on the CPU.
+"""torch.compile: the registered operators (``torch.ops.txl_fast.*``, which the public ops call
+when compiled) and a whole model, on the CPU.
 
-- ``torch.library.opcheck`` on each operator: schema, fake implementation, autograd registration,
-  AOT dispatch with dynamic shapes.
-- A function built from the operators compiles with ``fullgraph=True`` and Dynamo reports 0 graph
-  breaks (the plain functional ops break the graph on their data-dependent input checks); forward
-  and gradients equal eager. Backend ``aot_eager``: it runs AOTAutograd (the part the operators
-  must satisfy) without a C++ compile, ~2 s.
+- ``torch.library.opcheck`` on each operator, with the full signature (padding, bidirectional
+  context, empty rows): schema, fake implementation, autograd registration, AOT dispatch with
+  dynamic shapes.
+- Each operator equals the public op (its eager path) in float64, values and every gradient.
+- A function of the public ops compiles with ``fullgraph=True`` and Dynamo reports 0 graph breaks,
+  the operators in the graph; forward and gradients equal eager. Backend ``aot_eager``: it runs
+  AOTAutograd (the part the operators must satisfy) without a C++ compile, ~2 s.
+- ``torch.compile(model, fullgraph=True)`` (``aot_eager``) of the LM head model's eval forward
+  (with and without labels and memory) and of a training step's forward and loss, whose backward
+  AOTAutograd compiles, for an adaptive embedding and softmax with div_val 1 and > 1: outputs and
+  every parameter's gradient equal eager.
 - ``torch.compile(model)`` with Inductor on txl_fast's LM head model (torch backend) equals eager
   over two segments with memory. It runs in a subprocess with its own TMPDIR and
   TORCHINDUCTOR_CACHE_DIR under the system temp dir, kept between runs: on this shared 2-core
@@ -22,8 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from txl_fast import ops
+from txl_fast import backend, ops
 from txl_fast.ops import library
+
+from helpers import our_model
 
 ROOT = Path(__file__).resolve().parents[1]
 B, LQ, MEM, H, D = 2, 5, 3, 4, 8
@@ -44,12 +52,43 @@ def make_inputs(dtype=torch.float32, seed=0):
     return attn, softmax, target
 
 
+def test_trace_constant_is_torchs_mark():
+    """backend.trace_constant marks a function as torch.compiler.assume_constant_result does."""
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    torch.compiler.assume_constant_result(a)
+    backend.trace_constant(b)
+    assert vars(a) == vars(b) and vars(a)
+
+
+# the operator's options after the six tensors (ops.rel_attention.OPTIONS), and the bidirectional r
+KEY_LENGTHS = torch.tensor([LK, 4])
+ATTENTION_OPTIONS = [
+    (0.3, 6, 0, True, None, None, None, "uniform"),
+    (0.3, None, 0, True, None, KEY_LENGTHS, None, "zero"),
+    (0.3, None, 0, True, None, None, torch.rand(B, LQ, LK, generator=torch.Generator().manual_seed(5)) > 0.3, "uniform"),
+    (0.3, None, 0, False, [2, 1], KEY_LENGTHS, None, "zero"),
+]
+
+
+def with_options(attn, options):
+    """The operator's arguments: the six tensors (r with every distance Lk - 1 … -(Lq - 1) when bidirectional)."""
+    q, k, v, r, u, w = attn
+    if not options[3]:
+        r = torch.cat([r, r[: LQ - 1]]).detach().requires_grad_()
+    return (q, k, v, r, u, w, *options)
+
+
 def test_opcheck_every_operator():
     attn, (weights, biases, projs, cw, cb), target = make_inputs(torch.float64)
-    torch.library.opcheck(torch.ops.txl_fast.rel_attention.default, (*attn, 0.3, 6))
-    torch.library.opcheck(torch.ops.txl_fast.rel_attention.default, (*attn, 0.3, None))
+    for options in ATTENTION_OPTIONS:
+        torch.library.opcheck(torch.ops.txl_fast.rel_attention.default, with_options(attn, options))
     hidden = attn[0].detach().reshape(B * LQ, DM).requires_grad_()
-    op_projs, has_proj = library._op_projs(hidden, projs)
+    op_projs, has_proj = library.op_projs(hidden, projs)
     torch.library.opcheck(
         torch.ops.txl_fast.adaptive_nll.default, (hidden, target, weights, biases, op_projs, has_proj, cw, cb)
     )
@@ -58,23 +97,48 @@ def test_opcheck_every_operator():
     )
 
 
-def test_operators_equal_functional_api_with_gradients():
-    """float64, the operators against the functional API they wrap: values and every gradient."""
+def attention_call(args):
+    """The attention of the operator's ``args`` through ``torch.ops.txl_fast.rel_attention`` or ``ops.rel_attention``."""
+    names = ("scale", "window", "uniform_keys", "causal", "context", "key_lengths", "key_mask", "empty_rows")
+
+    def call(api):
+        if api == "operator":
+            return torch.ops.txl_fast.rel_attention(*args)
+        return ops.rel_attention(*args[:6], **dict(zip(names, args[6:])))
+
+    return call
+
+
+def softmax_call(kind, *args):
+    """The adaptive softmax through its operator or the public op, projections as the public op takes them."""
+    def call(api, hidden):
+        target, weights, biases, projs, cw, cb = args
+        if api != "operator":
+            return getattr(ops, kind)(hidden, *([target] if kind == "adaptive_nll" else []), *args[1:])
+        op_projs, has_proj = library.op_projs(hidden, projs)
+        rest = (list(weights), list(biases), op_projs, has_proj, cw, cb)
+        return getattr(torch.ops.txl_fast, kind)(hidden, *([target] if kind == "adaptive_nll" else []), *rest)
+
+    return call
+
+
+def test_operators_equal_public_ops_with_gradients():
+    """float64, each operator against the public op (its eager path): values and every gradient."""
     attn, softmax, target = make_inputs(torch.float64)
     weights, biases, projs, cw, cb = softmax
     hidden = torch.randn(B * LQ, DM, dtype=torch.float64, requires_grad=True)
     eye = torch.eye(DM, dtype=torch.float64)
-    calls = [
-        (lambda api: api.rel_attention(*attn, scale=0.3, window=6), attn),
-        (lambda api: api.rel_attention(*attn, scale=0.3), attn),
-        (lambda api: api.adaptive_nll(hidden, target, *softmax), (hidden, *weights, *biases, projs[1], cw, cb)),
-        (lambda api: api.adaptive_log_softmax(hidden, *softmax), (hidden, *weights, *biases, projs[1], cw, cb)),
+    softmax_leaves = (hidden, *weights, *biases, projs[1], cw, cb)
+    arguments = [with_options(attn, options) for options in ATTENTION_OPTIONS]
+    calls = [(attention_call(args), args[:6]) for args in arguments] + [
+        (lambda api: softmax_call("adaptive_nll", target, *softmax)(api, hidden), softmax_leaves),
+        (lambda api: softmax_call("adaptive_log_softmax", None, *softmax)(api, hidden), softmax_leaves),
         # one cluster, a projection everywhere (no cluster_weight, no placeholder)
-        (lambda api: api.adaptive_nll(hidden, target.clamp(max=19), weights[:1], biases[:1], [eye]),
-         (hidden, weights[0], biases[0])),
+        (lambda api: softmax_call("adaptive_nll", target.clamp(max=19), weights[:1], biases[:1], [eye], None, None)(
+            api, hidden), (hidden, weights[0], biases[0])),
     ]
     for call, inputs in calls:
-        got, ref = call(library), call(ops)
+        got, ref = call("operator"), call("public")
         assert got.is_contiguous() and (got - ref).abs().max().item() <= 1e-12
         grad = torch.randn_like(ref)
         for g, r in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
@@ -82,38 +146,90 @@ def test_operators_equal_functional_api_with_gradients():
     assert got[3] == 0                          # target -100 (kept by clamp)
 
 
-def loss_fn(fused: bool, softmax, target):
-    api = library if fused else ops
-
+def loss_fn(softmax, target, key_lengths=None):
     def fn(q, k, v, r, u, w):
-        out = api.rel_attention(q, k, v, r, u, w, scale=0.25, window=6)            # (B, Lq, H, D)
+        out = ops.rel_attention(q, k, v, r, u, w, scale=0.25, window=6, key_lengths=key_lengths)  # (B, Lq, H, D)
         hidden = out.reshape(B * LQ, DM)
-        nll = api.adaptive_nll(hidden, target, *softmax)
-        logp = api.adaptive_log_softmax(hidden, *softmax)
+        nll = ops.adaptive_nll(hidden, target, *softmax)
+        logp = ops.adaptive_log_softmax(hidden, *softmax)
         return nll.sum() + logp.logsumexp(-1).sum()
 
     return fn
 
 
-def test_fullgraph_compile_has_no_graph_breaks_and_equal_gradients():
+@pytest.mark.parametrize("key_lengths", [None, KEY_LENGTHS])
+def test_fullgraph_compile_has_no_graph_breaks_and_equal_gradients(key_lengths):
     attn, softmax, target = make_inputs()
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(loss_fn(True, softmax, target))(*attn)
+    explained = torch._dynamo.explain(loss_fn(softmax, target, key_lengths))(*attn)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
-    plain = torch._dynamo.explain(loss_fn(False, softmax, target))(*attn)
-    assert plain.graph_break_count > 0          # why the operators exist: the functional ops break
+    called = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"txl_fast.rel_attention", "txl_fast.adaptive_nll", "txl_fast.adaptive_log_softmax"} <= called, called
 
     weights, biases, projs, cw, cb = softmax
     params = (*attn, *weights, *biases, projs[1], cw, cb)
     torch._dynamo.reset()
-    compiled = torch.compile(loss_fn(True, softmax, target), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss_fn(softmax, target, key_lengths), fullgraph=True, backend="aot_eager")
     got = compiled(*attn)
     got_grads = torch.autograd.grad(got, params)
-    ref = loss_fn(False, softmax, target)(*attn)
+    ref = loss_fn(softmax, target, key_lengths)(*attn)
     ref_grads = torch.autograd.grad(ref, params)
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for g, r in zip(got_grads, ref_grads):
         assert (g - r).abs().max().item() <= 1e-5
+    torch._dynamo.reset()
+
+
+def model_outputs(model, ids, mems, labels):
+    out = model(ids, mems=mems, labels=labels)
+    main = out.losses if labels is not None else out.prediction_scores
+    return main, out.mems
+
+
+@pytest.mark.parametrize("config", ["default", "div_val_1", "d_embed_div4"])
+def test_fullgraph_compile_of_the_model_eval_forward(config):
+    """Eval forward with labels and memory, and without: 0 graph breaks, equal to eager."""
+    model = our_model(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 8), generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(model_outputs, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        mems = model(ids).mems
+        for mem, labels in ((mems, ids), (None, None), (mems, None)):
+            got, got_mems = compiled(model, ids, mem, labels)
+            ref, ref_mems = model_outputs(model, ids, mem, labels)
+            assert (got - ref).abs().max().item() <= 1e-5
+            assert max((a - b).abs().max().item() for a, b in zip(got_mems, ref_mems)) <= 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("config", ["default", "div_val_1", "d_embed_div4"])
+def test_fullgraph_compile_of_a_training_step(config):
+    """Forward and loss compiled with fullgraph=True, the backward AOTAutograd's: the loss and every
+    parameter's gradient equal eager's."""
+    model = our_model(config).train()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 8), generator=g)
+    with torch.no_grad():
+        mems = model(ids).mems
+
+    def loss(ids, mems):
+        return model(ids, mems=mems, labels=ids).losses.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        model.zero_grad()
+        value = fn(ids, mems)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (got, got_grads), (ref, ref_grads) = results
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert got_grads.keys() == ref_grads.keys() and len(ref_grads) == len(list(model.parameters()))
+    for name, grad in ref_grads.items():
+        assert (got_grads[name] - grad).abs().max().item() <= 1e-5 * max(1.0, grad.abs().max().item()), name
     torch._dynamo.reset()
 
 

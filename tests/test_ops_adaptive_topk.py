@@ -106,8 +106,8 @@ def test_tails_scanned_only_where_they_can_win(backend_name, monkeypatch):
     tail is scanned for every row; the answer is exact both ways."""
     d_proj, sizes, kw = CONFIGS["div4_proj"]
     scanned = []
-    scan = op_module._scan
-    monkeypatch.setattr(op_module, "_scan", lambda h, w, b, k: scanned.append((w.shape[0], h.shape[0])) or scan(h, w, b, k))
+    scan = op_module.scan
+    monkeypatch.setattr(op_module, "scan", lambda h, w, b, k: scanned.append((w.shape[0], h.shape[0])) or scan(h, w, b, k))
     for shift in (-40.0, 40.0):
         p = build(torch.float64, N_ROWS, d_proj, sizes, **kw)
         with torch.no_grad():
@@ -138,7 +138,7 @@ def test_never_allocates_rows_by_vocab(monkeypatch):
 
 
 def test_bad_k_and_inputs_raise_before_any_scan(monkeypatch):
-    monkeypatch.setattr(op_module, "_scan", lambda *a: pytest.fail("scanned"))
+    monkeypatch.setattr(op_module, "scan", lambda *a: pytest.fail("scanned"))
     d_proj, sizes, kw = CONFIGS["div4_proj"]
     p = build(torch.float32, 4, d_proj, sizes, **kw)
     hidden, *rest = p.args()

@@ -467,7 +467,7 @@ FULL_TILE_MODES = {
 
 def run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, full_tiles):
     """Output and the six gradients (fp64, triton backend) with ``full_tiles`` in place of the
-    kernels' ``_full_tiles``, and the full tiles each program took: {"fwd": [...], "bwd": [...]}
+    kernels' ``full_tiles``, and the full tiles each program took: {"fwd": [...], "bwd": [...]}
     (the backward's dq programs first, then dkdv's)."""
     taken = {"fwd": [], "bwd": []}
     phase = ["fwd"]
@@ -477,7 +477,7 @@ def run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, full_ti
         taken[phase[0]].append((b.handle.data.item() - a.handle.data.item()) // BLOCK)
         return a, b
 
-    monkeypatch.setattr(K, "_full_tiles", counting)
+    monkeypatch.setattr(K, "full_tiles", counting)
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     with backend.use_backend("triton"):
         out = rel_attention(*leaves, scale=inputs[0].shape[-1] ** -0.5, empty_rows=empty_rows, **mode)
@@ -500,7 +500,7 @@ def test_full_tiles_are_taken_and_change_no_bit(monkeypatch, case, path):
     if lengths is not None:
         mode["key_lengths"] = torch.tensor(lengths)
     monkeypatch.setattr(K, "FULL_TILES", True)           # the split is off by default (ptxas spills)
-    original = K._full_tiles
+    original = K.full_tiles
     split, taken = run_counting_full_tiles(monkeypatch, inputs, mode, dout, empty_rows, original.fn)
     dq_programs = -(-Lq // K.INTERPRET_BLOCK) * B * H
     assert sum(taken["fwd"]) > 0, taken

@@ -60,9 +60,9 @@ def fused_calls(monkeypatch):
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Counts the calls of the decode step's path (``_decode_out``)."""
-    calls, decode_out = [], ra._decode_out
-    monkeypatch.setattr(ra, "_decode_out", lambda *a: (calls.append(1), decode_out(*a))[1])
+    """Counts the calls of the decode step's path (``decode_out``)."""
+    calls, decode_out = [], ra.decode_out
+    monkeypatch.setattr(ra, "decode_out", lambda *a: (calls.append(1), decode_out(*a))[1])
     return calls
 
 

@@ -1,10 +1,11 @@
-"""The triton_ops of ``txl_fast.ops.library`` (the triton backend's path for torch.compile), on the CPU.
+"""The triton_ops of ``txl_fast.ops.triton_ops`` (what torch.compile records on the triton backend), on the CPU.
 
 - Eager, kernels in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), float64:
   ``txl_fast::rel_attention_triton`` (tiled and decode paths) and ``txl_fast::adaptive_nll_triton``
   / ``adaptive_log_softmax_triton`` against ``txl_fast.naive``, the output and the gradient of
-  every input, through the public wrappers, which must route to them on the triton backend.
-- ``torch.compile(fullgraph=True, backend="aot_eager")`` of a function calling the three ops, with
+  every input, through the ops' ``traced`` paths (what the public ops call when compiled), which
+  must route to them on the triton backend.
+- ``torch.compile(fullgraph=True, backend="aot_eager")`` of a function calling the three public ops, with
   backward: 0 graph breaks, the triton_ops in the graph, results equal to eager. With interpreted
   kernels AOTAutograd cannot trace into a triton_op's body (``wrap_triton`` returns an interpreted
   kernel unchanged, and it cannot run on data-less tensors), so this compile keeps the triton_ops
@@ -22,6 +23,7 @@
 Not covered, for want of a GPU: Inductor compiling, scheduling and running the kernel nodes.
 Every comparison is a relative error within ``tests.helpers.TOLERANCE`` for float64 (1e-10).
 """
+import importlib
 import json
 import os
 import subprocess
@@ -34,10 +36,13 @@ import torch
 
 from tests.helpers import assert_rel_close
 from txl_fast import backend, naive, ops, use_backend
-from txl_fast.ops import library
+from txl_fast.ops import library, triton_ops  # noqa: F401 (triton_ops: registers them)
 
 pytestmark = pytest.mark.skipif(not backend.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton import")
 K = pytest.importorskip("txl_fast.kernels.rel_attention")
+ra = importlib.import_module("txl_fast.ops.rel_attention")      # the modules, not the re-exported functions
+asm = importlib.import_module("txl_fast.ops.adaptive_softmax")
+CAUSAL = (True, None, None, "uniform")                          # causal, context, key_lengths, empty_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -85,12 +90,12 @@ def path(request, monkeypatch):
 def test_rel_attention_triton_op_equals_naive(path, window):
     inputs = attention_inputs()
     with use_backend("triton"):
-        out = library.rel_attention(*inputs, scale=0.25, window=window)
+        out = ra.traced(*inputs, 0.25, window, 0, True, None, None, None, "uniform")
         functional = ops.rel_attention(*inputs, scale=0.25, window=window)
-    assert "rel_attention_triton" in type(out.grad_fn).__name__, "the wrapper did not route to the triton_op"
+    assert "rel_attention_triton" in type(out.grad_fn).__name__, "the traced path did not route to the triton_op"
     assert torch.equal(out, functional), "the triton_op and the autograd Function run the same launches"
     with torch.no_grad():
-        _, m, l = torch.ops.txl_fast.rel_attention_triton(*inputs, 0.25, window)
+        _, m, l = torch.ops.txl_fast.rel_attention_triton(*inputs, 0.25, window, *CAUSAL)
     assert m.shape == l.shape == (B, H, LQ) and m.dtype == l.dtype == F64     # the row statistics
     dout = torch.randn(B, LQ, H, D, generator=torch.Generator().manual_seed(2), dtype=F64)
     grads = torch.autograd.grad(out, inputs, dout)
@@ -102,11 +107,11 @@ def test_rel_attention_triton_op_equals_naive(path, window):
 
 
 def check_softmax_ops(hidden, target, weights, biases, projs, cw, cb, leaves):
-    """NLL and log-probs through the wrappers (which must pick the triton_ops) vs naive, values
+    """NLL and log-probs through the traced paths (which must pick the triton_ops) vs naive, values
     and the gradients of ``leaves``."""
     with use_backend("triton"):
-        nll = library.adaptive_nll(hidden, target, weights, biases, projs, cw, cb)
-        logp = library.adaptive_log_softmax(hidden, weights, biases, projs, cw, cb)
+        nll = asm.traced_nll(hidden, target, weights, biases, projs, cw, cb)
+        logp = asm.traced_log_softmax(hidden, weights, biases, projs, cw, cb)
     assert "adaptive_nll_triton" in type(nll.grad_fn).__name__
     assert "adaptive_log_softmax_triton" in type(logp.grad_fn).__name__
     ref_nll = naive.adaptive_nll(hidden, target, weights, biases, projs, cw, cb)
@@ -144,10 +149,10 @@ def test_fullgraph_compile_no_graph_breaks_equal_results():
     params = [*attn, *params_of(weights, biases, projs, cw, cb)]
 
     def fn(q, k, v, r, u, w):
-        out = library.rel_attention(q, k, v, r, u, w, scale=0.25, window=9)     # (B, Lq, H, D)
+        out = ops.rel_attention(q, k, v, r, u, w, scale=0.25, window=9)         # (B, Lq, H, D)
         hidden = out.reshape(B * LQ, DM)                                          # (N, d_proj)
-        nll = library.adaptive_nll(hidden, target, weights, biases, projs, cw, cb)
-        logp = library.adaptive_log_softmax(hidden, weights, biases, projs, cw, cb)
+        nll = ops.adaptive_nll(hidden, target, weights, biases, projs, cw, cb)
+        logp = ops.adaptive_log_softmax(hidden, weights, biases, projs, cw, cb)
         return nll.sum() + logp.logsumexp(-1).sum()
 
     with use_backend("triton"), NO_DECOMPOSITION:
@@ -173,9 +178,11 @@ def test_fullgraph_compile_no_graph_breaks_equal_results():
 def test_opcheck_triton_ops():
     attn = attention_inputs()
     hidden, target, weights, biases, projs, cw, cb = softmax_inputs()
-    op_projs, has_proj = library._op_projs(hidden, projs)
+    op_projs, has_proj = library.op_projs(hidden, projs)
     with NO_DECOMPOSITION:
-        torch.library.opcheck(torch.ops.txl_fast.rel_attention_triton.default, (*attn, 0.25, 9))
+        torch.library.opcheck(torch.ops.txl_fast.rel_attention_triton.default, (*attn, 0.25, 9, *CAUSAL))
+        torch.library.opcheck(torch.ops.txl_fast.rel_attention_triton.default,
+                              (*attn, 0.25, None, True, None, torch.tensor([LK, 5], dtype=torch.int32), "zero"))
         torch.library.opcheck(torch.ops.txl_fast.adaptive_nll_triton.default,
                               (hidden, target, weights, biases, op_projs, has_proj, cw, cb))
         torch.library.opcheck(torch.ops.txl_fast.adaptive_log_softmax_triton.default,
@@ -197,7 +204,7 @@ DECOMPOSE = textwrap.dedent(
             return GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(TargetOnly())
-    from txl_fast.ops import library
+    from txl_fast.ops import library, triton_ops  # noqa: F401 (triton_ops: registers them)
 
     graphs = {}
 
@@ -235,10 +242,11 @@ DECOMPOSE = textwrap.dedent(
                                                 ("Lq 3", 3, 20, underfill)):
         attn = [t(2, lq, 2, 16), t(2, lq + mem, 2, 16), t(2, lq + mem, 2, 16), t(lq + mem, 2, 16), t(2, 16), t(2, 16)]
         report[f"rel_attention {name}"] = trace(
-            lambda *a: torch.ops.txl_fast.rel_attention_triton(*a, 0.25, 7)[0].float().square().sum(), *attn)
+            lambda *a: torch.ops.txl_fast.rel_attention_triton(*a, 0.25, 7, True, None, None, "uniform")[0]
+            .float().square().sum(), *attn)
     hidden = t(10, 32)
     weights, biases, projs, cw, cb = [t(20, 32), t(30, 8)], [t(20), t(30)], [None, t(32, 8)], t(1, 32), t(1)
-    op_projs, has_proj = library._op_projs(hidden, projs)
+    op_projs, has_proj = library.op_projs(hidden, projs)
     target = torch.tensor([1, 25, -100, 45, 3, 40, 21, 0, 2, 33])
     report["adaptive_nll"] = trace(lambda h: torch.ops.txl_fast.adaptive_nll_triton(
         h, target, weights, biases, op_projs, has_proj, cw, cb)[0].float().sum(), hidden)

@@ -15,6 +15,10 @@ form run it: today a decode step's attention and its bf16 / fp16 one-row product
 (``ops.compiled_decode``), compiled by torch.compile's
 Inductor on first use, which needs a C++ compiler: turning it on without one is a ValueError.
 
+Under ``torch.compile`` the settings are read when the caller is traced and kept as constants
+(``trace_constant``: Dynamo cannot trace a ContextVar), so a compiled function keeps the backend
+it was traced with.
+
 Triton on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported); without it an explicit ``triton`` choice on CPU tensors is an error,
 raised here, before any launch.
@@ -37,6 +41,14 @@ _cpu_compile: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_cp
 _force_sync_free: contextvars.ContextVar[bool] = contextvars.ContextVar("txl_fast_sync_free", default=False)
 
 
+def trace_constant(fn: Callable) -> Callable:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does (Dynamo calls it when it traces
+    the caller and keeps the result, without a guard), without importing ``torch._dynamo`` (well
+    over a second) at ``import txl_fast``; tests/test_compile.py checks that the mark is torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -51,6 +63,7 @@ def set_backend(name: str) -> None:
     _backend.set(_check_name(name))
 
 
+@trace_constant
 def get_backend() -> str:
     return _backend.get()
 
@@ -96,7 +109,7 @@ def triton_interpreter() -> bool:
 def resolve(tensor: torch.Tensor, name: Optional[str] = None) -> str:
     """The concrete backend (``naive``, ``torch`` or ``triton``) for an op whose inputs live like
     ``tensor``, resolving ``name`` (default: the active backend)."""
-    name = _backend.get() if name is None else _check_name(name)
+    name = get_backend() if name is None else _check_name(name)
     if name == "auto":
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if name == "triton":
@@ -156,6 +169,7 @@ def set_cpu_compile(enabled: bool) -> None:
     _cpu_compile.set(_checked_cpu_compile(enabled))
 
 
+@trace_constant
 def cpu_compile() -> bool:
     return _cpu_compile.get()
 
@@ -173,7 +187,12 @@ def use_cpu_compile(enabled: bool = True):
 
 def sync_free(tensor: torch.Tensor) -> bool:
     """Whether ops on tensors like ``tensor`` take their formulations without host syncs (see above)."""
-    return tensor.is_cuda or _force_sync_free.get()
+    return tensor.is_cuda or _forced_sync_free()
+
+
+@trace_constant
+def _forced_sync_free() -> bool:
+    return _force_sync_free.get()
 
 
 @contextlib.contextmanager

@@ -199,12 +199,12 @@ class AdaptiveEmbedding(nn.Module):
             return embed * self.emb_scale
         return self._clustered(inp)
 
-    @backend.compile_disabled("rows per cluster are data-dependent: compiling would recompile per batch")
     def _clustered(self, inp: torch.Tensor) -> torch.Tensor:
         inp_flat = inp.reshape(-1)
         weight = self.emb_projs[0]
         emb_flat = torch.zeros(inp_flat.shape[0], self.d_proj, dtype=weight.dtype, device=weight.device)
-        sync_free = backend.sync_free(inp_flat)
+        # compiled: the same formulation, whose shapes do not depend on the ids
+        sync_free = torch.compiler.is_compiling() or backend.sync_free(inp_flat)
         for i, (start, end) in enumerate(zip(self.cutoff_ends, self.cutoff_ends[1:])):
             in_cluster = (inp_flat >= start) & (inp_flat < end)                          # (N,)
             if sync_free:

@@ -1,4 +1,4 @@
-"""One file per op: input checks, backend dispatch (naive / torch / triton) and the functional API."""
+"""One file per op: input checks, backend dispatch (naive / torch / triton), the functional API and its registered operator."""
 from txl_fast.ops.adaptive_softmax import adaptive_log_softmax, adaptive_nll
 from txl_fast.ops.adaptive_topk import adaptive_topk
 from txl_fast.ops.linear import linear

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from txl_fast import backend, naive
+from txl_fast.ops import library
 from txl_fast.ops.linear import linear
 
 IGNORE_INDEX = -100
@@ -188,7 +190,7 @@ def _split_params(n: int, params: tuple):
 class _TritonNLL(torch.autograd.Function):
     """NLL per row with the fused kernels of ``txl_fast.kernels.adaptive_softmax``; backward
     recomputes the logits tile by tile from the saved per-cluster log-sum-exp. The same launchers
-    back the ``triton_op`` ``txl_fast::adaptive_nll_triton`` (``txl_fast.ops.library``)."""
+    back the ``triton_op`` ``txl_fast::adaptive_nll_triton`` (``txl_fast.ops.triton_ops``)."""
 
     @staticmethod
     def forward(ctx, hidden, target, n, cluster_weight, cluster_bias, *params):
@@ -256,14 +258,15 @@ def adaptive_log_softmax(
     cluster_weight: Optional[torch.Tensor] = None,
     cluster_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Log-probabilities over the whole vocabulary: (N, d_proj) -> (N, V)."""
+    """Log-probabilities over the whole vocabulary: (N, d_proj) -> (N, V).
+
+    Checks, then ``torch.ops.txl_fast.adaptive_log_softmax``: eager its implementation
+    ``dispatch_log_softmax`` directly, under ``torch.compile`` the operator (``traced_log_softmax``),
+    as ``txl_fast.ops.rel_attention.rel_attention`` does."""
     check_inputs(hidden, None, weights, biases, projs, cluster_weight, cluster_bias)
-    name = backend.resolve(hidden)
-    if name == "naive":
-        return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
-    if name == "triton":
-        return _TritonLogSoftmax.apply(hidden, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
-    return torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    if torch.compiler.is_compiling():
+        return traced_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    return dispatch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
 
 
 def adaptive_nll(
@@ -275,11 +278,137 @@ def adaptive_nll(
     cluster_weight: Optional[torch.Tensor] = None,
     cluster_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Negative log-likelihood of ``target`` per row, in row order: (N, d_proj), (N,) -> (N,)."""
+    """Negative log-likelihood of ``target`` per row, in row order: (N, d_proj), (N,) -> (N,).
+
+    Checks, then ``torch.ops.txl_fast.adaptive_nll`` (eager: ``dispatch_nll``; compiled: ``traced_nll``)."""
     check_inputs(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+    if torch.compiler.is_compiling():
+        return traced_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+    return dispatch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+
+
+def dispatch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias) -> torch.Tensor:
+    """The operator's implementation: the backend's path, on checked inputs."""
+    name = backend.resolve(hidden)
+    if name == "naive":
+        return naive.adaptive_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+    if name == "triton":
+        return _TritonLogSoftmax.apply(hidden, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
+    return torch_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias)
+
+
+def dispatch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias) -> torch.Tensor:
+    """The operator's implementation: the backend's path, on checked inputs."""
     name = backend.resolve(hidden)
     if name == "naive":
         return naive.adaptive_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
     if name == "triton":
         return _TritonNLL.apply(hidden, target, len(weights), cluster_weight, cluster_bias, *weights, *biases, *projs)
     return _torch_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias)
+
+
+def traced_log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias) -> torch.Tensor:
+    """What ``torch.compile`` records: the triton_op on the triton backend (resolved when the caller
+    is traced), else the operator."""
+    op_projs, has_proj = library.op_projs(hidden, projs)
+    args = (hidden, list(weights), list(biases), op_projs, has_proj, cluster_weight, cluster_bias)
+    if backend.resolve(hidden) == "triton":
+        from txl_fast.ops import triton_ops  # noqa: F401, PLC0415 (registers the triton_ops; imports triton)
+
+        return torch.ops.txl_fast.adaptive_log_softmax_triton(*args)
+    return torch.ops.txl_fast.adaptive_log_softmax(*args)
+
+
+def traced_nll(hidden, target, weights, biases, projs, cluster_weight, cluster_bias) -> torch.Tensor:
+    """As ``traced_log_softmax``, for the NLL."""
+    op_projs, has_proj = library.op_projs(hidden, projs)
+    args = (hidden, target, list(weights), list(biases), op_projs, has_proj, cluster_weight, cluster_bias)
+    if backend.resolve(hidden) == "triton":
+        from txl_fast.ops import triton_ops  # noqa: F401, PLC0415
+
+        return torch.ops.txl_fast.adaptive_nll_triton(*args)[0]
+    return torch.ops.txl_fast.adaptive_nll(*args)
+
+
+# ---- the registered operators --------------------------------------------------------------------
+# torch.ops.txl_fast.adaptive_nll(hidden, target, weights, biases, projs, has_proj, cluster_weight,
+# cluster_bias) -> (N,) and adaptive_log_softmax(hidden, weights, biases, projs, has_proj, cluster_weight,
+# cluster_bias) -> (N, V) (projs with placeholders: ``txl_fast.ops.library``): the implementations
+# above, shape-only fakes, and autograd whose backward operator differentiates the forward with
+# ``torch.func.vjp`` (on the triton backend the torch path: the autograd Functions here take no
+# functorch transform).
+
+
+@torch.library.custom_op("txl_fast::adaptive_nll", mutates_args=())
+def _nll_operator(
+    hidden: Tensor, target: Tensor, weights: list[Tensor], biases: list[Tensor], projs: list[Tensor],
+    has_proj: list[bool], cluster_weight: Optional[Tensor], cluster_bias: Optional[Tensor],
+) -> Tensor:
+    out = dispatch_nll(hidden, target, weights, biases, library.real(projs, has_proj), cluster_weight, cluster_bias)
+    return library.fresh([out], (hidden,))[0]
+
+
+@_nll_operator.register_fake
+def _(hidden, target, *rest):
+    return hidden.new_empty(hidden.shape[0])                                   # (N,)
+
+
+@torch.library.custom_op("txl_fast::adaptive_nll_backward", mutates_args=())
+def _nll_backward_operator(
+    grad: Tensor, target: Tensor, flat: list[Tensor], n_clusters: int, has_proj: list[bool], has_clusters: bool
+) -> list[Tensor]:
+    dispatch = _torch_nll if backend.resolve(flat[0]) == "triton" else dispatch_nll
+
+    def nll(hidden, weights, biases, projs, cw, cb):
+        return dispatch(hidden, target, weights, biases, projs, cw, cb)
+
+    return library.vjp(nll, grad, flat, (n_clusters, has_proj, has_clusters))
+
+
+@_nll_backward_operator.register_fake
+def _(grad, target, flat, *structure):
+    return [t.new_empty(t.shape) for t in flat]
+
+
+def _nll_setup(ctx, inputs, output):
+    hidden, target, weights, biases, projs, has_proj, cluster_weight, cluster_bias = inputs
+    ctx.structure = (len(weights), list(has_proj), cluster_weight is not None)
+    ctx.save_for_backward(target, *library.flat(hidden, weights, biases, projs, cluster_weight, cluster_bias))
+
+
+def _nll_grad(ctx, grad):
+    target, *flat = ctx.saved_tensors
+    grads = torch.ops.txl_fast.adaptive_nll_backward(grad, target, flat, *ctx.structure)
+    g_hidden, g_weights, g_biases, g_projs, g_cw, g_cb = library.unflat(grads, ctx.structure)
+    return g_hidden, None, g_weights, g_biases, g_projs, None, g_cw, g_cb
+
+
+_nll_operator.register_autograd(_nll_grad, setup_context=_nll_setup)
+
+
+@torch.library.custom_op("txl_fast::adaptive_log_softmax", mutates_args=())
+def _log_softmax_operator(
+    hidden: Tensor, weights: list[Tensor], biases: list[Tensor], projs: list[Tensor], has_proj: list[bool],
+    cluster_weight: Optional[Tensor], cluster_bias: Optional[Tensor],
+) -> Tensor:
+    out = dispatch_log_softmax(hidden, weights, biases, library.real(projs, has_proj), cluster_weight, cluster_bias)
+    return library.fresh([out], (hidden,))[0]
+
+
+@torch.library.custom_op("txl_fast::adaptive_log_softmax_backward", mutates_args=())
+def _log_softmax_backward_operator(
+    grad: Tensor, flat: list[Tensor], n_clusters: int, has_proj: list[bool], has_clusters: bool
+) -> list[Tensor]:
+    # the fused log-prob kernels have no backward: on the triton backend the torch path is
+    # differentiated, as _TritonLogSoftmax does
+    fn = torch_log_softmax if backend.resolve(flat[0]) == "triton" else dispatch_log_softmax
+    return library.vjp(fn, grad, flat, (n_clusters, has_proj, has_clusters))
+
+
+@_log_softmax_backward_operator.register_fake
+def _(grad, flat, *structure):
+    return [t.new_empty(t.shape) for t in flat]
+
+
+_log_softmax_operator.register_fake(library.log_softmax_fake)
+_log_softmax_operator.register_autograd(library.log_softmax_grad, setup_context=library.log_softmax_setup)

@@ -52,7 +52,7 @@ def _scan_torch(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tu
     return lse, best_ids
 
 
-def _scan(h, w, b, k):
+def scan(h, w, b, k):
     if backend.resolve(h) == "triton":
         from txl_fast.kernels import adaptive_topk as kernel  # noqa: PLC0415
 
@@ -86,7 +86,7 @@ def adaptive_topk(
 
     n = hidden.shape[0]
     h0 = project(hidden, projs[0])                                       # (N, d_0)
-    word_lse, head_ids = _scan(h0, weights[0], biases[0], k)              # (N,), (N, min(k, V_0))
+    word_lse, head_ids = scan(h0, weights[0], biases[0], k)              # (N,), (N, min(k, V_0))
     if len(weights) == 1:
         return (_logits_at(h0, weights[0], biases[0], head_ids) - word_lse[:, None]).to(hidden.dtype), head_ids
     cluster_z = _acc(linear(h0, cluster_weight, cluster_bias))            # (N, C)
@@ -124,5 +124,5 @@ def tail_topk(hidden, c, k, cluster_logprob, weights, biases, projs):
     """(n, d_proj) rows, their (n,) log-probs of tail cluster c -> the cluster's k best words'
     log-probs (n, min(k, V_c)) and ids inside the cluster."""
     hc = project(hidden, projs[c])                                           # (n, d_c)
-    tail_lse, tail_ids = _scan(hc, weights[c], biases[c], k)
+    tail_lse, tail_ids = scan(hc, weights[c], biases[c], k)
     return _logits_at(hc, weights[c], biases[c], tail_ids) - tail_lse[:, None] + cluster_logprob[:, None], tail_ids

@@ -81,7 +81,9 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight.T + bias; ``packed``: ``pack(weight, ...)``, taken when no gradient is wanted and
-    ``packing_helps`` at x's rows."""
+    ``packing_helps`` at x's rows. Under ``torch.compile``, ``F.linear``: the compiler picks the product."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
     N, K = weight.shape
     rows = x.numel() // K if K else 0
     inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))

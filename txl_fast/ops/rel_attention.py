@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from txl_fast import backend, naive
-from txl_fast.ops import compiled_decode
+from txl_fast.ops import compiled_decode, library
 
 
 def rel_shift(position_raw: torch.Tensor, klen: int) -> torch.Tensor:
@@ -337,7 +337,7 @@ def _torch_scores(q, k, r, r_w_bias, r_r_bias, scale, window, causal=True, conte
     return _hide(score, keys, empty, empty_rows)
 
 
-def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
+def torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p=0.0, causal=True,
                          context=None, keys=None, empty_rows="uniform", softcap=None):
     """-> out (B, Lq, H, D), probabilities (B, H, Lq, Lk)."""
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device)          # (B or 1, Lq)
@@ -352,7 +352,7 @@ def _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_
     return out, prob
 
 
-def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
+def torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True, context=None,
                      keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None, softcap=None):
     """The output alone, (B, Lq, H, D): ``F.scaled_dot_product_attention`` with the position mask.
 
@@ -362,7 +362,7 @@ def _torch_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys
     their log-sum-exp position score (``_position_mask``): the closed form of HF's zero memory.
     Bidirectional: ``_bidirectional_fused_out``. Rows with no visible key (padded queries included)
     are written afterwards: the mean value (HF's uniform row) or zeros.
-    The mask does not carry gradients through this kernel, so autograd takes ``_torch_rel_attention``.
+    The mask does not carry gradients through this kernel, so autograd takes ``torch_rel_attention``.
     """
     empty = empty_row_mask(q.shape[1], k.shape[1], window, causal, context, keys, q.device, chunk_context,
                            query_lengths)                                                    # (B or 1, Lq)
@@ -460,12 +460,12 @@ def _bidirectional_fused_out(q, k, v, r, r_w_bias, r_r_bias, scale, span, keys, 
 SCORE_CHUNK = 2**21
 
 
-def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
+def torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys=0, causal=True,
                              context=None, keys=None, empty_rows="uniform", chunk_context=None, query_lengths=None,
                              softcap=None):
     """The torch path's output (B, Lq, H, D), one (batch row, group of heads) at a time, on slices
-    small enough to stay in cache: ``_torch_fused_out`` when no gradient is wanted, else
-    ``_torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
+    small enough to stay in cache: ``torch_fused_out`` when no gradient is wanted, else
+    ``torch_rel_attention``, which ignores ``uniform_keys``. Causal, keys that no query sees
     (distance >= window even from query 0, the closest) are dropped first: they would only add
     zero probabilities. (The drop removes the largest distances; r keeps its clamped row 0 while
     it is longer than them; not for HF's uniform padded queries, which spread over every key.)
@@ -485,17 +485,17 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
             and is_one_query(q, causal, window, keys)):
         return compiled_decode.decode_attention(*inputs, scale, uniform_keys)
     if not wants_grad and plain and is_decode(q, causal, window, keys):
-        return _decode_out(*inputs, scale, uniform_keys)
+        return decode_out(*inputs, scale, uniform_keys)
     B, Lq, H, D = q.shape
     if wants_grad or (causal and softcap is not None):  # causal, the no-grad path's SDPA cannot cap the scores
         keys = query_keys(keys, chunk_context, query_lengths, B, Lq, k.shape[1], q.device)    # (B, Lq, Lk) or as given
         query_lengths = None
 
         def attend(*chunk, keys, lengths):
-            return _torch_rel_attention(*chunk, scale, window, keys=keys, softcap=softcap, **options)[0]
+            return torch_rel_attention(*chunk, scale, window, keys=keys, softcap=softcap, **options)[0]
     else:
         def attend(*chunk, keys, lengths):
-            return _torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, chunk_context=chunk_context,
+            return torch_fused_out(*chunk, scale, window, uniform_keys, keys=keys, chunk_context=chunk_context,
                                     query_lengths=lengths, softcap=softcap, **options)
     chunks = -(-H * Lq * k.shape[1] // SCORE_CHUNK)                    # per batch row
     heads = -(-H // chunks)
@@ -514,7 +514,7 @@ def _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, unif
     return out
 
 
-# dtypes whose decode steps take ``_decode_out``: in bf16 it is twice as fast as the fused kernel
+# dtypes whose decode steps take ``decode_out``: in bf16 it is twice as fast as the fused kernel
 # (wt103 cache, 18 layers, batch 1: 29 against 61 ms), in fp32 slower (42 against 33 ms)
 DECODE_DTYPES = (torch.bfloat16,)
 
@@ -522,16 +522,16 @@ DECODE_DTYPES = (torch.bfloat16,)
 def is_one_query(q, causal: bool, window: Optional[int], keys) -> bool:
     """A decode step: one query per row, causal, every key visible (after the window's drop), no
     padding. Without autograd it takes ``compiled_decode`` under ``backend.use_cpu_compile()`` on
-    the CPU, else ``_decode_out`` in a dtype of DECODE_DTYPES, else the fused kernel."""
+    the CPU, else ``decode_out`` in a dtype of DECODE_DTYPES, else the fused kernel."""
     return q.shape[1] == 1 and causal and window != 0 and keys is None
 
 
 def is_decode(q, causal: bool, window: Optional[int], keys) -> bool:
-    """A decode step ``_decode_out`` takes (without the compiled CPU form): a dtype of DECODE_DTYPES."""
+    """A decode step ``decode_out`` takes (without the compiled CPU form): a dtype of DECODE_DTYPES."""
     return is_one_query(q, causal, window, keys) and q.dtype in DECODE_DTYPES
 
 
-def _decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
+def decode_out(q, k, v, r, r_w_bias, r_r_bias, scale, uniform_keys=0):
     """One query per batch row, every key visible: (B, 1, H, D) out as three batched products over
     the heads (position keys, keys, values: the cache's head-major blocks, passed as views), and the
     softmax in fp32. On the CPU faster than the fused kernel in bf16 (see DECODE_DTYPES), though
@@ -569,24 +569,31 @@ class RelAttentionFunction(torch.autograd.Function):
     none for the mode (scale, window, causal, context, key_lengths int32 (B,) or None,
     empty_rows, key_starts and query_lengths int32 (B,) or None, chunk_context, softcap). The same
     launchers back the ``triton_op`` ``txl_fast::rel_attention_triton``
-    (``txl_fast.ops.library``), launching through ``torch.library.wrap_triton`` there. Call it
+    (``txl_fast.ops.triton_ops``), launching through ``torch.library.wrap_triton`` there. Call it
     after ``check_inputs``; triton is imported lazily here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
+    def forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=True, context=None, key_lengths=None,
                 empty_rows="uniform", key_starts=None, query_lengths=None, chunk_context=None, softcap=None):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415 (needs triton)
 
-        mode = dict(causal=causal, context=context, key_lengths=key_lengths, empty_rows=empty_rows,
-                    key_starts=key_starts, query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
-        out, m, l = kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, **mode)
-        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
-        ctx.scale, ctx.window, ctx.mode = scale, window, mode
-        return out
+        return kernels.forward(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
+                               key_lengths=key_lengths, empty_rows=empty_rows, key_starts=key_starts,
+                               query_lengths=query_lengths, chunk_context=chunk_context, softcap=softcap)
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        q, k, v, r, r_w_bias, r_r_bias, scale, window, *mode = inputs
+        out, m, l = output
+        ctx.mark_non_differentiable(m, l)
+        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, out, m, l)
+        ctx.scale, ctx.window = scale, window
+        ctx.mode = dict(zip(("causal", "context", "key_lengths", "empty_rows", "key_starts", "query_lengths",
+                             "chunk_context", "softcap"), mode))
+
+    @staticmethod
+    def backward(ctx, dout, _dm, _dl):
         from txl_fast.kernels import rel_attention as kernels  # noqa: PLC0415
 
         grads = kernels.backward(dout, *ctx.saved_tensors, ctx.scale, ctx.window, **ctx.mode)
@@ -625,10 +632,27 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
     The Triton kernels compute every mode; a ``key_mask`` reaches them as a range of keys per row
     when its visible keys are one (a prefix mask, left padding). One with holes runs on the torch
     path under the ``auto`` backend and is an error on an explicit ``triton`` backend.
-    ``chunk_context``, ``query_lengths`` and ``softcap``: see the module docstring."""
+    ``chunk_context``, ``query_lengths`` and ``softcap``: see the module docstring.
+
+    The inputs are checked here; then the registered operator ``torch.ops.txl_fast.rel_attention``
+    (the arguments in the order of ``OPTIONS``) computes. Eager, its implementation ``dispatch`` is
+    called directly: the same code without the dispatcher's ~20 us per call, with autograd through
+    the torch ops (or ``RelAttentionFunction``); under ``torch.compile`` the operator is what the
+    graph holds (``traced``)."""
     check_inputs(q, k, v, r, r_w_bias, r_r_bias, window, uniform_keys, causal=causal, context=context,
                  key_lengths=key_lengths, key_mask=key_mask, empty_rows=empty_rows, chunk_context=chunk_context,
                  query_lengths=query_lengths, softcap=softcap)
+    options = (float(scale), window, uniform_keys, causal, None if context is None else list(context), key_lengths,
+               key_mask, empty_rows, None if chunk_context is None else list(chunk_context), query_lengths,
+               None if softcap is None else float(softcap))
+    if torch.compiler.is_compiling():
+        return traced(q, k, v, r, r_w_bias, r_r_bias, *options)
+    return dispatch(q, k, v, r, r_w_bias, r_r_bias, *options)
+
+
+def dispatch(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys, causal, context, key_lengths, key_mask,
+             empty_rows, chunk_context, query_lengths, softcap) -> torch.Tensor:
+    """The operator's implementation: the backend's path, on checked inputs."""
     name = backend.resolve(q)
     if name == "triton":
         starts, ends, refusal = kernel_key_ranges(key_lengths, key_mask, k.shape[1])
@@ -636,7 +660,7 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
             positions = full_positions(r, k.shape[1]) if causal else r
             queries = None if query_lengths is None else query_lengths.to(torch.int32)
             return RelAttentionFunction.apply(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal, context,
-                                              ends, empty_rows, starts, queries, chunk_context, softcap)
+                                              ends, empty_rows, starts, queries, chunk_context, softcap)[0]
         if backend.get_backend() == "triton":
             raise ValueError(f"rel_attention: the triton kernels take key padding as one range of keys per batch row; "
                              f"{refusal} needs the torch or auto backend")
@@ -646,9 +670,26 @@ def rel_attention(q, k, v, r, r_w_bias, r_r_bias, *, scale: float, window: Optio
         return naive.rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, causal=causal, context=context,
                                    key_mask=keys, empty_rows=empty_rows, chunk_context=chunk_context,
                                    query_lengths=query_lengths, softcap=softcap)[0]
-    return _torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
+    return torch_rel_attention_out(q, k, v, r, r_w_bias, r_r_bias, scale, window, uniform_keys,
                                     causal=causal, context=context, keys=keys, empty_rows=empty_rows,
                                     chunk_context=chunk_context, query_lengths=query_lengths, softcap=softcap)
+
+
+def traced(q, k, v, r, r_w_bias, r_r_bias, *options) -> torch.Tensor:
+    """What ``torch.compile`` records: on the triton backend, for what the triton_op
+    ``txl_fast::rel_attention_triton`` takes (no key mask, chunks, query lengths or soft-cap), that
+    triton_op, whose kernel launches Inductor schedules (the backend is resolved when the caller is
+    traced); else the operator, opaque, whose implementation resolves the backend when it runs."""
+    scale, window, _, causal, context, key_lengths, key_mask, empty_rows, chunk_context, query_lengths, softcap = options
+    plain = key_mask is None and chunk_context is None and query_lengths is None and softcap is None
+    if plain and backend.resolve(q) == "triton":
+        from txl_fast.ops import triton_ops  # noqa: F401, PLC0415 (registers the triton_ops; imports triton)
+
+        positions = full_positions(r, k.shape[1]) if causal else r
+        lengths = None if key_lengths is None else key_lengths.to(torch.int32)
+        return torch.ops.txl_fast.rel_attention_triton(q, k, v, positions, r_w_bias, r_r_bias, scale, window, causal,
+                                                       context, lengths, empty_rows)[0]
+    return torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, *options)
 
 
 def rel_attention_with_probs(
@@ -677,5 +718,57 @@ def rel_attention_with_probs(
             out = torch.einsum("bhij,bjhd->bihd", prob, v)
         return out, prob
     keys = query_keys(keys, chunk_context, query_lengths, q.shape[0], q.shape[1], k.shape[1], q.device)
-    return _torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys,
+    return torch_rel_attention(q, k, v, r, r_w_bias, r_r_bias, scale, window, dropout_p, keys=keys,
                                 softcap=softcap, **mode)
+
+
+# ---- the registered operator -------------------------------------------------------------------
+# torch.ops.txl_fast.rel_attention(q, k, v, r, r_w_bias, r_r_bias, *OPTIONS) -> out (B, Lq, H, D): the
+# implementation ``dispatch``, a shape-only fake, and autograd whose backward is the operator
+# ``rel_attention_backward`` (the vjp of ``dispatch``, recomputing the forward: autograd is off
+# inside an operator), so AOTAutograd traces forward and backward without graph breaks.
+
+# the arguments after the six tensors, the public function's keywords in order: the one list of them
+OPTIONS = ("float scale, int? window, int uniform_keys, bool causal, int[]? context, Tensor? key_lengths, "
+           "Tensor? key_mask, str empty_rows, int[]? chunk_context, Tensor? query_lengths, float? softcap")
+TENSORS = "Tensor q, Tensor k, Tensor v, Tensor r, Tensor r_w_bias, Tensor r_r_bias"
+
+
+@torch.library.custom_op("txl_fast::rel_attention", mutates_args=(), schema=f"({TENSORS}, {OPTIONS}) -> Tensor")
+def _operator(q, k, v, r, r_w_bias, r_r_bias, *options):
+    return library.fresh([dispatch(q, k, v, r, r_w_bias, r_r_bias, *options)], (q, k, v, r, r_w_bias, r_r_bias))[0]
+
+
+@_operator.register_fake
+def _(q, *rest):
+    return q.new_empty(q.shape)                                                 # (B, Lq, H, D)
+
+
+@torch.library.custom_op("txl_fast::rel_attention_backward", mutates_args=(),
+                         schema=f"(Tensor grad, {TENSORS}, {OPTIONS}) -> Tensor[]")
+def _backward_operator(grad, q, k, v, r, r_w_bias, r_r_bias, *options):
+    _, pullback = torch.func.vjp(lambda *tensors: dispatch(*tensors, *options), q, k, v, r, r_w_bias, r_r_bias)
+    return library.fresh(pullback(grad), (grad, q, k, v, r, r_w_bias, r_r_bias))
+
+
+@_backward_operator.register_fake
+def _(grad, *inputs):
+    return [t.new_empty(t.shape) for t in inputs[:6]]
+
+
+def _setup(ctx, inputs, output):
+    options = list(inputs[6:])
+    ctx.tensor_options = [i for i, o in enumerate(options) if isinstance(o, torch.Tensor)]    # key_lengths, key_mask
+    ctx.options = [None if i in ctx.tensor_options else o for i, o in enumerate(options)]
+    ctx.save_for_backward(*inputs[:6], *(options[i] for i in ctx.tensor_options))
+
+
+def _grad(ctx, grad):
+    saved = ctx.saved_tensors
+    options = list(ctx.options)
+    for i, t in zip(ctx.tensor_options, saved[6:]):
+        options[i] = t
+    return (*torch.ops.txl_fast.rel_attention_backward(grad, *saved[:6], *options), *[None] * len(options))
+
+
+_operator.register_autograd(_grad, setup_context=_setup)
