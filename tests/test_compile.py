@@ -67,11 +67,15 @@ def test_trace_constant_is_torchs_mark():
 
 # the operator's options after the six tensors (ops.rel_attention.OPTIONS), and the bidirectional r
 KEY_LENGTHS = torch.tensor([LK, 4])
+QUERY_LENGTHS = torch.tensor([LQ, 2])
 ATTENTION_OPTIONS = [
-    (0.3, 6, 0, True, None, None, None, "uniform"),
-    (0.3, None, 0, True, None, KEY_LENGTHS, None, "zero"),
-    (0.3, None, 0, True, None, None, torch.rand(B, LQ, LK, generator=torch.Generator().manual_seed(5)) > 0.3, "uniform"),
-    (0.3, None, 0, False, [2, 1], KEY_LENGTHS, None, "zero"),
+    (0.3, 6, 0, True, None, None, None, "uniform", None, None, None),
+    (0.3, None, 0, True, None, KEY_LENGTHS, None, "zero", None, None, None),
+    (0.3, None, 0, True, None, None, torch.rand(B, LQ, LK, generator=torch.Generator().manual_seed(5)) > 0.3, "uniform",
+     None, None, None),
+    (0.3, None, 0, False, [2, 1], KEY_LENGTHS, None, "zero", None, None, None),
+    (0.3, None, 0, False, None, KEY_LENGTHS, None, "zero", [2, 1, 1], QUERY_LENGTHS, 2.5),
+    (0.3, None, 0, False, None, None, None, "uniform", [3, -1, 0], QUERY_LENGTHS, None),
 ]
 
 
@@ -99,7 +103,8 @@ def test_opcheck_every_operator():
 
 def attention_call(args):
     """The attention of the operator's ``args`` through ``torch.ops.txl_fast.rel_attention`` or ``ops.rel_attention``."""
-    names = ("scale", "window", "uniform_keys", "causal", "context", "key_lengths", "key_mask", "empty_rows")
+    names = ("scale", "window", "uniform_keys", "causal", "context", "key_lengths", "key_mask", "empty_rows",
+             "chunk_context", "query_lengths", "softcap")
 
     def call(api):
         if api == "operator":
