@@ -31,7 +31,7 @@ DH_PARTIAL_BYTES = 64 << 20      # the dh kernel's per-split partials of one clu
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+def logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                  HAS_W2: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """z (BM, BN) = h . w_j + b_j for the rows at ``row_off`` (= row * stride, int64) and columns
@@ -91,7 +91,7 @@ def _lse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):               # vps is a multiple of BN: tiles stay in the split
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+        z = logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                          HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         m_new = tl.maximum(m_i, tl.max(z, 1))            # finite: every tile holds a valid column
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
@@ -140,7 +140,7 @@ def _bwd_dh_kernel(
     dh = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
     for n0 in range(split * vocab_per_split, tl.minimum((split + 1) * vocab_per_split, V1 + V2), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+        z = logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                          HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         dz = _dlogits(z, offs_n, col, lse, g)
         in1 = offs_n < V1
@@ -182,7 +182,7 @@ def _bwd_dw_kernel(
         col = tl.load(COL + offs_m, mask=mmask, other=-1)
         lse = tl.load(LSE + offs_m, mask=mmask, other=0.0)
         g = tl.load(G + offs_m, mask=mmask, other=0.0)
-        z = _logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
+        z = logits_tile(H, W, B, W2, B2, row_off, mmask, offs_n, V1, V2, D, shd, swv, swd, sw2v, sw2d, sb, sb2,
                          HAS_W2, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         dz = _dlogits(z, offs_n, col, lse, g)                                     # (BM, BN)
         h = tl.load(H + row_off[:, None] + offs_o[None, :] * shd, mask=mmask[:, None] & omask[None, :], other=0.0)
@@ -214,7 +214,7 @@ def _logprob_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < n_rows
     rows = offs_m.to(tl.int64)
-    z = _logits_tile(H, W, B, W, B, rows * shm, mmask, offs_n, V, 0, D, shd, swv, swd, 0, 0, sb, 0,
+    z = logits_tile(H, W, B, W, B, rows * shm, mmask, offs_n, V, 0, D, shd, swv, swd, 0, 0, sb, 0,
                      False, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     off = tl.load(OFF + offs_m, mask=mmask, other=0.0)
     tl.store(OUT + rows[:, None] * som + offs_n.to(tl.int64)[None, :] * son,
@@ -225,7 +225,7 @@ def _logprob_kernel(
 # launch configurations
 # ---------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -242,7 +242,7 @@ def configs(kernel: str, d: int, dtype: torch.dtype = torch.float16) -> dict:
     on the FMA units, not tensor cores) takes smaller tiles: the 16-bit tiles spill heavily there.
     The head's dh (two weight blocks) uses BLOCK_N 32: at 64 it spills ~300 bytes on sm_90.
     Under the interpreter every tile is 16 or 32 wide so that small test shapes take many tiles."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32 if kernel != "dh" else 16, BLOCK_K=16,
                     **({} if kernel in ("lse", "logprob") else {"BLOCK_DO": 16}), num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -266,11 +266,11 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tl_acc(dtype: torch.dtype):
+def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -278,16 +278,16 @@ def check_supported(hidden: torch.Tensor) -> None:
     """Raise before any launch if the kernels cannot take these inputs (shapes are checked in ops)."""
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"adaptive softmax (triton): unsupported dtype {hidden.dtype}")
-    if hidden.dtype == torch.float64 and not _interpreting():
+    if hidden.dtype == torch.float64 and not interpreting():
         raise ValueError("adaptive softmax (triton): float64 is supported under TRITON_INTERPRET=1 only (validation)")
-    if hidden.dtype == torch.bfloat16 and _interpreting():
+    if hidden.dtype == torch.bfloat16 and interpreting():
         raise ValueError("adaptive softmax (triton): bfloat16 is broken in the Triton interpreter (triton issue 11584)")
 
 
-def _splits(vocab: int, row_tiles: int, block_n: int, cap: int = 1 << 30) -> tuple[int, int]:
+def splits(vocab: int, row_tiles: int, block_n: int, cap: int = 1 << 30) -> tuple[int, int]:
     """(number of vocabulary splits, columns per split, a multiple of block_n): about
     TARGET_PROGRAMS programs with ``row_tiles`` programs per split, at most ``cap`` splits."""
-    target = INTERPRET_TARGET_PROGRAMS if _interpreting() else TARGET_PROGRAMS
+    target = INTERPRET_TARGET_PROGRAMS if interpreting() else TARGET_PROGRAMS
     tiles = triton.cdiv(vocab, block_n)
     want = max(1, min(tiles, cap, triton.cdiv(target, max(row_tiles, 1))))
     per_split = triton.cdiv(tiles, want) * block_n
@@ -317,7 +317,7 @@ def segment_lse(h, w, b, w2=None, b2=None, col=None, span=None, launch=direct):
     col < 0). Returns (lse (n,), pick (n,) or None) in the accumulation dtype; rows outside the span
     hold no value. ``launch``: ``direct``, or ``torch.library.wrap_triton`` inside a triton_op."""
     n, d = h.shape
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     if n == 0:
         return h.new_zeros((0,), dtype=acc), (h.new_zeros((0,), dtype=acc) if col is not None else None)
     span = _full_span(n, h.device) if span is None else span
@@ -325,14 +325,14 @@ def segment_lse(h, w, b, w2=None, b2=None, col=None, span=None, launch=direct):
     V1 = w.shape[0]
     cfg = configs("lse", d, h.dtype)
     row_tiles = triton.cdiv(n, cfg["BLOCK_M"])                           # enough for any span
-    n_splits, per_split = _splits(V1 + V2, row_tiles, cfg["BLOCK_N"])
+    n_splits, per_split = splits(V1 + V2, row_tiles, cfg["BLOCK_N"])
     part = _empty((n_splits, n), acc, h.device)
     pick = _empty((n,), acc, h.device) if col is not None else None
     launch(_lse_fwd_kernel)[(row_tiles, n_splits)](
         h, w, b, W2, B2, col if col is not None else part, part, pick if pick is not None else part, span,
         V1, V2, d, per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2, part.stride(0),
-        HAS_W2=w2 is not None, HAS_COL=col is not None, ACC=_tl_acc(h.dtype), **cfg)
+        HAS_W2=w2 is not None, HAS_COL=col is not None, ACC=tl_acc(h.dtype), **cfg)
     lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
     return lse, pick
 
@@ -349,12 +349,12 @@ def segment_dh(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
     n, d = h.shape
     W2, B2, V2, sw2v, sw2d, sb2 = _w2_args(w2, b2, w, b)
     cfg = configs("dh", d, h.dtype)
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     if n == 0:
         return torch.zeros((n, d), dtype=acc, device=h.device)
     d_chunks = triton.cdiv(d, cfg["BLOCK_DO"])
     working_tiles = triton.cdiv(n, cfg["BLOCK_M"]) if span is None else 1
-    n_splits, per_split = _splits(w.shape[0] + V2, working_tiles * d_chunks, cfg["BLOCK_N"],
+    n_splits, per_split = splits(w.shape[0] + V2, working_tiles * d_chunks, cfg["BLOCK_N"],
                                   cap=max(1, DH_PARTIAL_BYTES // (n * d * 4)))
     if span is None:
         part, span = _empty((n_splits, n, d), acc, h.device), _full_span(n, h.device)
@@ -364,7 +364,7 @@ def segment_dh(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
     launch(_bwd_dh_kernel)[grid](
         h, w, b, W2, B2, col, lse, g, part, span, w.shape[0], V2, d, per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
-        part.stride(0), part.stride(1), HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+        part.stride(0), part.stride(1), HAS_W2=w2 is not None, ACC=tl_acc(h.dtype), **cfg)
     return part[0] if n_splits == 1 else part.sum(0)
 
 
@@ -388,7 +388,7 @@ def segment_dw(h, w, b, w2, b2, col, lse, g, span=None, launch=direct):
         h, w, b, W2, B2, col, lse, g, dw, db, dw2, db2, span, V1, V2, d,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), sw2v, sw2d, b.stride(0), sb2,
         dw.stride(0), dw2.stride(0),
-        HAS_W2=w2 is not None, ACC=_tl_acc(h.dtype), **cfg)
+        HAS_W2=w2 is not None, ACC=tl_acc(h.dtype), **cfg)
     return dw, db, (dw2 if w2 is not None else None), (db2 if w2 is not None else None)
 
 
@@ -400,7 +400,7 @@ def write_logprob(h, w, b, off, out, launch=direct):
     launch(_logprob_kernel)[grid](
         h, w, b, off, out, n, w.shape[0], d,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0), out.stride(0), out.stride(1),
-        ACC=_tl_acc(h.dtype), **cfg)
+        ACC=tl_acc(h.dtype), **cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +542,7 @@ def log_softmax(hidden, weights, biases, projs, cluster_weight, cluster_bias, ou
         out = torch.empty((n, bounds[-1]), dtype=hidden.dtype, device=hidden.device)
     if n == 0:
         return out
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     cw, cb = (cluster_weight, cluster_bias) if n_clusters > 1 else (None, None)
     h0 = _project(hidden, projs[0])
     lse0, _ = segment_lse(h0, weights[0], biases[0], cw, cb, launch=launch)

@@ -3,7 +3,7 @@
     cluster_topk(h (n, d), w (V, d), b (V,), k) -> lse (n,), ids (n, min(k, V)) best first
 
 The vocabulary is streamed as the loss kernel streams it (``kernels/adaptive_softmax.py``:
-``_logits_tile``, vocabulary splits): per row an online log-sum-exp and a running top-K of the
+``logits_tile``, vocabulary splits): per row an online log-sum-exp and a running top-K of the
 logits, K = next power of two >= k. A candidate is one int64 key, the high 32 bits an
 order-preserving image of the fp32 logit, the low 32 bits the column (``_pack``), so ``tl.topk`` on
 keys selects logits and carries their columns; the splits' candidates are merged on the host. The
@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from txl_fast.kernels.adaptive_softmax import (
-    _acc_dtype,
-    _interpreting,
-    _logits_tile,
-    _splits,
-    _tl_acc,
+    acc_dtype,
+    interpreting,
+    logits_tile,
+    splits,
+    tl_acc,
     block_k,
     check_supported,
 )
@@ -59,7 +59,7 @@ def _topk_fwd_kernel(
     best = tl.full([BLOCK_M, K], -9223372036854775807 - 1, tl.int64)        # below every key
     for n0 in range(n_lo, n_hi, BLOCK_N):               # vps is a multiple of BN: tiles stay in the split
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        z = _logits_tile(H, W, B, W, B, row_off, mmask, offs_n, V, 0, D, shd, swv, swd, 0, 0, sb, 0,
+        z = logits_tile(H, W, B, W, B, row_off, mmask, offs_n, V, 0, D, shd, swv, swd, 0, 0, sb, 0,
                          False, ACC, BLOCK_M, BLOCK_N, BLOCK_K)                 # (BM, BN), -inf past V
         m_new = tl.maximum(m_i, tl.max(z, 1))            # finite: every tile holds a valid column
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
@@ -73,7 +73,7 @@ def _topk_fwd_kernel(
 
 def configs(d: int, dtype: torch.dtype, K: int) -> dict:
     """Generation has few rows: 16-row tiles. BLOCK_N >= K (a tile's top-K needs K columns)."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=max(32, K), BLOCK_K=16, num_warps=4, num_stages=1)
     block_n = 64 if dtype == torch.float32 else 128
     return dict(BLOCK_M=16, BLOCK_N=max(block_n, K), BLOCK_K=16 if dtype == torch.float32 else block_k(d),
@@ -100,19 +100,19 @@ def cluster_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int,
         raise ValueError(f"adaptive top-k (triton): k must be in [1, {MAX_K}], got {k}")
     n, d = h.shape
     V = w.shape[0]
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     if n == 0:
         return h.new_zeros((0,), dtype=acc), torch.zeros((0, min(k, V)), dtype=torch.int64, device=h.device)
     K = triton.next_power_of_2(k)
     cfg = configs(d, h.dtype, K)
     row_tiles = triton.cdiv(n, cfg["BLOCK_M"])
-    n_splits, per_split = _splits(V, row_tiles, cfg["BLOCK_N"])
+    n_splits, per_split = splits(V, row_tiles, cfg["BLOCK_N"])
     part = _empty((n_splits, n), acc, h.device)
     top = _empty((n, n_splits * K), torch.int64, h.device)
     launch(_topk_fwd_kernel)[(row_tiles, n_splits)](
         h, w, b, part, top, n, V, d, per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0), part.stride(0), top.stride(0),
-        ACC=_tl_acc(h.dtype), K=K, **cfg)
+        ACC=tl_acc(h.dtype), K=K, **cfg)
     lse = part[0] if n_splits == 1 else torch.logsumexp(part, 0)
     keys = top.topk(min(k, V), dim=1).values                                   # (n, k), best first
     return lse, keys & LOW_BITS

@@ -292,8 +292,8 @@ def test_layer_kv_buffer_holds_the_last_mem_len_rows_through_moves_and_growth(mo
     from txl_fast.cache import LayerKV
 
     moves = []                                  # (gap, rows) of every in-place move
-    make_room = LayerKV._make_room
-    monkeypatch.setattr(LayerKV, "_make_room", lambda self, L: (moves.append((self.start, self.mlen)),
+    make_room = LayerKV.make_room
+    monkeypatch.setattr(LayerKV, "make_room", lambda self, L: (moves.append((self.start, self.mlen)),
                                                                 make_room(self, L))[1])
     g = torch.Generator().manual_seed(7)
     mem_len, kv = 9, LayerKV(2, 12, 3, 4, torch.float64, "cpu")

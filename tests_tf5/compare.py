@@ -119,7 +119,7 @@ def warns_once_and_agrees(module, call) -> None:
     from txl_fast import patch_speech
 
     ref = call(module)
-    patch_speech._warned.clear()
+    patch_speech.warned.clear()
     txl_fast.patch(module)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -27,4 +27,4 @@ def no_silent_fallback(request, monkeypatch):
     if "fallback" not in request.node.name:
         def refuse(module, reason):
             raise AssertionError(f"unexpected fallback: {reason}")
-        monkeypatch.setattr(patch_speech, "_fallback", refuse)
+        monkeypatch.setattr(patch_speech, "fallback", refuse)

@@ -297,7 +297,7 @@ def test_unpatch_restores_classes_state_and_outputs():
 
 def one_warning(call):
     """``call()`` three times: its results and the txl_fast warnings they raised."""
-    patch_speech._warned.clear()
+    patch_speech.warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [call() for _ in range(3)]

@@ -106,11 +106,11 @@ def run_both(module, run):
 def test_mask_layout(context, expected):
     """NeMo's (B, T, T) masks read as the op's arguments: the context (chunked_limited [4, 1]: chunks
     of 2 frames, 2 to the left), the padding as query and key lengths; None of them without padding."""
-    keys, layout = patch_nemo._mask_layout(nemo_mask(context))
+    keys, layout = patch_nemo.mask_layout(nemo_mask(context))
     assert keys is None
     assert layout.pop("query_lengths").tolist() == layout.pop("key_lengths").tolist() == LENGTHS
     assert layout == expected
-    assert patch_nemo._mask_layout(nemo_mask(context, lengths=[T, T, T])) == (None, expected)
+    assert patch_nemo.mask_layout(nemo_mask(context, lengths=[T, T, T])) == (None, expected)
 
 
 

@@ -165,7 +165,7 @@ def test_fallbacks_warn_once_and_agree():
         "mask": (pos, pair_mask(valid) & band),                                   # limited context
         "positions": (pos + 0.01 * torch.randn(pos.shape), pair_mask(valid)),     # dropout_positions
     }
-    patch_speech._warned.clear()
+    patch_speech.warned.clear()
     for name, (p, mask) in cases.items():
         ref = module(x, p, mask)[0]
         txl_fast.patch(module)

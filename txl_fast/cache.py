@@ -88,7 +88,7 @@ class LayerKV:
         """Write (B, L, H, D) new keys/values after the memory; return the (B, mlen + L, H, D) views."""
         L = k_new.shape[1]
         if self.end + L > self.k.shape[2]:
-            self._make_room(L)
+            self.make_room(L)
         self.k[:, :, self.end : self.end + L] = k_new.transpose(1, 2)
         self.v[:, :, self.end : self.end + L] = v_new.transpose(1, 2)
         rows = slice(self.start, self.end + L)
@@ -114,7 +114,7 @@ class LayerKV:
         self.end += new_rows
         self.start = max(self.start, self.end - mem_len)
 
-    def _make_room(self, L: int) -> None:
+    def make_room(self, L: int) -> None:
         M, gap = self.mlen, self.start
         if M + L > self.k.shape[2]:                  # a step longer than the buffer: grow it
             B, H, _, D = self.k.shape

@@ -51,7 +51,7 @@ def _chunks(rows: list) -> list:
     return options
 
 
-def _mask_layout(mask: torch.Tensor):
+def mask_layout(mask: torch.Tensor):
     """NeMo's att_mask (B, Lq, Lk) bool (True = hidden) -> (key_mask or None, the op's other arguments)
     that hide exactly the same scores: key padding (key_lengths when a prefix, else key_mask), query
     padding (query_lengths), and no context, a (left, right) context or a chunk_context; False when the
@@ -119,7 +119,7 @@ class _NeMoAttention:
             q, k, v = (lin(x).view(B, -1, H, D) for lin, x in ((self.linear_q, query), (self.linear_k, key),
                                                                 (self.linear_v, value)))
             r = r_rows(lambda pos: self.linear_pos(pos).view(-1, H, D))
-            out, _ = patch_speech._attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / self.s_d_k, keys,
+            out, _ = patch_speech.attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / self.s_d_k, keys,
                                           False, accumulate_fp32=True, empty_rows="zero", **layout)
             return self.linear_out(out.reshape(B, Lq, H * D))                  # (B, Lq, E)
 
@@ -128,7 +128,7 @@ def _positions_ok(pos_emb, B: int, rows: int, exact: bool) -> bool:
     """pos_emb (1 or B, rows or more, E) with one table for every batch row."""
     return (isinstance(pos_emb, torch.Tensor) and pos_emb.dim() == 3 and pos_emb.shape[0] in (1, B)
             and (pos_emb.shape[1] == rows if exact else pos_emb.shape[1] >= rows)
-            and patch_speech._once_per_tensor("nemo positions", pos_emb, patch_speech._same_rows))
+            and patch_speech.once_per_tensor("nemo positions", pos_emb, patch_speech.same_rows))
 
 
 class _NeMoRelPositionMultiHeadAttention(_NeMoAttention):
@@ -146,13 +146,13 @@ class _NeMoRelPositionMultiHeadAttention(_NeMoAttention):
         elif not _positions_ok(pos_emb, B, Lq + Lk - 1, exact=False):
             reason = "RelPositionMultiHeadAttention with pos_emb not (1, >= Lq + Lk - 1, E) or differing per batch row"
         elif mask is not None and (mask.dtype != torch.bool or mask.shape != (B, Lq, Lk)
-                                   or patch_speech._once_per_tensor("nemo mask", mask, _mask_layout) is False):
+                                   or patch_speech.once_per_tensor("nemo mask", mask, mask_layout) is False):
             reason = ("RelPositionMultiHeadAttention with a mask that is not padding with a limited or chunked "
                       "context (B, Lq, Lk) bool")
         if reason is not None:
-            patch_speech._fallback(self, reason)
+            patch_speech.fallback(self, reason)
             return self._txl_fast_base.forward(self, query, key, value, mask, pos_emb, cache)
-        keys, layout = (None, {}) if mask is None else patch_speech._once_per_tensor("nemo mask", mask, _mask_layout)
+        keys, layout = (None, {}) if mask is None else patch_speech.once_per_tensor("nemo mask", mask, mask_layout)
         key, value, query, cache = self.update_cache(key=key, value=value, query=query, cache=cache)
         # NeMo's rel_shift gives query i, key j the raw column Lq - 1 + j - i: the first Lq + Lk - 1 rows
         out = self._txl_fast_attend(query, key, value, lambda project: project(pos_emb[:1, :Lq + Lk - 1]), keys,
@@ -196,12 +196,12 @@ class _NeMoRelPositionMultiHeadAttentionLongformer(_NeMoAttention):
         elif not _positions_ok(pos_emb, B, left + right + 1, exact=True):
             reason = "RelPositionMultiHeadAttentionLongformer with pos_emb other than (1, left + right + 1, E)"
         elif (not isinstance(pad_mask, torch.Tensor) or pad_mask.dtype != torch.bool or pad_mask.shape != (B, T)
-              or patch_speech._once_per_tensor("nemo pad mask", pad_mask, _pad_layout) is False):
+              or patch_speech.once_per_tensor("nemo pad mask", pad_mask, _pad_layout) is False):
             reason = "RelPositionMultiHeadAttentionLongformer with a pad_mask that is not (B, T) bool trailing padding"
         if reason is not None:
-            patch_speech._fallback(self, reason)
+            patch_speech.fallback(self, reason)
             return self._txl_fast_base.forward(self, query, key, value, pad_mask, pos_emb, cache)
-        layout = dict(context=(left, right), **patch_speech._once_per_tensor("nemo pad mask", pad_mask, _pad_layout))
+        layout = dict(context=(left, right), **patch_speech.once_per_tensor("nemo pad mask", pad_mask, _pad_layout))
         return self._txl_fast_attend(query, key, value, lambda project: self._txl_fast_rows(T, project(pos_emb[:1])),
                                      None, layout)
 

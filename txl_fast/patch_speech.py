@@ -88,22 +88,22 @@ _UNSET = object()                    # SpeechBrain's return_attn_weights left at
 WEIGHT_MODES = ("on_request", "always")
 
 
-def _fallback(module: nn.Module, reason: str) -> None:
+def fallback(module: nn.Module, reason: str) -> None:
     """Warn once per (class, reason) that the library's own attention runs."""
     key = (type(module).__name__, reason)
-    if key not in _warned:
-        _warned.add(key)
+    if key not in warned:
+        warned.add(key)
         warnings.warn(f"txl_fast.patch: {reason}; running the library's own attention for such calls", stacklevel=3)
 
 
-_warned: set = set()
+warned: set = set()
 
 
 def _always(module) -> bool:
     return getattr(module, _WEIGHTS) == "always"
 
 
-def _attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False,
+def attend(module, q, k, v, r, u, w, scale, key_mask, weights: bool, accumulate_fp32: bool = False,
             empty_rows: str = "zero", **layout):
     """The op on (B, L, H, D) tensors; -> out (B, Lq, H, D), probabilities (B, H, Lq, Lk) when
     ``weights`` (else None; the probabilities path also runs for attention dropout). ``layout``: the
@@ -153,7 +153,7 @@ class _SpeechBrainRelPosMHAXL:
         elif key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, L)):
             reason = "RelPosMHAXL with a key_padding_mask that is not a (B, L) bool tensor"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, query, key, value, pos_embs, key_padding_mask, attn_mask,
                                                True if not explicit else return_attn_weights)
         H, D = self.num_heads, self.head_dim
@@ -168,7 +168,7 @@ class _SpeechBrainRelPosMHAXL:
         r = self.linear_pos(pos_embs).view(2 * L - 1, H, D)                       # distances L-1 … -(L-1)
         keep = None if key_padding_mask is None else ~key_padding_mask
         weights = bool(return_attn_weights) if explicit else _always(self)
-        out, prob = _attend(self, q, k, v, r, self.pos_bias_u.view(H, D), self.pos_bias_v.view(H, D), self.scale,
+        out, prob = attend(self, q, k, v, r, self.pos_bias_u.view(H, D), self.pos_bias_v.view(H, D), self.scale,
                             keep, weights)
         out = self.out_proj(out.reshape(B, L, H * D))                             # (B, L, E)
         if explicit and not return_attn_weights:
@@ -208,12 +208,12 @@ class _ESPnetRelPosition:
         elif mask is not None and (mask.dim() != 3 or mask.shape != (B, 1, T)):
             reason = "ESPnet RelPositionMultiHeadedAttention with a per-query mask (B, T, T)"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, query, key, value, pos_emb, mask)
         q, k, v = _espnet_projections(self, query, key, value)
         r = self.linear_pos(pos_emb).view(2 * T - 1, self.h, self.d_k)            # distances T-1 … -(T-1)
         keep = None if mask is None else mask[:, 0] != 0                          # (B, T)
-        out, self.attn = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.d_k), keep,
+        out, self.attn = attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.d_k), keep,
                                  _always(self))
         return self.linear_out(out.reshape(B, T, self.h * self.d_k))
 
@@ -244,12 +244,12 @@ class _ESPnetTransducerRelPosition:
         elif mask.dtype != torch.bool or mask.shape != (B, T2):
             reason = "ESPnet transducer attention with a mask that is not a (B, T2) bool tensor"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, query, key, value, pos_enc, mask, chunk_mask, left_context)
         q, k, v = _espnet_projections(self, query, key, value)
         H, D = self.num_heads, self.d_k
         r = self.linear_pos(pos_enc).view(T1 + T2 - 1, H, D)                      # distances T2-1 … -(T1-1)
-        out, self.attn = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(D), ~mask,
+        out, self.attn = attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(D), ~mask,
                                  _always(self))
         return self.linear_out(out.reshape(B, T1, H * D))
 
@@ -260,7 +260,7 @@ class _ESPnetTransducerRelPosition:
 _SEEN: dict = {}
 
 
-def _once_per_tensor(kind: str, t: torch.Tensor, derive):
+def once_per_tensor(kind: str, t: torch.Tensor, derive):
     """``derive(t)``, reused while ``t`` is the same unmodified tensor (one check per forward, not per layer)."""
     seen = _SEEN.get(kind)
     if seen is not None and seen[0]() is t and seen[1] == t._version:
@@ -283,7 +283,7 @@ def _query_and_key_padding(mask: torch.Tensor):
     return queries, keys
 
 
-def _same_rows(pos: torch.Tensor) -> bool:
+def same_rows(pos: torch.Tensor) -> bool:
     """True when every batch row of pos (B, 2T - 1, E) is row 0 (HF expands one table over the batch)."""
     return pos.shape[0] == 1 or pos.stride(0) == 0 or torch.equal(pos, pos[:1].expand_as(pos))
 
@@ -330,21 +330,21 @@ class _HFParakeetEncoderAttention:
             reason = "ParakeetEncoderAttention with position embeddings other than (B, 2T - 1, E)"
         elif frames is None and attention_mask is not None and (
                 attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, T)
-                or not _once_per_tensor("mask", attention_mask, _query_and_key_padding)):
+                or not once_per_tensor("mask", attention_mask, _query_and_key_padding)):
             reason = "ParakeetEncoderAttention with a mask that is not valid-query AND valid-key (B, 1, T, T) bool"
         elif frames is not None and frames.shape != (B, T):
             reason = "ParakeetEncoderAttention with a frames mask of another shape than (B, T)"
-        elif not _once_per_tensor("positions", position_embeddings, _same_rows):
+        elif not once_per_tensor("positions", position_embeddings, same_rows):
             reason = "ParakeetEncoderAttention with position embeddings that differ per batch row (dropout_positions)"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             if frames is not None:                             # the library needs its own (B, 1, T, T) mask
                 attention_mask = (frames[:, None, :] & frames[:, :, None])[:, None]
             return self._txl_fast_base.forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
         if frames is not None:
             padding = (frames, frames)
         elif attention_mask is not None:
-            padding = _once_per_tensor("mask", attention_mask, _query_and_key_padding)
+            padding = once_per_tensor("mask", attention_mask, _query_and_key_padding)
         queries, keys = padding
         q = self.q_proj(hidden_states).view(B, T, H, D)
         k = self.k_proj(hidden_states).view(B, T, -1, D)
@@ -352,7 +352,7 @@ class _HFParakeetEncoderAttention:
         if k.shape[2] != H:                              # grouped keys and values: head h reads group h // (H / groups)
             k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
         r = self.relative_k_proj(position_embeddings[:1]).view(2 * T - 1, H, D)  # distances T-1 … -(T-1)
-        out, prob = _attend(self, q, k, v, r, self.bias_u, self.bias_v, self.scaling, keys,
+        out, prob = attend(self, q, k, v, r, self.bias_u, self.bias_v, self.scaling, keys,
                             _hf_attentions_wanted(self, kwargs), accumulate_fp32=True)
         if queries is not None:
             # HF's padded query rows see only finfo.min scores: uniform over all T keys, the mean value
@@ -414,7 +414,7 @@ class _HFParakeetSubsampling:
         """input_features (B, T_in, F) mel frames, attention_mask (B, T_in) (1 = frame) or None -> (B, T, E)."""
         reason = _conv_stack(self.layers)
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, input_features, attention_mask)
         B, T_in, width = input_features.shape
         length = attention_mask.sum(-1) if attention_mask is not None else None
@@ -510,7 +510,7 @@ class _HFParakeetEncoder:
             if all(is_patched(layer.self_attn) for layer in self.layers):
                 mask = _frames_mask(output_mask)
             else:
-                _fallback(self, "ParakeetEncoder with attention modules that are not patched: the (B, 1, T, T) mask")
+                fallback(self, "ParakeetEncoder with attention modules that are not patched: the (B, 1, T, T) mask")
                 mask = (output_mask[:, None, :] & output_mask[:, :, None])[:, None]
         for layer in self.layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
@@ -571,15 +571,15 @@ class _HFFastSpeech2ConformerAttention:
         elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                              or attention_mask.shape != (B, 1, T)):
             reason = "FastSpeech2ConformerAttention with a mask other than (B, 1, T)"   # HF raises, says why
-        elif not _once_per_tensor("positions", pos_emb, _same_rows):
+        elif not once_per_tensor("positions", pos_emb, same_rows):
             reason = "FastSpeech2ConformerAttention with position embeddings that differ per batch row"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, hidden_states, attention_mask, pos_emb, output_attentions)
         q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
         r = self.linear_pos(pos_emb[:1]).view(2 * T - 1, H, D)                   # distances T-1 … -(T-1)
         keep = None if attention_mask is None else attention_mask[:, 0] != 0       # (B, T)
-        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.dim_key), keep,
+        out, prob = attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, 1 / math.sqrt(self.dim_key), keep,
                             bool(output_attentions) or _always(self), accumulate_fp32=True)
         return self.linear_out(out.reshape(B, T, H * D)), prob
 
@@ -612,18 +612,18 @@ class _HFWav2Vec2ConformerSelfAttention:
             reason = "Wav2Vec2ConformerSelfAttention with position embeddings other than (1, 2T - 1, E)"
         elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                              or attention_mask.shape != (B, 1, T, T)
-                                             or _once_per_tensor("key mask", attention_mask, _key_padding) is False):
+                                             or once_per_tensor("key mask", attention_mask, _key_padding) is False):
             reason = "Wav2Vec2ConformerSelfAttention with a mask that is not key padding (B, 1, T, T)"
-        elif not _once_per_tensor("positions", pos, _same_rows):
+        elif not once_per_tensor("positions", pos, same_rows):
             reason = "Wav2Vec2ConformerSelfAttention with position embeddings that differ per batch row"
         if reason is not None:
-            _fallback(self, reason)
+            fallback(self, reason)
             return self._txl_fast_base.forward(self, hidden_states, attention_mask, relative_position_embeddings,
                                                **kwargs)
-        keys = None if attention_mask is None else _once_per_tensor("key mask", attention_mask, _key_padding)
+        keys = None if attention_mask is None else once_per_tensor("key mask", attention_mask, _key_padding)
         q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
         r = self.linear_pos(pos[:1]).view(2 * T - 1, H, D)                       # distances T-1 … -(T-1)
-        out, prob = _attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, self.scaling, keys,
+        out, prob = attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, self.scaling, keys,
                             _hf_attentions_wanted(self, kwargs), accumulate_fp32=True, empty_rows="uniform")
         return self.linear_out(out.reshape(B, T, H * D)), prob
 
