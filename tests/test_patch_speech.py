@@ -169,7 +169,7 @@ def test_speechbrain_fallbacks_warn_and_agree(sb):
         module = perturb(module).eval()
         ref = module(x, x, x, pos, **kwargs)[0]
         txl_fast.patch(module)
-        txl_fast.patch_speech._warned.clear()
+        txl_fast.patch_speech.warned.clear()
         with pytest.warns(UserWarning, match="running the library's own attention"):
             out = module(x, x, x, pos, **kwargs)[0]
         assert torch.equal(out, ref)
@@ -266,7 +266,7 @@ def test_espnet_fallback_zero_triu(esp):
     x, pos = torch.randn(2, T, F), torch.randn(1, 2 * T - 1, F)
     ref = module(x, x, x, pos, None)
     txl_fast.patch(module)
-    txl_fast.patch_speech._warned.clear()
+    txl_fast.patch_speech.warned.clear()
     with pytest.warns(UserWarning, match="zero_triu"):
         assert torch.equal(module(x, x, x, pos, None), ref)
     txl_fast.unpatch(module)

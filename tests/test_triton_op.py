@@ -90,7 +90,7 @@ def path(request, monkeypatch):
 def test_rel_attention_triton_op_equals_naive(path, window):
     inputs = attention_inputs()
     with use_backend("triton"):
-        out = ra.traced(*inputs, 0.25, window, 0, True, None, None, None, "uniform")
+        out = ra.traced(*inputs, 0.25, window, 0, True, None, None, None, "uniform", None, None, None)
         functional = ops.rel_attention(*inputs, scale=0.25, window=window)
     assert "rel_attention_triton" in type(out.grad_fn).__name__, "the traced path did not route to the triton_op"
     assert torch.equal(out, functional), "the triton_op and the autograd Function run the same launches"
