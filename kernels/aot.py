@@ -354,7 +354,10 @@ def attention_spill_budget(kernel: str, dt: str, D: int, bidirectional: bool = F
     dkdv's 108-144 B on sm_80; fp32 backward (tf32x3 splits every dot operand in three) 48 B-4.6 KB
     at every D (35.8 KB for dkdv D 64 on sm_80 under 3.6), the fp32 forward / split at D 128
     ~1 KB; 16-bit backward at D 128 36-1104 B. The bidirectional dkdv at D 64 in fp16/bf16 (triton
-    3.8, the Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90.
+    3.8, the Conformer layer): 340 B on sm_80 without a context, 108 B with one, 0-8 B on sm_90;
+    the chunked launch (query lengths, softcap: the per-row-range path) 356 B on sm_80, 0 on sm_90,
+    inside the same bound (the launches without these features compile as before them: each one is
+    a constexpr of the kernels).
     All with the 32 x 32 tiles, chosen before a GPU could time smaller ones: fp32 is the validation
     dtype, not the fast path."""
     if dt == "fp32" and (kernel in ("dq", "dkdv") or D == 128):
@@ -387,7 +390,8 @@ def attention_specs() -> list[AotSpec]:
                 if name == "fwd" and kwargs.get("SPLIT_K"):
                     name = "decode" if kwargs["Lq"] <= ra.DECODE_MAX_LQ else "split"
                 bidirectional = kwargs.get("dmin", 0) < 0            # causal launches have dmin 0
-                mode = "".join(f" {tag}" for flag, tag in (("HAS_ROWS", "rows"), ("CHUNKED", "chunks"),
+                mode = "".join(f" {tag}" for flag, tag in (("HAS_LENGTHS", "lengths"), ("ROW_BOUNDS", "rows"),
+                                                           ("CHUNKED", "chunks"),
                                                            ("SOFTCAP", "softcap"), ("ZERO_EMPTY", "zero"))
                                if kwargs.get(flag))
                 if bidirectional:

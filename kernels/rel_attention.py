@@ -122,22 +122,79 @@ def _rows_seeing(j, Lq, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_le
 
 
 @triton.jit
-def _visible(offs_n, first, last):
-    """(BM, BN): key offs_n inside each row's keys [first, last) (``_row_keys``)."""
-    return (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < last[:, None])
+def _visible(offs_m, offs_n, first, last, mlen, dmin, dmax, length, LOWER: tl.constexpr, UPPER: tl.constexpr,
+             HAS_LENGTHS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BM, BN): PER_ROW, key offs_n inside each row's keys [first, last) (``_row_keys``); else
+    dmin <= d (if LOWER), d <= dmax (if UPPER), key < length (if HAS_LENGTHS), for the distance
+    d = i + mlen - j (first, last unused)."""
+    if PER_ROW:
+        visible = (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < last[:, None])
+    else:
+        dist = offs_m[:, None] + mlen - offs_n[None, :]
+        visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+        if LOWER:
+            visible = visible & (dist >= dmin)
+        if UPPER:
+            visible = visible & (dist <= dmax)
+        if HAS_LENGTHS:
+            visible = visible & (offs_n < length)[None, :]
+    return visible
 
 
 @triton.jit
-def _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS: tl.constexpr):
-    """Batch row b's keys [start, end) and query count: ROWS (B, 3) int32, else [0, Lk) and Lq."""
+def _row_bounds(ROWS, b, Lq, Lk, HAS_LENGTHS: tl.constexpr, ROW_BOUNDS: tl.constexpr):
+    """Batch row b's keys [start, end) and query count: ROW_BOUNDS, ROWS (B, 3) int32; else [0, Lk)
+    and Lq, the end from ROWS (B,) = key_lengths with HAS_LENGTHS."""
     start = tl.full([], 0, tl.int32)
     end = Lk
     qlen = Lq
-    if HAS_ROWS:
+    if ROW_BOUNDS:
         start = tl.load(ROWS + 3 * b)
         end = tl.load(ROWS + 3 * b + 1)
         qlen = tl.load(ROWS + 3 * b + 2)
+    elif HAS_LENGTHS:
+        end = tl.load(ROWS + b)
     return start, end, qlen
+
+
+@triton.jit
+def _rows_with_keys(Lq, mlen, dmin, dmax, length):
+    """Without per-row ranges: query rows [0, end) see a key, rows [end, Lq) none (the empty rows).
+    Row i sees the keys [max(0, i + mlen - dmax), min(length, i + mlen - dmin + 1)); with dmin <= 0
+    the upper end is positive, so the range is empty when length is 0, dmin > dmax, or
+    i + mlen - dmax >= length."""
+    end = tl.minimum(Lq, tl.maximum(0, length - mlen + dmax))
+    return tl.where((length > 0) & (dmin <= dmax), end, 0)
+
+
+@triton.jit
+def _key_range(m0, Lq, Lk, mlen, dmin, dmax, length, end, ALL_IF_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Without per-row ranges: keys [lo, hi) that hold every visible key of query rows
+    [m0, m0 + BM); with ALL_IF_EMPTY (HF's uniform rows) all keys when one of these rows is empty
+    (end: ``_rows_with_keys``)."""
+    lo = tl.maximum(0, m0 + mlen - dmax)
+    hi = tl.minimum(length, m0 + BLOCK_M + mlen - dmin)
+    if ALL_IF_EMPTY:
+        empty = tl.minimum(m0 + BLOCK_M, Lq) > end
+        lo = tl.where(empty, 0, lo)
+        hi = tl.where(empty, Lk, hi)
+    return lo, hi
+
+
+@triton.jit
+def _full_key_tiles(lo, hi, m0, i_last, Lk, mlen, dmin, dmax, length, LOWER: tl.constexpr,
+                    UPPER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Without per-row ranges: the key tiles [a, b) of the loop over [lo, hi) that query rows
+    [m0, i_last] see whole: j >= i_last + mlen - dmax (UPPER), j <= m0 + mlen - dmin (LOWER),
+    j < min(length, Lk). A row that sees every key of a tile is not empty, so no full tile holds an
+    empty row."""
+    first = lo
+    last = tl.minimum(hi, tl.minimum(length, Lk))
+    if UPPER:
+        first = tl.maximum(first, i_last + mlen - dmax)
+    if LOWER:
+        last = tl.minimum(last, m0 + mlen - dmin + 1)
+    return full_tiles(lo, hi, first, last, BLOCK_N)
 
 
 @triton.jit
@@ -181,11 +238,13 @@ def _unskew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.conste
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d,
-               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, chunk_end, qk_scale, softcap,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, QROWS: tl.constexpr):
+               dmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length, first, last, chunk_end,
+               qk_scale, softcap, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+               HAS_LENGTHS: tl.constexpr, PER_ROW: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT_K: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_P: tl.constexpr, QROWS: tl.constexpr):
     """Online softmax over the key tiles [start, stop) of one query tile; MASKED: the edge tiles
-    (each row's keys [first, last), keys past Lk, the split's end), else tiles every row sees whole."""
+    (``_visible``, keys past Lk, the split's end), else tiles every row sees whole."""
     dtype = q_content.dtype
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -200,7 +259,9 @@ def _fwd_tiles(acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, s
                          mask=((rows >= 0) & (rows < Lr))[None, :] & dmask[:, None], other=0.0)  # (BD, BP)
         s = _scores(q_content, q_pos, keys_t, band_t, qk_scale, softcap, BLOCK_M, BLOCK_N, ACC, PREC, QROWS, SOFTCAP)
         if MASKED:
-            s = tl.where(_visible(offs_n, first, last), s, FILL)
+            visible = _visible(offs_m, offs_n, first, last, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
+                               PER_ROW, BLOCK_M, BLOCK_N)
+            s = tl.where(visible, s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
             if SPLIT_K:
                 s = tl.where((offs_n < chunk_end)[None, :], s, float("-inf"))  # next chunk's keys
@@ -226,7 +287,8 @@ def _fwd_kernel(
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sob, som, soh, sod,
     H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, keys_per_split, n_splits, qk_scale, softcap,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROW_BOUNDS: tl.constexpr, CHUNKED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -258,18 +320,29 @@ def _fwd_kernel(
     q_content = (q + content_bias[None, :]).to(dtype)
     q_pos = (q + position_bias[None, :]).to(dtype)
 
-    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
-    first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
-                            LOWER, UPPER, CHUNKED)                                  # (BM,) each
     # rows past Lq are never stored: they neither widen the range nor keep tiles from being full
-    lo, hi, full_first, full_last = _tile_keys(first, last, mmask, Lk, not ZERO_EMPTY)
+    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_LENGTHS, ROW_BOUNDS)
+    if ROW_BOUNDS or CHUNKED:
+        first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
+                                LOWER, UPPER, CHUNKED)                              # (BM,) each
+        lo, hi, full_first, full_last = _tile_keys(first, last, mmask, Lk, not ZERO_EMPTY)
+        seen = first < last                                                         # (BM,)
+    else:           # keys [0, end): the band alone bounds each row's keys (first, last unused)
+        first, last = offs_m, offs_m
+        rows_end = _rows_with_keys(Lq, mlen, dmin, dmax, end)
+        lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, end, rows_end, not ZERO_EMPTY, BLOCK_M)
+        seen = offs_m < rows_end
     if SPLIT_K:
         split = tl.program_id(0)
         lo = tl.maximum(lo, split * keys_per_split)
         hi = tl.minimum(hi, (split + 1) * keys_per_split)
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        if ROW_BOUNDS or CHUNKED:
+            full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        else:
+            full_lo, full_hi = _full_key_tiles(lo, hi, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, Lk, mlen, dmin, dmax,
+                                               end, LOWER, UPPER, BLOCK_N)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -282,12 +355,13 @@ def _fwd_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q_content, q_pos, k_base, v_base, r_base, start, stop, m0, offs_m, offs_d, dmask,
-            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last, hi, qk_scale, softcap,
-            stage != 1, SOFTCAP, SPLIT_K, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P, QROWS)
+            skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, end, first, last, hi, qk_scale, softcap,
+            stage != 1, LOWER, UPPER, HAS_LENGTHS, ROW_BOUNDS or CHUNKED, SOFTCAP, SPLIT_K, ACC, PREC, BLOCK_M,
+            BLOCK_N, BLOCK_P, QROWS)
 
     if ZERO_EMPTY:      # rows that see no key: l = 0 and zeros (they summed the fill of their tile)
-        l_i = tl.where(first < last, l_i, 0.0)
-        acc = tl.where((first < last)[:, None], acc, 0.0)
+        l_i = tl.where(seen, l_i, 0.0)
+        acc = tl.where(seen[:, None], acc, 0.0)
     if SPLIT_K:
         # partials, layout (B*H, query tiles, n_splits, BM) and (..., BM, BD), contiguous
         row = ((pid_bh * tl.num_programs(2) + tl.program_id(2)) * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -373,11 +447,12 @@ def _row_stats(M, L, DELTA, stat, mmask, ZERO_EMPTY: tl.constexpr):
 
 @triton.jit
 def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
-              offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
-              scale, qk_scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+              offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, length,
+              first, last, scale, qk_scale, softcap, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+              HAS_LENGTHS: tl.constexpr, PER_ROW: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
               PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dq_content and dq_position over the key tiles [start, stop) of one query tile; MASKED: the
-    edge tiles (each row's keys [first, last), keys past Lk, rows past Lq), else tiles every row sees whole."""
+    edge tiles (``_visible``, keys past Lk, rows past Lq), else tiles every row sees whole."""
     dtype = q_content.dtype
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -394,7 +469,8 @@ def _dq_tiles(dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_bas
         if SOFTCAP:
             slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
-            visible = _visible(offs_n, first, last)
+            visible = _visible(offs_m, offs_n, first, last, mlen, dmin, dmax, length, LOWER, UPPER, HAS_LENGTHS,
+                               PER_ROW, BLOCK_M, BLOCK_N)
             s = tl.where(visible, s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
@@ -417,7 +493,8 @@ def _bwd_dq_kernel(
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd, sqgb, sqgm, sqgh, sqgd,
     H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, n_tiles, scale, qk_scale, softcap,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROW_BOUNDS: tl.constexpr, CHUNKED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -447,13 +524,21 @@ def _bwd_dq_kernel(
 
     # empty rows have zero score gradients: only the keys some row sees are visited; rows past Lq
     # (which see no key) feed the bias sums, so a ragged last query tile has edge tiles only
-    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
-    first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
-                            LOWER, UPPER, CHUNKED)                                  # (BM,) each
-    lo, hi, full_first, full_last = _tile_keys(first, last, offs_m >= 0, Lk, False)
+    start, end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_LENGTHS, ROW_BOUNDS)
+    if ROW_BOUNDS or CHUNKED:
+        first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start, end, chunk_size, chunk_left, chunk_right,
+                                LOWER, UPPER, CHUNKED)                              # (BM,) each
+        lo, hi, full_first, full_last = _tile_keys(first, last, offs_m >= 0, Lk, False)
+    else:           # keys [0, end): the band alone bounds each row's keys (first, last unused)
+        first, last = offs_m, offs_m
+        lo, hi = _key_range(m0, Lq, Lk, mlen, dmin, dmax, end, Lq, False, BLOCK_M)
     full_lo, full_hi = hi, hi
     if FULL_TILES:
-        full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        if ROW_BOUNDS or CHUNKED:
+            full_lo, full_hi = full_tiles(lo, hi, full_first, full_last, BLOCK_N)
+        else:
+            full_lo, full_hi = _full_key_tiles(lo, tl.where(m0 + BLOCK_M <= Lq, hi, lo), m0, m0 + BLOCK_M - 1, Lk,
+                                               mlen, dmin, dmax, end, LOWER, UPPER, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     r_base = R + h * srh
@@ -464,8 +549,9 @@ def _bwd_dq_kernel(
         stop = full_lo if stage == 0 else (full_hi if stage == 1 else hi)
         dq_c, dq_p = _dq_tiles(
             dq_c, dq_p, q_content, q_pos, do, m_i, inv_l, delta, k_base, v_base, r_base, start, stop, m0,
-            offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, first, last,
-            scale, qk_scale, softcap, stage != 1, SOFTCAP, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            offs_m, offs_d, dmask, mmask, skn, skd, svn, svd, srp, srd, Lq, Lk, Lr, mlen, dmin, dmax, end, first,
+            last, scale, qk_scale, softcap, stage != 1, LOWER, UPPER, HAS_LENGTHS, ROW_BOUNDS or CHUNKED, SOFTCAP,
+            ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
 
     tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgm + offs_d[None, :] * sqgd,
              (dq_c + dq_p).to(DQ.dtype.element_ty), mask=tile_mask)
@@ -479,7 +565,8 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
                 stop, n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax,
                 start_key, end_key, qlen, chunk_size, chunk_left, chunk_right, stat_base, M, L, DELTA, scale,
                 qk_scale, softcap, MASKED: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
-                CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, ROW_BOUNDS: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                ZERO_EMPTY: tl.constexpr, ACC: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """dk, dv and the r band's gradient over the query tiles [start, stop) of one key tile; MASKED:
     the edge tiles (visibility, rows past Lq), else tiles whose rows all see every key."""
@@ -509,9 +596,12 @@ def _dkdv_tiles(dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_
         if SOFTCAP:
             slope = 1.0 - (s / softcap) * (s / softcap)      # d capped / d score, before the masks
         if MASKED:
-            first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start_key, end_key, chunk_size, chunk_left,
-                                    chunk_right, LOWER, UPPER, CHUNKED)
-            visible = _visible(offs_n, first, last)
+            first, last = offs_m, offs_m                # unused without per-row ranges
+            if ROW_BOUNDS or CHUNKED:
+                first, last = _row_keys(offs_m, qlen, mlen, dmin, dmax, start_key, end_key, chunk_size, chunk_left,
+                                        chunk_right, LOWER, UPPER, CHUNKED)
+            visible = _visible(offs_m, offs_n, first, last, mlen, dmin, dmax, end_key, LOWER, UPPER, HAS_LENGTHS,
+                               ROW_BOUNDS or CHUNKED, BLOCK_M, BLOCK_N)
             s = tl.where(visible, s, FILL)
             s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
         p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
@@ -540,7 +630,8 @@ def _bwd_dkdv_kernel(
     srp, srh, srd, scbh, scbd, spbh, spbd, sdb, sdm, sdh, sdd,
     skgb, skgn, skgh, skgd, svgb, svgn, svgh, svgd, sdrp, sdrh,
     H, Lq, Lk, Lr, mlen, dmin, dmax, chunk_size, chunk_left, chunk_right, scale, qk_scale, softcap,
-    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROW_BOUNDS: tl.constexpr, CHUNKED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ZERO_EMPTY: tl.constexpr, FULL_TILES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -563,29 +654,49 @@ def _bwd_dkdv_kernel(
     content_bias = tl.load(CONTENT_BIAS + h * scbh + offs_d * scbd, mask=dmask, other=0.0).to(ACC)
     position_bias = tl.load(POSITION_BIAS + h * spbh + offs_d * spbd, mask=dmask, other=0.0).to(ACC)
 
-    # query rows that see a key of this tile: last > n0 and first <= n0 + BN - 1 (``_rows_seeing``)
-    key_start, key_end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_ROWS)
-    q_lo, upto_n0 = _rows_seeing(n0, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left, chunk_right,
-                                 LOWER, UPPER, CHUNKED)
-    since_n1, q_hi = _rows_seeing(n0 + BLOCK_N - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
-                                  chunk_right, LOWER, UPPER, CHUNKED)
-    q_lo = tl.maximum(q_lo, 0)
-    q_hi = tl.minimum(q_hi, Lq)
-    # HF's uniform rows see every key. The empty rows of a batch row are a prefix, rows [0, e0) with
-    # last <= key_start, and a suffix, rows [e1, Lq) with first >= key_end or padded (each row's own
-    # position lies inside its band or chunk, and both ends of its keys grow with i); every row
-    # when no distance is visible (window 0). The range widens to take them (one loop: a second
-    # loop over the empty rows alone made ptxas spill on sm_80).
-    if not ZERO_EMPTY:
-        e0, _ = _rows_seeing(key_start, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
-                             chunk_right, LOWER, UPPER, CHUNKED)
-        _, e1 = _rows_seeing(key_end - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
-                             chunk_right, LOWER, UPPER, CHUNKED)
-        none = dmin > dmax
-        q_lo = tl.where((e0 > 0) | none, 0, tl.where(e1 < Lq, tl.minimum(q_lo, tl.maximum(e1, 0)), q_lo))
-        q_hi = tl.where((e1 < Lq) | none, Lq, tl.where(e0 > 0, tl.maximum(q_hi, tl.minimum(e0, Lq)), q_hi))
-    q_hi = tl.maximum(q_hi, q_lo)
-    # the query tiles whose rows (all below Lq) see every key of this tile: first <= n0, last > n0 + BN - 1
+    key_start, key_end, qlen = _row_bounds(ROWS, b, Lq, Lk, HAS_LENGTHS, ROW_BOUNDS)
+    if not (ROW_BOUNDS or CHUNKED):
+        # keys [0, key_end): query rows that see a key j of this tile, j < key_end:
+        # n0 - mlen + dmin <= i <= j - mlen + dmax, and i < end (rows past it see nothing); HF's
+        # uniform rows see every key: all rows if any
+        end = _rows_with_keys(Lq, mlen, dmin, dmax, key_end)
+        q_lo = tl.maximum(0, n0 - mlen + dmin)
+        n_end = tl.minimum(n0 + BLOCK_N, key_end)
+        q_hi = tl.where(n_end > n0, tl.minimum(end, n_end - mlen + dmax), q_lo)
+        if not ZERO_EMPTY:
+            q_lo = tl.where(end < Lq, 0, q_lo)
+            q_hi = tl.where(end < Lq, Lq, q_hi)
+        # the query tiles whose rows (all below Lq) see every key of this tile (all below key_end):
+        # i >= n0 + BN - 1 - mlen + dmin (LOWER), i <= n0 - mlen + dmax (UPPER)
+        since_n1 = q_lo
+        upto_n0 = tl.where(n0 + BLOCK_N <= tl.minimum(key_end, Lk), tl.minimum(q_hi, Lq), q_lo)
+        if LOWER:
+            since_n1 = tl.maximum(since_n1, n0 + BLOCK_N - 1 - mlen + dmin)
+        if UPPER:
+            upto_n0 = tl.minimum(upto_n0, n0 - mlen + dmax + 1)
+    else:
+        # query rows that see a key of this tile: last > n0 and first <= n0 + BN - 1 (``_rows_seeing``);
+        # those that see it whole (the full tiles): rows [since_n1, upto_n0)
+        q_lo, upto_n0 = _rows_seeing(n0, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                                     chunk_right, LOWER, UPPER, CHUNKED)
+        since_n1, q_hi = _rows_seeing(n0 + BLOCK_N - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size,
+                                      chunk_left, chunk_right, LOWER, UPPER, CHUNKED)
+        q_lo = tl.maximum(q_lo, 0)
+        q_hi = tl.minimum(q_hi, Lq)
+        # HF's uniform rows see every key. The empty rows of a batch row are a prefix, rows [0, e0) with
+        # last <= key_start, and a suffix, rows [e1, Lq) with first >= key_end or padded (each row's own
+        # position lies inside its band or chunk, and both ends of its keys grow with i); every row
+        # when no distance is visible (window 0). The range widens to take them (one loop: a second
+        # loop over the empty rows alone made ptxas spill on sm_80).
+        if not ZERO_EMPTY:
+            e0, _ = _rows_seeing(key_start, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                                 chunk_right, LOWER, UPPER, CHUNKED)
+            _, e1 = _rows_seeing(key_end - 1, Lq, qlen, mlen, dmin, dmax, key_start, key_end, chunk_size, chunk_left,
+                                 chunk_right, LOWER, UPPER, CHUNKED)
+            none = dmin > dmax
+            q_lo = tl.where((e0 > 0) | none, 0, tl.where(e1 < Lq, tl.minimum(q_lo, tl.maximum(e1, 0)), q_lo))
+            q_hi = tl.where((e1 < Lq) | none, Lq, tl.where(e0 > 0, tl.maximum(q_hi, tl.minimum(e0, Lq)), q_hi))
+        q_hi = tl.maximum(q_hi, q_lo)
     full_lo, full_hi = q_hi, q_hi
     if FULL_TILES:
         full_lo, full_hi = full_tiles(q_lo, q_hi, since_n1, upto_n0, BLOCK_M)
@@ -603,7 +714,8 @@ def _bwd_dkdv_kernel(
             dk, dv, keys_t, vals_t, content_bias, position_bias, q_base, do_base, r_base, dr_base, start, stop,
             n0, offs_n, offs_d, dmask, sqm, sqd, sdm, sdd, srp, srd, sdrp, Lq, Lk, Lr, mlen, dmin, dmax, key_start,
             key_end, qlen, chunk_size, chunk_left, chunk_right, pid_bh * Lq, M, L, DELTA, scale, qk_scale, softcap,
-            stage != 1, LOWER, UPPER, CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_P)
+            stage != 1, LOWER, UPPER, HAS_LENGTHS, ROW_BOUNDS, CHUNKED, SOFTCAP, ZERO_EMPTY, ACC, PREC, BLOCK_M,
+            BLOCK_N, BLOCK_P)
 
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -668,8 +780,8 @@ def _autotuned(kernel_fn, name: str, bd: int, dtype: str, reset=None):
             for bm, bn, nw, ns in configs(name, bd, dtype)]
     # tuned once per (heads, query length, head size, window flag, dtypes): Lk only changes while
     # the memory fills, and the best tile depends mostly on Lq and D
-    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_ROWS", "CHUNKED", "SOFTCAP",
-                                      "ZERO_EMPTY"],
+    return triton.autotune(cfgs, key=["H", "Lq", "HEAD_DIM", "LOWER", "UPPER", "HAS_LENGTHS", "ROW_BOUNDS", "CHUNKED",
+                                      "SOFTCAP", "ZERO_EMPTY"],
                            reset_to_zero=reset)(kernel_fn)
 
 
@@ -774,10 +886,12 @@ def visibility(Lq: int, Lk: int, window, causal: bool = True, context=None) -> d
 
 def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy, key_starts=None,
                query_lengths=None, chunk_context=None, softcap=None) -> dict:
-    """The kernel arguments of the attention mode, shared by every kernel but delta. Per batch row,
-    ROWS (B, 3) int32: keys [key_starts, key_lengths) and query_lengths (each None: 0, Lk, Lq),
-    built here when one is given (HAS_ROWS); else ``dummy``, a pointer never read. chunk_context
-    (C, L, R) (bidirectional) sets CHUNKED; softcap (> 0) sets SOFTCAP, passed in the log2 domain."""
+    """The kernel arguments of the attention mode, shared by every kernel but delta. Each feature is
+    a constexpr, so that a launch without it compiles as before it existed. Per batch row, with
+    key_starts or query_lengths (ROW_BOUNDS): ROWS (B, 3) int32, keys [key_starts, key_lengths) and
+    query_lengths (each None: 0, Lk, Lq), built here; else ROWS is key_lengths (HAS_LENGTHS) or
+    ``dummy``, a pointer never read. chunk_context (C, L, R) (bidirectional) sets CHUNKED; softcap
+    (> 0) sets SOFTCAP, passed in the log2 domain."""
     Lq, Lk = q.shape[1], k.shape[1]
     Lr = Lk if causal else Lk + Lq - 1
     if r.shape[0] != Lr:
@@ -790,13 +904,14 @@ def _mode_args(q, k, r, window, causal, context, key_lengths, empty_rows, dummy,
             raise ValueError(f"rel_attention (triton): {name} must be an int32 tensor (B,) on q's device")
     if chunk_context is not None and causal:
         raise ValueError("rel_attention (triton): chunk_context needs causal=False")
-    has_rows = any(t is not None for t, _ in per_row.values())
-    rows = dummy
-    if has_rows:
+    row_bounds = key_starts is not None or query_lengths is not None
+    rows = dummy if key_lengths is None else key_lengths
+    if row_bounds:
         rows = torch.stack([torch.full((q.shape[0],), fill, dtype=torch.int32, device=q.device) if t is None else t
                             for t, fill in per_row.values()], dim=1)                  # (B, 3)
     chunk_size, chunk_left, chunk_right = chunk_context or (1, -1, 0)
-    return dict(ROWS=rows, Lr=Lr, mlen=Lk - Lq, **visibility(Lq, Lk, window, causal, context), HAS_ROWS=has_rows,
+    return dict(ROWS=rows, Lr=Lr, mlen=Lk - Lq, **visibility(Lq, Lk, window, causal, context),
+                HAS_LENGTHS=key_lengths is not None, ROW_BOUNDS=row_bounds,
                 CHUNKED=chunk_context is not None, chunk_size=chunk_size, chunk_left=chunk_left,
                 chunk_right=chunk_right, softcap=(softcap or 1.0) * LOG2E, SOFTCAP=softcap is not None,
                 ZERO_EMPTY=empty_rows == "zero")
