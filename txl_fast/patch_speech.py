@@ -18,6 +18,8 @@ exact classes, not their subclasses):
                time chunks) and ``ParakeetEncoder`` (padding handed to its layers as frames, not T x T)
   transformers ``transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer.
                Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
+  transformers ``transformers.models.wav2vec2_bert.modeling_wav2vec2_bert.Wav2Vec2BertSelfAttention``
+               (5.x), ``"relative"`` (as Wav2Vec2Conformer) or ``"relative_key"`` (Shaw's distance table)
   transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
                FastSpeech2ConformerAttention`` (5.x; ESPnet's "latest", in encoder and decoder)
   NeMo         ``RelPositionMultiHeadAttention`` and ``...Longformer``: ``txl_fast.patch_nemo``, which
@@ -584,46 +586,63 @@ class _HFFastSpeech2ConformerAttention:
         return self.linear_out(out.reshape(B, T, H * D)), prob
 
 
+def _distance_table(module, T: int) -> torch.Tensor:
+    """Wav2Vec2Bert's "relative_key" table as the op's r (2T - 1, H, D), row p the distance T - 1 - p:
+    HF adds q_i . E[clamp(j - i, -left, right) + left] (query side only), j - i = p - (T - 1)."""
+    left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
+    index = torch.arange(-(T - 1), T, device=module.distance_embedding.weight.device).clamp(-left, right) + left
+    return module.distance_embedding(index)[:, None, :].expand(-1, module.num_heads, -1)      # (2T - 1, H, D)
+
+
 class _HFWav2Vec2ConformerSelfAttention:
     """Overrides for transformers 5.x ``Wav2Vec2ConformerSelfAttention`` with
-    ``position_embeddings_type="relative"``; its signature and outputs. (Rotary or absolute
-    positions: the same class, never swapped.)"""
+    ``position_embeddings_type="relative"`` and ``Wav2Vec2BertSelfAttention`` with "relative" (the
+    same formula) or "relative_key" (Shaw's head-shared distance table, no biases); their signature
+    and outputs. (Rotary, absolute or no positions: the same classes, never swapped.)"""
 
     @staticmethod
     def _txl_fast_applies(module) -> bool:
         """Relative positions, and transformers 5's module (4.x has a class of the same name with
         another signature, mask and outputs)."""
-        return module.position_embeddings_type == "relative" and _transformers_5()
+        return module.position_embeddings_type in ("relative", "relative_key") and _transformers_5()
 
     def _txl_fast_dropout_p(self) -> float:
         return self.dropout.p
 
     def forward(self, hidden_states, attention_mask=None, relative_position_embeddings=None, **kwargs):
         """hidden_states (B, T, E), attention_mask (B, 1, T, T) bool or additive float (key padding),
-        relative_position_embeddings (1, 2T - 1, E) (row p: distance T - 1 - p) -> (out (B, T, E),
-        probabilities (B, H, T, T) when asked, else None)."""
+        relative_position_embeddings (1, 2T - 1, E) (row p: distance T - 1 - p; "relative" only)
+        -> (out (B, T, E), probabilities (B, H, T, T) when asked, else None)."""
         B, T, _ = hidden_states.shape
         H, D = self.num_heads, self.head_size
+        name = self._txl_fast_base.__name__
+        shaw = self.position_embeddings_type == "relative_key"
         pos = relative_position_embeddings
         reason = None
         if self.config._attn_implementation not in (None, "eager", "sdpa"):      # flex: a BlockMask
-            reason = f"Wav2Vec2ConformerSelfAttention with attn_implementation={self.config._attn_implementation!r}"
-        elif not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[1] != 2 * T - 1:
-            reason = "Wav2Vec2ConformerSelfAttention with position embeddings other than (1, 2T - 1, E)"
+            reason = f"{name} with attn_implementation={self.config._attn_implementation!r}"
+        elif not shaw and (not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] not in (1, B)
+                           or pos.shape[1] != 2 * T - 1):
+            reason = f"{name} with position embeddings other than (1, 2T - 1, E)"
         elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                              or attention_mask.shape != (B, 1, T, T)
                                              or once_per_tensor("key mask", attention_mask, _key_padding) is False):
-            reason = "Wav2Vec2ConformerSelfAttention with a mask that is not key padding (B, 1, T, T)"
-        elif not once_per_tensor("positions", pos, same_rows):
-            reason = "Wav2Vec2ConformerSelfAttention with position embeddings that differ per batch row"
+            reason = f"{name} with a mask that is not key padding (B, 1, T, T)"
+        elif not shaw and not once_per_tensor("positions", pos, same_rows):
+            reason = f"{name} with position embeddings that differ per batch row"
         if reason is not None:
             fallback(self, reason)
             return self._txl_fast_base.forward(self, hidden_states, attention_mask, relative_position_embeddings,
                                                **kwargs)
         keys = None if attention_mask is None else once_per_tensor("key mask", attention_mask, _key_padding)
         q, k, v = (lin(hidden_states).view(B, T, H, D) for lin in (self.linear_q, self.linear_k, self.linear_v))
-        r = self.linear_pos(pos[:1]).view(2 * T - 1, H, D)                       # distances T-1 … -(T-1)
-        out, prob = attend(self, q, k, v, r, self.pos_bias_u, self.pos_bias_v, self.scaling, keys,
+        if shaw:
+            r = _distance_table(self, T)                                         # distances T-1 … -(T-1)
+            u = w = torch.zeros(H, D, dtype=r.dtype, device=r.device)
+        else:
+            r = self.linear_pos(pos[:1]).view(2 * T - 1, H, D)                   # distances T-1 … -(T-1)
+            u, w = self.pos_bias_u, self.pos_bias_v
+        out, prob = attend(self, q, k, v, r, u, w, self.scaling, keys,
                             _hf_attentions_wanted(self, kwargs), accumulate_fp32=True, empty_rows="uniform")
         return self.linear_out(out.reshape(B, T, H * D)), prob
 
@@ -644,6 +663,8 @@ SUPPORTED = {
         ("HFWav2Vec2ConformerSelfAttention", _HFWav2Vec2ConformerSelfAttention),
     ("transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer", "FastSpeech2ConformerAttention"):
         ("HFFastSpeech2ConformerAttention", _HFFastSpeech2ConformerAttention),
+    ("transformers.models.wav2vec2_bert.modeling_wav2vec2_bert", "Wav2Vec2BertSelfAttention"):
+        ("HFWav2Vec2BertSelfAttention", _HFWav2Vec2ConformerSelfAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
