@@ -9,7 +9,7 @@ warning; rotary modules left alone; unpatch.
 
 import pytest
 import torch
-from compare import TOLERANCE, check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, warns_once_and_agrees, weighted
+from compare import check, check_bf16, check_grads, frames, grads, perturb, run_both, run_models, warns_once_and_agrees, weighted
 from test_patch_wav2vec2_conformer import key_mask
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 from transformers.models.wav2vec2_bert.modeling_wav2vec2_bert import (

@@ -20,6 +20,8 @@ exact classes, not their subclasses):
                Wav2Vec2ConformerSelfAttention`` (5.x), ``position_embeddings_type="relative"`` only
   transformers ``transformers.models.wav2vec2_bert.modeling_wav2vec2_bert.Wav2Vec2BertSelfAttention``
                (5.x), ``"relative"`` (as Wav2Vec2Conformer) or ``"relative_key"`` (Shaw's distance table)
+  transformers ``transformers.models.nemotron_asr_streaming.modeling_nemotron_asr_streaming.
+               NemotronAsrStreamingEncoderAttention`` (5.x; offline chunked and cache-aware streaming)
   transformers ``transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer.
                FastSpeech2ConformerAttention`` (5.x; ESPnet's "latest", in encoder and decoder)
   NeMo         ``RelPositionMultiHeadAttention`` and ``...Longformer``: ``txl_fast.patch_nemo``, which
@@ -647,6 +649,73 @@ class _HFWav2Vec2ConformerSelfAttention:
         return self.linear_out(out.reshape(B, T, H * D)), prob
 
 
+class _CacheUpdated:
+    """Stands in for a cache already updated with this call's keys: its ``update`` returns them (the
+    library's own forward, run after ours projected and updated, must not append them twice)."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def update(self, *args, **kwargs):
+        return self.k, self.v
+
+
+def _chunk_layout(mask: torch.Tensor):
+    """HF's (B, 1, Lq, Lk) bool mask (True = attend) -> ``patch_nemo.mask_layout`` of it (key padding,
+    query lengths, a context or chunk_context), False when the op cannot express it."""
+    from txl_fast.patch_nemo import mask_layout  # noqa: PLC0415 (patch_nemo imports this module)
+
+    return mask_layout(~mask[:, 0])
+
+
+class _HFNemotronAsrStreamingEncoderAttention:
+    """Overrides for transformers 5.x ``NemotronAsrStreamingEncoderAttention`` (Parakeet's attention
+    with a key / value cache: keys = cache + chunk, Lk >= Lq); its signature and outputs."""
+
+    def _txl_fast_dropout_p(self) -> float:
+        return self.attention_dropout
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        """hidden_states (B, Lq, E), position_embeddings (B or 1, 2Lk - 1, E) (row p: distance Lk - 1 - p),
+        attention_mask (B, 1, Lq, Lk) bool (True = attend: key padding AND chunked_limited) or None,
+        past_key_values a cache (updated with this chunk's keys, as HF) -> (out (B, Lq, E),
+        probabilities (B, H, Lq, Lk) when asked, else None)."""
+        B, Lq, _ = hidden_states.shape
+        H, D = self.config.num_attention_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, Lq, H, D)
+        k = self.k_proj(hidden_states).view(B, Lq, -1, D).transpose(1, 2)       # (B, Hkv, Lq, D), the cache's
+        v = self.v_proj(hidden_states).view(B, Lq, -1, D).transpose(1, 2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)                  # (B, Hkv, Lk, D)
+        Lk = k.shape[2]
+        pos, reason = position_embeddings, None
+        if self.config._attn_implementation not in (None, "eager", "sdpa"):      # flex: a BlockMask
+            reason = f"NemotronAsrStreamingEncoderAttention with attn_implementation={self.config._attn_implementation!r}"
+        elif not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[1] != 2 * Lk - 1:
+            reason = "NemotronAsrStreamingEncoderAttention with position embeddings other than (B, 2Lk - 1, E)"
+        elif attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                             or attention_mask.dtype != torch.bool
+                                             or attention_mask.shape != (B, 1, Lq, Lk)
+                                             or once_per_tensor("chunk mask", attention_mask, _chunk_layout) is False):
+            reason = ("NemotronAsrStreamingEncoderAttention with a mask that is not (B, 1, Lq, Lk) bool key padding "
+                      "AND a context or chunk_context")
+        elif not once_per_tensor("positions", pos, same_rows):
+            reason = "NemotronAsrStreamingEncoderAttention with position embeddings that differ per batch row"
+        if reason is not None:
+            fallback(self, reason)
+            cache = None if past_key_values is None else _CacheUpdated(k, v)
+            return self._txl_fast_base.forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        keys, layout = (None, {}) if attention_mask is None else once_per_tensor("chunk mask", attention_mask,
+                                                                                  _chunk_layout)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                              # (B, Lk, Hkv, D)
+        if k.shape[2] != H:                              # grouped keys and values: head h reads group h // (H / groups)
+            k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+        r = self.relative_k_proj(pos[:1, :Lk + Lq - 1]).view(Lk + Lq - 1, H, D)  # distances Lk-1 … -(Lq-1)
+        out, prob = attend(self, q, k, v, r, self.bias_u, self.bias_v, self.scaling, keys,
+                            _hf_attentions_wanted(self, kwargs), accumulate_fp32=True, **layout)
+        return self.o_proj(out.reshape(B, Lq, H * D)), prob
+
+
 # (module, qualname) of the library class -> (patched class name, overrides)
 SUPPORTED = {
     ("speechbrain.nnet.attention", "RelPosMHAXL"): ("SpeechBrainRelPosMHAXL", _SpeechBrainRelPosMHAXL),
@@ -665,6 +734,8 @@ SUPPORTED = {
         ("HFFastSpeech2ConformerAttention", _HFFastSpeech2ConformerAttention),
     ("transformers.models.wav2vec2_bert.modeling_wav2vec2_bert", "Wav2Vec2BertSelfAttention"):
         ("HFWav2Vec2BertSelfAttention", _HFWav2Vec2ConformerSelfAttention),
+    ("transformers.models.nemotron_asr_streaming.modeling_nemotron_asr_streaming", "NemotronAsrStreamingEncoderAttention"):
+        ("HFNemotronAsrStreamingEncoderAttention", _HFNemotronAsrStreamingEncoderAttention),
 }
 _BY_NAME = {_PREFIX + name: (key, mixin) for key, (name, mixin) in SUPPORTED.items()}
 _CLASSES: dict[str, type] = {}
