@@ -145,10 +145,11 @@ def test_attention_weights_when_asked(always):
     assert (unasked is not None) == always
 
 
-def test_attention_bf16_no_less_accurate():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_bf16_no_less_accurate(autocast):
     module = perturb(NemotronAsrStreamingEncoderAttention(config(hidden_size=64), layer_idx=0), scale=0.05).eval()
     x, memory, pos, mask = attention_inputs(B=2, Lq=60, cached=40, lengths=(100, 77), seed=3, hidden=64, C=10, left=4)
-    check_bf16(module, lambda m, x, pos: m(x, pos, mask, Memory(memory.to(x.dtype)))[0], x, pos, autocast=False)
+    check_bf16(module, lambda m, x, pos: m(x, pos, mask, Memory(memory.to(x.dtype)))[0], x, pos, autocast)
 
 
 def test_eager_mask_fallback_warns_once_and_agrees():

@@ -78,14 +78,15 @@ def test_attention_row_of_length_zero_and_weights_when_asked():
     assert unasked is None
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_attention_bf16_no_less_accurate(kind):
+def test_attention_bf16_no_less_accurate(kind, autocast):
     module = perturb(Wav2Vec2BertSelfAttention(config("sdpa", kind, hidden_size=64, left_max_position_embeddings=64,
                                                       right_max_position_embeddings=8)), scale=0.05).eval()
     x, pos, valid = attention_inputs(kind, T=150, lengths=(150, 101, 40), seed=3, hidden=64)
     mask = key_mask(valid, "sdpa")
     check_bf16(module, lambda m, x, pos: m(x, mask, pos if kind == "relative" else None)[0], x,
-               x if pos is None else pos, autocast=False)
+               x if pos is None else pos, autocast)
 
 
 def test_fallback_warns_once_and_agrees():
