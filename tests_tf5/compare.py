@@ -113,6 +113,25 @@ def check_bf16(module, run, x, pos, autocast: bool) -> None:
     assert ours <= TOLERANCE[torch.bfloat16], f"bf16: {ours:.2e}"
 
 
+def check_encoder_bf16(model, x, attention_mask, autocast: bool) -> None:
+    """A whole encoder (its output has ``last_hidden_state`` and ``attention_mask``) in bf16, weights
+    or autocast: on the valid frames, patched, as close to its float64 run as HF's own bf16 (5 % margin)."""
+    ref = copy.deepcopy(model).double()(x.double(), attention_mask=attention_mask)
+    valid = ref.attention_mask.bool()
+    low, xs = (model, x) if autocast else (copy.deepcopy(model).bfloat16(), x.bfloat16())
+    errors = []
+    for patched in (False, True):
+        if patched:
+            txl_fast.patch(low)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = low(xs, attention_mask=attention_mask).last_hidden_state
+        assert torch.isfinite(out).all()
+        errors.append(rel_err(out[valid], ref.last_hidden_state[valid]))
+    txl_fast.unpatch(low)
+    library, ours = errors
+    assert ours <= 1.05 * library, f"bf16 encoder: ours {ours:.2e}, HF's {library:.2e}"
+
+
 def warns_once_and_agrees(module, call) -> None:
     """A call the op cannot express: the patched module runs HF's own code, with one warning for
     three calls, and gives HF's output exactly."""

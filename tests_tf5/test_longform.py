@@ -6,7 +6,6 @@ small so several chunks run, eval and train (every gradient), fp32 and float64, 
 float64; the tensors the patched encoder allocates grow linearly in T where HF's grow in T²;
 output collection (hidden states, attentions, tuples); unpatch; the fallbacks.
 """
-import copy
 import importlib
 import pickle
 import warnings
@@ -14,7 +13,7 @@ import weakref
 
 import pytest
 import torch
-from compare import GRAD_TOL, TOLERANCE, check, check_grads, frames, grads, perturb, rel_err, run_models, weighted
+from compare import GRAD_TOL, TOLERANCE, check, check_encoder_bf16, check_grads, frames, grads, perturb, run_models, weighted
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ParakeetCTCConfig, ParakeetEncoder, ParakeetEncoderConfig, ParakeetForCTC
 
@@ -149,20 +148,7 @@ def test_encoder_bf16_no_less_accurate(small_chunks, autocast):
     """bf16 weights or autocast, on the valid frames: as close to float64 as HF's own bf16 (5 % margin)."""
     model = perturb(ParakeetEncoder(config()), scale=0.05).eval()
     x, am = features([211, 157, 83], 211, seed=4)
-    ref = copy.deepcopy(model).double()(x.double(), attention_mask=am)
-    valid = ref.attention_mask.bool()
-    low, xs = (model, x) if autocast else (copy.deepcopy(model).bfloat16(), x.bfloat16())
-    errors = []
-    for patched in (False, True):
-        if patched:
-            txl_fast.patch(low)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = low(xs, attention_mask=am).last_hidden_state
-        assert torch.isfinite(out).all()
-        errors.append(rel_err(out[valid], ref.last_hidden_state[valid]))
-    txl_fast.unpatch(low)
-    library, ours = errors
-    assert ours <= 1.05 * library, f"bf16 encoder: ours {ours:.2e}, HF's {library:.2e}"
+    check_encoder_bf16(model, x, am, autocast)
 
 
 @pytest.mark.parametrize("train", [False, True])
